@@ -1,0 +1,18 @@
+//! dindhelper: host work for Docker-in-Docker lab instances, done by a root daemon
+//! (`dindhelperd`) on the system bus and authorized by polkit.
+//!
+//! Layering (see README.md, "Architecture"):
+//! - `bus/`: the D-Bus interfaces; thin: authorize, convert, call one domain function,
+//!   persist, map the error.
+//! - domain modules (`loopdev`, `partitions`, `ports`, `capture`, `instances`): no zbus;
+//!   privileged syscalls live in small files with a `//!` header naming the kernel interface.
+//! - `state`: versioned JSON of what should exist, written atomically under a lock.
+
+pub mod error;
+pub mod names;
+
+pub mod capture;
+pub mod instances;
+pub mod loopdev;
+pub mod partitions;
+pub mod ports;
