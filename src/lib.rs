@@ -9,10 +9,16 @@
 //! - `state`: versioned JSON of what should exist, written atomically under a lock.
 
 pub mod error;
+pub mod config;
+pub mod daemon;
 pub mod names;
+pub mod state;
 
 pub mod capture;
 pub mod instances;
 pub mod loopdev;
 pub mod partitions;
 pub mod ports;
+
+pub mod bus;
+pub mod ops;

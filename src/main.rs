@@ -1,1 +1,116 @@
-fn main() {}
+//! `dindhelperd`: the root daemon. Parses arguments, sets up logging, drops every
+//! capability it does not need (before any thread exists: capability sets are per
+//! thread), then runs the daemon on a tokio runtime.
+
+use anyhow::Context;
+use clap::Parser;
+use dindhelper::config::Config;
+use dindhelper::daemon::{self, DaemonOptions};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "dindhelperd", version, about = "Host helper daemon for Docker-in-Docker lab instances (D-Bus: org.dindhelper1)")]
+struct Args {
+    /// D-Bus address to serve on instead of the system bus (e.g. unix:path=/run/x/socket).
+    #[arg(long, value_name = "ADDR")]
+    bus_address: Option<String>,
+    /// Where intent state and images live.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/dindhelper")]
+    state_dir: PathBuf,
+    /// JSON file with limits (see README, "Configuration").
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Docker Engine API socket (unix:///path or a path).
+    #[arg(long, value_name = "URL", default_value = "unix:///var/run/docker.sock")]
+    docker_host: String,
+    /// Log filter (tracing env-filter syntax); RUST_LOG overrides it.
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+/// Capabilities the daemon keeps; everything else leaves the bounding set too, so helper
+/// processes (iptables-restore) cannot regain it.
+const KEEP: &[caps::Capability] = &[
+    caps::Capability::CAP_SYS_ADMIN,       // loop ioctls, BLKPG, setns, mount ns
+    caps::Capability::CAP_NET_ADMIN,       // iptables, netns
+    caps::Capability::CAP_NET_RAW,         // AF_PACKET captures
+    caps::Capability::CAP_CHOWN,           // images and captures owned by the caller
+    caps::Capability::CAP_FOWNER,          // chmod of files owned by callers
+    caps::Capability::CAP_DAC_OVERRIDE,    // state dir, /dev nodes, cgroup files
+    caps::Capability::CAP_DAC_READ_SEARCH, // /proc/<pid> of other users
+    caps::Capability::CAP_MKNOD,           // partition nodes inside containers
+    caps::Capability::CAP_SYS_PTRACE,      // /proc/<pid>/ns of other users' processes
+    caps::Capability::CAP_SYS_CHROOT,      // setns into a mount namespace
+    caps::Capability::CAP_SYS_RESOURCE,    // lowering oom_score_adj
+    caps::Capability::CAP_KILL,            // signalling processes of instances
+    caps::Capability::CAP_SETPCAP,         // keep the ability to drop more later
+];
+
+fn drop_capabilities() -> anyhow::Result<()> {
+    use caps::{CapSet, CapsHashSet};
+    let keep: CapsHashSet = KEEP.iter().copied().collect();
+    let permitted = caps::read(None, CapSet::Permitted).context("reading capabilities")?;
+    if !permitted.contains(&caps::Capability::CAP_SETPCAP) {
+        tracing::warn!("not running with CAP_SETPCAP (not root?): capabilities left as they are");
+        return Ok(());
+    }
+    for c in caps::all() {
+        if !keep.contains(&c) {
+            caps::drop(None, CapSet::Bounding, c)
+                .with_context(|| format!("dropping {c} from the bounding set"))?;
+        }
+    }
+    let mine: CapsHashSet = permitted.intersection(&keep).copied().collect();
+    caps::set(None, CapSet::Inheritable, &CapsHashSet::new()).context("clearing inheritable")?;
+    caps::set(None, CapSet::Effective, &mine).context("setting effective")?;
+    caps::set(None, CapSet::Permitted, &mine).context("setting permitted")?;
+    let _ = caps::clear(None, CapSet::Ambient);
+    Ok(())
+}
+
+fn init_logging(level: &str) {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let registry = tracing_subscriber::registry().with(filter);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(j) = tracing_journald::layer() {
+            registry.with(j).init();
+            return;
+        }
+    }
+    registry
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_logging(&args.log_level);
+    match real_main(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("dindhelperd: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(args: Args) -> anyhow::Result<()> {
+    let config = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    drop_capabilities()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(daemon::run(DaemonOptions {
+        bus_address: args.bus_address,
+        state_dir: args.state_dir,
+        config,
+    }))?;
+    Ok(())
+}

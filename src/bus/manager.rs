@@ -1,0 +1,384 @@
+//! `org.dindhelper1.Manager` at `/org/dindhelper1`. Each method: authorize, convert the
+//! arguments, call one `ops` function, publish the objects, map the error, audit-log.
+
+use super::auth::{Action, Authorizer, Caller};
+use super::error::BusError;
+use super::objects::{image_path, loop_path, partition_tuple, ImageObject, LoopObject, PartitionTuple};
+use super::options::{interactive, Options, Opts};
+use crate::ops::{self, loops::AttachRequest, Core};
+use crate::state::LoopRecord;
+use std::fs::File;
+use std::sync::Arc;
+use zbus::message::Header;
+use zbus::object_server::ObjectServer;
+use zbus::zvariant::{OwnedFd, OwnedObjectPath};
+use zbus::interface;
+
+pub struct Manager {
+    pub core: Arc<Core>,
+    pub auth: Arc<Authorizer>,
+    /// Held shared by every mutating call; shutdown takes it exclusively to let calls in
+    /// flight finish.
+    pub gate: Arc<tokio::sync::RwLock<()>>,
+}
+
+fn audit<T>(caller: &Caller, method: &str, args: &str, r: &Result<T, BusError>) {
+    match r {
+        Ok(_) => tracing::info!(uid = caller.uid, caller = %caller.name, method, args, "ok"),
+        Err(e) => tracing::info!(uid = caller.uid, caller = %caller.name, method, args,
+            error = e.kind_name(), message = %e, "refused or failed"),
+    }
+}
+
+fn parse_loop_device(device: &str) -> Result<u32, BusError> {
+    crate::loopdev::parse_device(device).map_err(BusError::map)
+}
+
+fn attach_request(o: &mut Opts<'_>) -> Result<AttachRequest, BusError> {
+    let instance = o.string("instance")?;
+    if let Some(i) = &instance {
+        crate::names::check_instance_name(i).map_err(BusError::map)?;
+    }
+    Ok(AttachRequest {
+        read_only: o.bool("read_only")?.unwrap_or(false),
+        partscan: o.bool("partscan")?.unwrap_or(false),
+        offset: o.u64("offset")?.unwrap_or(0),
+        size_limit: o.u64("size")?.unwrap_or(0),
+        instance,
+    })
+}
+
+/// `owner_uid` option: act on another uid's images (needs the `-others` action).
+fn owner_option(o: &mut Opts<'_>, caller: &Caller) -> Result<u32, BusError> {
+    match o.u64("owner_uid")? {
+        None => Ok(caller.uid),
+        Some(u) => u32::try_from(u)
+            .map_err(|_| BusError::InvalidArgs(format!("owner_uid {u} is out of range"))),
+    }
+}
+
+impl Manager {
+    async fn publish_loop(&self, server: &ObjectServer, rec: &LoopRecord) {
+        let size = crate::loopdev::info(rec.number)
+            .ok()
+            .flatten()
+            .map(|i| i.size)
+            .unwrap_or(0);
+        let path = loop_path(rec.number);
+        let _ = server.remove::<LoopObject, _>(&path).await;
+        if let Err(e) = server
+            .at(&path, LoopObject {
+                rec: rec.clone(),
+                size,
+            })
+            .await
+        {
+            tracing::error!(error = %e, %path, "cannot export loop object");
+        }
+    }
+
+    /// (Re)export the image object with its current attachment.
+    async fn publish_image(&self, server: &ObjectServer, uid: u32, name: &str) {
+        let st = self.core.state.lock().await;
+        let rec = st
+            .images
+            .iter()
+            .find(|i| i.owner_uid == uid && i.name == name)
+            .cloned();
+        let device = st
+            .loops
+            .iter()
+            .find(|l| l.image.as_ref() == Some(&(uid, name.to_owned())))
+            .map(|l| l.device())
+            .unwrap_or_default();
+        drop(st);
+        let path = image_path(uid, name);
+        let _ = server.remove::<ImageObject, _>(&path).await;
+        if let Some(rec) = rec {
+            let file = self.core.images.path(uid, name).display().to_string();
+            if let Err(e) = server
+                .at(&path, ImageObject {
+                    rec,
+                    path: file,
+                    device,
+                })
+                .await
+            {
+                tracing::error!(error = %e, %path, "cannot export image object");
+            }
+        }
+    }
+
+    /// Export every resource in state (at start).
+    pub async fn publish_all(&self, server: &ObjectServer) {
+        let (images, loops) = {
+            let st = self.core.state.lock().await;
+            (st.images.clone(), st.loops.clone())
+        };
+        for l in &loops {
+            self.publish_loop(server, l).await;
+        }
+        for i in &images {
+            self.publish_image(server, i.owner_uid, &i.name).await;
+        }
+    }
+
+    async fn attach_done(
+        &self,
+        server: &ObjectServer,
+        rec: &LoopRecord,
+    ) -> (OwnedObjectPath, String) {
+        self.publish_loop(server, rec).await;
+        if let Some((uid, name)) = &rec.image {
+            self.publish_image(server, *uid, name).await;
+        }
+        (loop_path(rec.number), rec.device())
+    }
+
+    /// Authorize an action on a managed loop device: the base action, then the `-others`
+    /// twin when the device belongs to another uid.
+    async fn authorize_device(
+        &self,
+        hdr: &Header<'_>,
+        action: Action,
+        device: &str,
+        options: &Options,
+    ) -> Result<(Caller, LoopRecord), BusError> {
+        let inter = interactive(options)?;
+        let caller = self.auth.check(hdr, action, false, inter).await?;
+        let number = parse_loop_device(device)?;
+        let rec = ops::loops::managed(&self.core, number)
+            .await
+            .map_err(BusError::map)?;
+        if rec.owner_uid != caller.uid {
+            self.auth
+                .check_caller(hdr, &caller, action, true, inter)
+                .await?;
+        }
+        Ok((caller, rec))
+    }
+}
+
+#[interface(name = "org.dindhelper1.Manager")]
+impl Manager {
+    /// Create a sparse image file `<state>/images/<uid>/<name>.img` of `size` bytes.
+    async fn create_image(
+        &self,
+        name: String,
+        size: u64,
+        options: Options,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> Result<OwnedObjectPath, BusError> {
+        let _g = self.gate.read().await;
+        let caller = self.auth.caller(&hdr).await?;
+        let r = async {
+            let mut o = Opts::new(&options);
+            let owner = owner_option(&mut o, &caller)?;
+            let inter = interactive(&options)?;
+            o.finish()?;
+            self.auth
+                .check_caller(&hdr, &caller, Action::Loop, owner != caller.uid, inter)
+                .await?;
+            let rec = ops::loops::create_image(&self.core, owner, &name, size)
+                .await
+                .map_err(BusError::map)?;
+            self.publish_image(server, owner, &rec.name).await;
+            Ok(image_path(owner, &rec.name))
+        }
+        .await;
+        audit(&caller, "CreateImage", &format!("{name} {size}"), &r);
+        r
+    }
+
+    /// Delete an image that is not attached.
+    async fn delete_image(
+        &self,
+        name: String,
+        options: Options,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> Result<(), BusError> {
+        let _g = self.gate.read().await;
+        let caller = self.auth.caller(&hdr).await?;
+        let r = async {
+            let mut o = Opts::new(&options);
+            let owner = owner_option(&mut o, &caller)?;
+            let inter = interactive(&options)?;
+            o.finish()?;
+            self.auth
+                .check_caller(&hdr, &caller, Action::Loop, owner != caller.uid, inter)
+                .await?;
+            ops::loops::delete_image(&self.core, owner, &name)
+                .await
+                .map_err(BusError::map)?;
+            let _ = server
+                .remove::<ImageObject, _>(&image_path(owner, &name))
+                .await;
+            Ok(())
+        }
+        .await;
+        audit(&caller, "DeleteImage", &name, &r);
+        r
+    }
+
+    /// Images: object, name, size, owner uid, attached device ("" if none).
+    async fn list_images(&self) -> Vec<(OwnedObjectPath, String, u64, u32, String)> {
+        let st = self.core.state.lock().await;
+        st.images
+            .iter()
+            .map(|i| {
+                let dev = st
+                    .loops
+                    .iter()
+                    .find(|l| l.image.as_ref() == Some(&(i.owner_uid, i.name.clone())))
+                    .map(|l| l.device())
+                    .unwrap_or_default();
+                (image_path(i.owner_uid, &i.name), i.name.clone(), i.size, i.owner_uid, dev)
+            })
+            .collect()
+    }
+
+    /// Attach an image by name to a free loop device.
+    #[zbus(out_args("loop", "device"))]
+    async fn attach_image(
+        &self,
+        name: String,
+        options: Options,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> Result<(OwnedObjectPath, String), BusError> {
+        let _g = self.gate.read().await;
+        let caller = self.auth.caller(&hdr).await?;
+        let r = async {
+            let mut o = Opts::new(&options);
+            let owner = owner_option(&mut o, &caller)?;
+            let req = attach_request(&mut o)?;
+            let inter = interactive(&options)?;
+            o.finish()?;
+            self.auth
+                .check_caller(&hdr, &caller, Action::Loop, owner != caller.uid, inter)
+                .await?;
+            let rec = ops::loops::attach_image(&self.core, owner, &name, req)
+                .await
+                .map_err(BusError::map)?;
+            Ok(self.attach_done(server, &rec).await)
+        }
+        .await;
+        audit(&caller, "AttachImage", &format!("{name} {options:?}"), &r);
+        r
+    }
+
+    /// Attach the regular file behind `fd` (opened by the caller, which proves access).
+    /// A read-only fd gives a read-only device.
+    #[zbus(out_args("loop", "device"))]
+    async fn attach_fd(
+        &self,
+        fd: OwnedFd,
+        options: Options,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> Result<(OwnedObjectPath, String), BusError> {
+        let _g = self.gate.read().await;
+        let caller = self.auth.caller(&hdr).await?;
+        let r = async {
+            let mut o = Opts::new(&options);
+            let req = attach_request(&mut o)?;
+            let inter = interactive(&options)?;
+            o.finish()?;
+            self.auth
+                .check_caller(&hdr, &caller, Action::Loop, false, inter)
+                .await?;
+            let file = File::from(std::os::fd::OwnedFd::from(fd));
+            let rec = ops::loops::attach_fd(&self.core, caller.uid, file, req)
+                .await
+                .map_err(BusError::map)?;
+            Ok(self.attach_done(server, &rec).await)
+        }
+        .await;
+        audit(&caller, "AttachFd", &format!("{options:?}"), &r);
+        r
+    }
+
+    /// Detach a loop device the daemon manages (`/dev/loopN` or `loopN`).
+    async fn detach(
+        &self,
+        device: String,
+        options: Options,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> Result<(), BusError> {
+        let _g = self.gate.read().await;
+        let caller = self.auth.caller(&hdr).await?;
+        let r = async {
+            Opts::new(&options).finish()?;
+            let (_, rec) = self
+                .authorize_device(&hdr, Action::Loop, &device, &options)
+                .await?;
+            let rec = ops::loops::detach(&self.core, rec.number)
+                .await
+                .map_err(BusError::map)?;
+            let _ = server.remove::<LoopObject, _>(&loop_path(rec.number)).await;
+            if let Some((uid, name)) = &rec.image {
+                self.publish_image(server, *uid, name).await;
+            }
+            Ok(())
+        }
+        .await;
+        audit(&caller, "Detach", &device, &r);
+        r
+    }
+
+    /// Loop devices: object, device, backing file, size, read-only, owner uid, instance.
+    async fn list_loops(&self) -> Vec<(OwnedObjectPath, String, String, u64, bool, u32, String)> {
+        let loops = self.core.state.lock().await.loops.clone();
+        loops
+            .iter()
+            .map(|l| {
+                let size = crate::loopdev::info(l.number)
+                    .ok()
+                    .flatten()
+                    .map(|i| i.size)
+                    .unwrap_or(0);
+                (
+                    loop_path(l.number),
+                    l.device(),
+                    l.backing_file.display().to_string(),
+                    size,
+                    l.read_only,
+                    l.owner_uid,
+                    l.instance.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    /// Re-read the partition table of a managed loop device in userspace and sync the
+    /// kernel with BLKPG. Returns every partition.
+    async fn rescan(
+        &self,
+        device: String,
+        options: Options,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> Result<Vec<PartitionTuple>, BusError> {
+        let _g = self.gate.read().await;
+        let caller = self.auth.caller(&hdr).await?;
+        let r = async {
+            Opts::new(&options).finish()?;
+            let (_, rec) = self
+                .authorize_device(&hdr, Action::Partitions, &device, &options)
+                .await?;
+            let parts = ops::loops::rescan(&self.core, rec.number)
+                .await
+                .map_err(BusError::map)?;
+            if let Ok(rec) = ops::loops::managed(&self.core, rec.number).await {
+                self.publish_loop(server, &rec).await;
+            }
+            Ok(parts.iter().map(partition_tuple).collect::<Vec<_>>())
+        }
+        .await;
+        audit(&caller, "Rescan", &device, &r);
+        r
+    }
+}

@@ -1,0 +1,102 @@
+//! Daemon configuration: limits that protect the machine. Loaded from a JSON file
+//! (`--config FILE`); every field is optional and falls back to the default below.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Largest image one CreateImage may make, in bytes.
+    pub max_image_size: u64,
+    /// How many images one uid may own.
+    pub max_images_per_uid: usize,
+    /// How many bytes (apparent size) of images one uid may own.
+    pub max_image_bytes_per_uid: u64,
+    /// How many loop devices one uid may have attached through the daemon.
+    pub max_loops_per_uid: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_image_size: 64 * GIB,
+            max_images_per_uid: 32,
+            max_image_bytes_per_uid: 256 * GIB,
+            max_loops_per_uid: 16,
+        }
+    }
+}
+
+/// Smallest image size accepted by CreateImage.
+pub const MIN_IMAGE_SIZE: u64 = MIB;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        path: String,
+        source: serde_json::Error,
+    },
+    #[error("config file {path}: {why}")]
+    Invalid { path: String, why: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        let cfg: Config = serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: p.clone(),
+            source,
+        })?;
+        cfg.validate().map_err(|why| ConfigError::Invalid { path: p, why })?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_image_size < MIN_IMAGE_SIZE {
+            return Err(format!(
+                "max_image_size must be at least {MIN_IMAGE_SIZE} bytes"
+            ));
+        }
+        if self.max_image_bytes_per_uid < self.max_image_size {
+            return Err("max_image_bytes_per_uid must be at least max_image_size".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_config_keeps_defaults() {
+        let c: Config = serde_json::from_str(r#"{"max_image_size": 1073741824}"#).unwrap();
+        assert_eq!(c.max_image_size, GIB);
+        assert_eq!(c.max_images_per_uid, Config::default().max_images_per_uid);
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_rejected() {
+        assert!(serde_json::from_str::<Config>(r#"{"max_image_sise": 1}"#).is_err());
+        let c = Config {
+            max_image_size: 1000,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,139 @@
+//! The daemon's life: lock and load state → reconcile with the kernel → export objects and
+//! own `org.dindhelper1` → serve → on SIGTERM/SIGINT release the name, let calls in flight
+//! finish, save state, exit 0.
+
+use crate::bus::manager::Manager;
+use crate::bus::{auth::Authorizer, BUS_NAME, MANAGER_PATH};
+use crate::config::Config;
+use crate::loopdev::images::{ImageStore, Limits};
+use crate::ops::{self, Core};
+use crate::state::StateStore;
+use std::path::PathBuf;
+use std::sync::Arc;
+use zbus::fdo::{RequestNameFlags, RequestNameReply};
+
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// `None`: the system bus.
+    pub bus_address: Option<String>,
+    pub state_dir: PathBuf,
+    pub config: Config,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error("cannot open the image store: {0}")]
+    Images(crate::loopdev::LoopError),
+    #[error("start-up reconcile failed: {0}")]
+    Reconcile(ops::OpsError),
+    #[error("cannot connect to the {bus}: {source}")]
+    Connect { bus: String, source: zbus::Error },
+    #[error("cannot export objects: {0}")]
+    Export(zbus::Error),
+    #[error("the name {BUS_NAME} is already owned on this bus (by {owner}): is another dindhelperd running?")]
+    NameTaken { owner: String },
+    #[error("cannot request the name {BUS_NAME}: {0}")]
+    RequestName(zbus::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
+    let store = StateStore::open(&opts.state_dir)?;
+    let state = store.load()?;
+    let images = ImageStore::new(
+        opts.state_dir.join("images"),
+        Limits {
+            max_size: opts.config.max_image_size,
+            max_count: opts.config.max_images_per_uid,
+            max_total: opts.config.max_image_bytes_per_uid,
+        },
+    )
+    .map_err(DaemonError::Images)?;
+    let core = Arc::new(Core {
+        cfg: opts.config.clone(),
+        store,
+        state: tokio::sync::Mutex::new(state),
+        images,
+    });
+
+    for d in ops::loops::reconcile(&core)
+        .await
+        .map_err(DaemonError::Reconcile)?
+    {
+        tracing::info!(decision = ?d, "reconcile");
+    }
+
+    let bus = opts
+        .bus_address
+        .clone()
+        .unwrap_or_else(|| "system bus".into());
+    let builder = match &opts.bus_address {
+        Some(a) => zbus::connection::Builder::address(a.as_str()),
+        None => zbus::connection::Builder::system(),
+    };
+    let conn = async { builder?.build().await }
+        .await
+        .map_err(|source| DaemonError::Connect {
+            bus: bus.clone(),
+            source,
+        })?;
+
+    let gate = Arc::new(tokio::sync::RwLock::new(()));
+    let manager = Manager {
+        core: core.clone(),
+        auth: Arc::new(Authorizer::new(conn.clone())),
+        gate: gate.clone(),
+    };
+    let server = conn.object_server();
+    server
+        .at(MANAGER_PATH, zbus::fdo::ObjectManager)
+        .await
+        .map_err(DaemonError::Export)?;
+    manager.publish_all(server).await;
+    server
+        .at(MANAGER_PATH, manager)
+        .await
+        .map_err(DaemonError::Export)?;
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(DaemonError::Signals)?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(DaemonError::Signals)?;
+
+    match conn
+        .request_name_with_flags(BUS_NAME, RequestNameFlags::DoNotQueue.into())
+        .await
+    {
+        Ok(RequestNameReply::PrimaryOwner) | Ok(RequestNameReply::AlreadyOwner) => {}
+        Ok(_) | Err(zbus::Error::NameTaken) => {
+            let owner = match zbus::fdo::DBusProxy::new(&conn).await {
+                Ok(p) => p
+                    .get_name_owner(BUS_NAME.try_into().expect("valid name"))
+                    .await
+                    .map(|o| o.to_string())
+                    .unwrap_or_else(|_| "unknown".into()),
+                Err(_) => "unknown".into(),
+            };
+            return Err(DaemonError::NameTaken { owner });
+        }
+        Err(e) => return Err(DaemonError::RequestName(e)),
+    }
+    tracing::info!(bus = %bus, state_dir = %opts.state_dir.display(), "dindhelperd ready as {BUS_NAME}");
+
+    let which = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+    };
+    tracing::info!("{which}: releasing {BUS_NAME}, finishing calls in flight");
+    if let Err(e) = conn.release_name(BUS_NAME).await {
+        tracing::warn!(error = %e, "cannot release the bus name");
+    }
+    let _all = gate.write().await;
+    let st = core.state.lock().await;
+    core.store.save(&st)?;
+    tracing::info!("state saved; exiting");
+    Ok(())
+}

@@ -1,0 +1,371 @@
+//! Images and loop devices: create/delete images, attach/detach with crash-safe intent
+//! records, partition re-reads, and the start-up reconcile against the kernel.
+
+use super::{blocking, Core, OpsError};
+use crate::loopdev::{self, AttachOptions, LoopInfo};
+use crate::names::check_file_name;
+use crate::partitions::{self, Partition};
+use crate::state::{ImageRecord, LoopRecord, PendingAttach};
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+
+/// What the caller asked for when attaching.
+#[derive(Debug, Clone, Default)]
+pub struct AttachRequest {
+    pub read_only: bool,
+    pub partscan: bool,
+    pub offset: u64,
+    pub size_limit: u64,
+    pub instance: Option<String>,
+}
+
+pub async fn create_image(
+    core: &Arc<Core>,
+    uid: u32,
+    name: &str,
+    size: u64,
+) -> Result<ImageRecord, OpsError> {
+    check_file_name("image name", name)?;
+    let mut st = core.state.lock().await;
+    let c = core.clone();
+    let n = name.to_owned();
+    let info = blocking(move || Ok(c.images.create(uid, &n, size)?)).await?;
+    let rec = ImageRecord {
+        name: info.name.clone(),
+        owner_uid: uid,
+        size: info.size,
+    };
+    st.images.retain(|i| !(i.owner_uid == uid && i.name == rec.name));
+    st.images.push(rec.clone());
+    if let Err(e) = core.persist(&st) {
+        st.images.retain(|i| !(i.owner_uid == uid && i.name == rec.name));
+        if let Err(e2) = core.images.delete(uid, name) {
+            tracing::error!(error = %e2, image = name, "rollback of image creation failed");
+        }
+        return Err(e);
+    }
+    Ok(rec)
+}
+
+pub async fn delete_image(core: &Arc<Core>, uid: u32, name: &str) -> Result<(), OpsError> {
+    check_file_name("image name", name)?;
+    let mut st = core.state.lock().await;
+    if !st
+        .images
+        .iter()
+        .any(|i| i.owner_uid == uid && i.name == name)
+    {
+        return Err(OpsError::NotFound {
+            what: "image",
+            name: format!("{name} (uid {uid})"),
+        });
+    }
+    if let Some(l) = st
+        .loops
+        .iter()
+        .find(|l| l.image.as_ref() == Some(&(uid, name.to_owned())))
+    {
+        return Err(OpsError::Busy {
+            what: format!("image {name:?}"),
+            why: format!("attached to {}; detach it first", l.device()),
+        });
+    }
+    let c = core.clone();
+    let n = name.to_owned();
+    blocking(move || Ok(c.images.delete(uid, &n)?)).await?;
+    st.images
+        .retain(|i| !(i.owner_uid == uid && i.name == name));
+    core.persist(&st)
+}
+
+fn check_loop_quota(core: &Core, loops: &[LoopRecord], uid: u32) -> Result<(), OpsError> {
+    let n = loops.iter().filter(|l| l.owner_uid == uid).count();
+    if uid != 0 && n >= core.cfg.max_loops_per_uid {
+        return Err(OpsError::Limit(format!(
+            "uid {uid} already has {n} loop devices attached (max_loops_per_uid = {})",
+            core.cfg.max_loops_per_uid
+        )));
+    }
+    Ok(())
+}
+
+pub async fn attach_image(
+    core: &Arc<Core>,
+    uid: u32,
+    name: &str,
+    req: AttachRequest,
+) -> Result<LoopRecord, OpsError> {
+    check_file_name("image name", name)?;
+    let st = core.state.lock().await;
+    if !st
+        .images
+        .iter()
+        .any(|i| i.owner_uid == uid && i.name == name)
+    {
+        return Err(OpsError::NotFound {
+            what: "image",
+            name: format!("{name} (uid {uid})"),
+        });
+    }
+    if let Some(l) = st
+        .loops
+        .iter()
+        .find(|l| l.image.as_ref() == Some(&(uid, name.to_owned())))
+    {
+        return Err(OpsError::Busy {
+            what: format!("image {name:?}"),
+            why: format!("already attached to {}", l.device()),
+        });
+    }
+    drop(st);
+    let c = core.clone();
+    let n = name.to_owned();
+    let ro = req.read_only;
+    let file = blocking(move || Ok(c.images.open(uid, &n, ro)?)).await?;
+    attach(core, uid, file, Some((uid, name.to_owned())), req).await
+}
+
+pub async fn attach_fd(
+    core: &Arc<Core>,
+    uid: u32,
+    file: File,
+    req: AttachRequest,
+) -> Result<LoopRecord, OpsError> {
+    attach(core, uid, file, None, req).await
+}
+
+/// Attach with an intent record: `pending` is saved before the kernel is touched and
+/// replaced by the loop record after, so a daemon killed in between leaves a record that
+/// the next start uses to detach the half-made device.
+async fn attach(
+    core: &Arc<Core>,
+    uid: u32,
+    file: File,
+    image: Option<(u32, String)>,
+    req: AttachRequest,
+) -> Result<LoopRecord, OpsError> {
+    let meta = file
+        .metadata()
+        .map_err(|e| OpsError::Invalid(format!("cannot stat the backing file: {e}")))?;
+    let pending = PendingAttach {
+        backing_dev: meta.dev(),
+        backing_inode: meta.ino(),
+        owner_uid: uid,
+    };
+    let mut st = core.state.lock().await;
+    check_loop_quota(core, &st.loops, uid)?;
+    st.pending_attaches.push(pending.clone());
+    if let Err(e) = core.persist(&st) {
+        st.pending_attaches.retain(|p| p != &pending);
+        return Err(e);
+    }
+    let opts = AttachOptions {
+        read_only: req.read_only,
+        partscan: req.partscan,
+        offset: req.offset,
+        size_limit: req.size_limit,
+    };
+    let res = blocking(move || Ok(loopdev::attach_file(&file, &opts)?)).await;
+    st.pending_attaches.retain(|p| p != &pending);
+    let info = match res {
+        Ok(info) => info,
+        Err(e) => {
+            if let Err(e2) = core.persist(&st) {
+                tracing::error!(error = %e2, "cannot save state after a failed attach");
+            }
+            return Err(e);
+        }
+    };
+    let rec = record_from(&info, image, uid, req.instance);
+    st.loops.push(rec.clone());
+    if let Err(e) = core.persist(&st) {
+        st.loops.retain(|l| l.number != rec.number);
+        if let Err(e2) = loopdev::detach(rec.number) {
+            tracing::error!(error = %e2, device = %rec.device(), "rollback detach failed");
+        }
+        return Err(e);
+    }
+    Ok(rec)
+}
+
+fn record_from(
+    info: &LoopInfo,
+    image: Option<(u32, String)>,
+    owner_uid: u32,
+    instance: Option<String>,
+) -> LoopRecord {
+    LoopRecord {
+        number: info.number,
+        image,
+        backing_file: info.backing_file.clone(),
+        backing_dev: info.backing_dev,
+        backing_inode: info.backing_inode,
+        owner_uid,
+        instance,
+        read_only: info.read_only,
+        partscan: info.partscan,
+        offset: info.offset,
+        size_limit: info.size_limit,
+        partitions: Vec::new(),
+    }
+}
+
+/// The record of a managed loop device, or `Unmanaged`.
+pub async fn managed(core: &Core, number: u32) -> Result<LoopRecord, OpsError> {
+    let st = core.state.lock().await;
+    st.loops
+        .iter()
+        .find(|l| l.number == number)
+        .cloned()
+        .ok_or(OpsError::Unmanaged {
+            device: format!("/dev/loop{number}"),
+        })
+}
+
+pub async fn detach(core: &Arc<Core>, number: u32) -> Result<LoopRecord, OpsError> {
+    let mut st = core.state.lock().await;
+    let rec = st
+        .loops
+        .iter()
+        .find(|l| l.number == number)
+        .cloned()
+        .ok_or(OpsError::Unmanaged {
+            device: format!("/dev/loop{number}"),
+        })?;
+    blocking(move || Ok(loopdev::detach(number)?)).await?;
+    st.loops.retain(|l| l.number != number);
+    core.persist(&st)?;
+    Ok(rec)
+}
+
+pub async fn rescan(core: &Arc<Core>, number: u32) -> Result<Vec<Partition>, OpsError> {
+    let rec = managed(core, number).await?;
+    let dev = std::path::PathBuf::from(rec.device());
+    let parts = blocking(move || Ok(partitions::rescan(&dev)?)).await?;
+    let mut st = core.state.lock().await;
+    if let Some(l) = st.loops.iter_mut().find(|l| l.number == number) {
+        l.partitions = parts.clone();
+        core.persist(&st)?;
+    }
+    Ok(parts)
+}
+
+/// One decision of the start-up reconcile, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Kept(String),
+    Forgot(String),
+    Detached(String),
+    Adopted(String),
+}
+
+/// Bring state and kernel in line at start:
+/// - a recorded loop still attached to the same file (device+inode) is kept;
+/// - a recorded loop that is gone or now backs another file is forgotten;
+/// - a device left by an interrupted attach (pending record) is detached;
+/// - an unrecorded device backed by one of our images is adopted (its owner is the
+///   image's owner);
+/// - image records whose file vanished are dropped, image files without a record adopted.
+pub async fn reconcile(core: &Arc<Core>) -> Result<Vec<Decision>, OpsError> {
+    let mut st = core.state.lock().await;
+    let mut out = Vec::new();
+    let c = core.clone();
+    let (attached, on_disk) = blocking(move || {
+        Ok((loopdev::list_attached()?, c.images.list(None)?))
+    })
+    .await?;
+
+    // Images.
+    let before = std::mem::take(&mut st.images);
+    for img in &on_disk {
+        let known = before
+            .iter()
+            .any(|i| i.owner_uid == img.uid && i.name == img.name);
+        if !known {
+            out.push(Decision::Adopted(format!(
+                "image {} of uid {} (file without record)",
+                img.name, img.uid
+            )));
+        }
+        st.images.push(ImageRecord {
+            name: img.name.clone(),
+            owner_uid: img.uid,
+            size: img.size,
+        });
+    }
+    for i in &before {
+        if !st
+            .images
+            .iter()
+            .any(|x| x.owner_uid == i.owner_uid && x.name == i.name)
+        {
+            out.push(Decision::Forgot(format!(
+                "image {} of uid {} (file is gone)",
+                i.name, i.owner_uid
+            )));
+        }
+    }
+
+    // Recorded loops.
+    let recorded = std::mem::take(&mut st.loops);
+    for rec in recorded {
+        let live = attached.iter().find(|a| a.number == rec.number);
+        match live {
+            Some(a) if a.backing_dev == rec.backing_dev && a.backing_inode == rec.backing_inode => {
+                out.push(Decision::Kept(format!(
+                    "{} backed by {}",
+                    rec.device(),
+                    rec.backing_file.display()
+                )));
+                st.loops.push(rec);
+            }
+            Some(a) => out.push(Decision::Forgot(format!(
+                "{} (now backs {}, not {})",
+                rec.device(),
+                a.backing_file.display(),
+                rec.backing_file.display()
+            ))),
+            None => out.push(Decision::Forgot(format!("{} (no longer attached)", rec.device()))),
+        }
+    }
+
+    // Devices from interrupted attaches, and unrecorded devices on our images.
+    let pending = std::mem::take(&mut st.pending_attaches);
+    for a in &attached {
+        if st.loops.iter().any(|l| l.number == a.number) {
+            continue;
+        }
+        let interrupted = pending
+            .iter()
+            .any(|p| p.backing_dev == a.backing_dev && p.backing_inode == a.backing_inode);
+        if interrupted {
+            let n = a.number;
+            match blocking(move || Ok(loopdev::detach(n)?)).await {
+                Ok(()) => out.push(Decision::Detached(format!(
+                    "/dev/loop{n} left by an interrupted attach of {}",
+                    a.backing_file.display()
+                ))),
+                Err(e) => tracing::error!(device = n, error = %e, "cannot detach device of an interrupted attach"),
+            }
+            continue;
+        }
+        if let Some(img) = on_disk
+            .iter()
+            .find(|i| core.images.path(i.uid, &i.name) == a.backing_file)
+        {
+            out.push(Decision::Adopted(format!(
+                "/dev/loop{} backed by image {} of uid {}",
+                a.number, img.name, img.uid
+            )));
+            st.loops.push(record_from(
+                a,
+                Some((img.uid, img.name.clone())),
+                img.uid,
+                None,
+            ));
+        }
+    }
+    core.persist(&st)?;
+    Ok(out)
+}

@@ -1,0 +1,75 @@
+//! Operations: one domain call plus the intent bookkeeping around it (state records,
+//! ownership, per-uid limits). No D-Bus here; the bus layer authorizes and converts, then
+//! calls one function of this module.
+
+pub mod loops;
+
+use crate::config::Config;
+use crate::error::{Classify, Kind};
+use crate::state::{State, StateStore};
+
+/// The daemon's shared core: configuration, state and the domain stores.
+pub struct Core {
+    pub cfg: Config,
+    pub store: StateStore,
+    pub state: tokio::sync::Mutex<State>,
+    pub images: crate::loopdev::images::ImageStore,
+}
+
+impl Core {
+    /// Persist `state` (call with the state lock held, after a change).
+    pub fn persist(&self, state: &State) -> Result<(), OpsError> {
+        self.store.save(state).map_err(OpsError::State)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    #[error(transparent)]
+    Loop(#[from] crate::loopdev::LoopError),
+    #[error(transparent)]
+    Partitions(#[from] crate::partitions::PartError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Name(#[from] crate::names::NameError),
+    #[error("{what} {name:?} does not exist")]
+    NotFound { what: &'static str, name: String },
+    #[error("{device} is not managed by dindhelper (attach it through the daemon first)")]
+    Unmanaged { device: String },
+    #[error("{what} is in use: {why}")]
+    Busy { what: String, why: String },
+    #[error("limit reached: {0}")]
+    Limit(String),
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+impl Classify for OpsError {
+    fn kind(&self) -> Kind {
+        match self {
+            OpsError::Loop(e) => e.kind(),
+            OpsError::Partitions(e) => e.kind(),
+            OpsError::State(e) => e.kind(),
+            OpsError::Name(e) => e.kind(),
+            OpsError::NotFound { .. } | OpsError::Unmanaged { .. } => Kind::NotFound,
+            OpsError::Busy { .. } => Kind::Busy,
+            OpsError::Limit(_) => Kind::Conflict,
+            OpsError::Invalid(_) => Kind::InvalidArgs,
+            OpsError::Task(_) => Kind::Failed,
+        }
+    }
+}
+
+/// Run blocking kernel work off the async workers.
+pub async fn blocking<T, F>(f: F) -> Result<T, OpsError>
+where
+    F: FnOnce() -> Result<T, OpsError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| OpsError::Task(e.to_string()))?
+}
