@@ -48,11 +48,39 @@ pub struct Caller {
 
 pub struct Authorizer {
     conn: zbus::Connection,
+    dbus: tokio::sync::OnceCell<zbus::fdo::DBusProxy<'static>>,
+    authority: tokio::sync::OnceCell<AuthorityProxy<'static>>,
 }
 
 impl Authorizer {
     pub fn new(conn: zbus::Connection) -> Self {
-        Authorizer { conn }
+        Authorizer {
+            conn,
+            dbus: tokio::sync::OnceCell::new(),
+            authority: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    async fn dbus(&self) -> zbus::Result<&zbus::fdo::DBusProxy<'static>> {
+        self.dbus
+            .get_or_try_init(|| async {
+                zbus::fdo::DBusProxy::builder(&self.conn)
+                    .cache_properties(zbus::proxy::CacheProperties::No)
+                    .build()
+                    .await
+            })
+            .await
+    }
+
+    async fn authority(&self) -> zbus::Result<&AuthorityProxy<'static>> {
+        self.authority
+            .get_or_try_init(|| async {
+                AuthorityProxy::builder(&self.conn)
+                    .cache_properties(zbus::proxy::CacheProperties::No)
+                    .build()
+                    .await
+            })
+            .await
     }
 
     /// Identify the sender of a message (no authorization).
@@ -60,8 +88,9 @@ impl Authorizer {
         let sender = hdr
             .sender()
             .ok_or_else(|| BusError::NotAuthorized("message has no sender".into()))?;
-        let dbus = zbus::fdo::DBusProxy::new(&self.conn).await?;
-        let uid = dbus
+        let uid = self
+            .dbus()
+            .await?
             .get_connection_unix_user(BusName::Unique(sender.clone()))
             .await
             .map_err(|e| BusError::NotAuthorized(format!("cannot identify caller: {e}")))?;
@@ -131,9 +160,7 @@ impl Authorizer {
         interactive: bool,
     ) -> Result<bool, String> {
         let subject = Subject::new_for_message_header(hdr).map_err(|e| e.to_string())?;
-        let authority = AuthorityProxy::new(&self.conn)
-            .await
-            .map_err(|e| e.to_string())?;
+        let authority = self.authority().await.map_err(|e| e.to_string())?;
         let flags = if interactive {
             CheckAuthorizationFlags::AllowUserInteraction.into()
         } else {
