@@ -138,8 +138,10 @@ fn openat2_err(op: &'static str, target: String) -> impl FnOnce(Errno) -> LoopEr
         Errno::ENOSYS => LoopError::NotSupported {
             what: "openat2 (Linux 5.6+) is required".into(),
         },
-        Errno::ELOOP | Errno::EXDEV => LoopError::InvalidArgs {
-            what: format!("{target} is a symbolic link or leaves the image directory"),
+        Errno::ELOOP | Errno::EXDEV | Errno::ENOTDIR => LoopError::InvalidArgs {
+            what: format!(
+                "{target} is a symbolic link, not a directory, or leaves the image directory"
+            ),
         },
         e => sys(op, target)(e),
     }
@@ -609,6 +611,19 @@ mod tests {
             .unwrap()
             .iter()
             .any(|i| i.name == "evil"));
+
+        // A uid directory that is a symlink is refused too (create and open).
+        let other = me.wrapping_add(4242);
+        std::os::unix::fs::symlink(tmp.path(), tmp.path().join(format!("images/{other}"))).unwrap();
+        assert_eq!(
+            store.open(other, "disk-1", true).unwrap_err().kind(),
+            Kind::InvalidArgs
+        );
+        assert_eq!(
+            store.create(other, "x", 1 << 20).unwrap_err().kind(),
+            Kind::InvalidArgs
+        );
+        assert!(!tmp.path().join("x.img").exists());
 
         store.delete(me, "disk-1").unwrap();
         assert!(!p.exists());

@@ -296,6 +296,13 @@ static CONFIGURE_MISSING: AtomicBool = AtomicBool::new(false);
 static ATTACH_LOCK: Mutex<()> = Mutex::new(());
 static BUSY_RETRIES: AtomicU64 = AtomicU64::new(0);
 
+/// Skip LOOP_CONFIGURE and use LOOP_SET_FD + LOOP_SET_STATUS64 from now on in this
+/// process (what happens by itself on kernels before 5.8). For tests of the fallback.
+#[doc(hidden)]
+pub fn use_legacy_attach(on: bool) {
+    CONFIGURE_MISSING.store(on, Ordering::Relaxed);
+}
+
 /// How many times, since the process started, a free device was taken by someone else
 /// between GET_FREE and the bind (diagnostics).
 pub fn busy_retries_total() -> u64 {
