@@ -32,6 +32,13 @@
 //!   unbind happens when our fd is closed (task work at syscall exit, i.e. before `close`
 //!   returns). `super::detach` therefore checks afterwards and reports
 //!   `Detached::Deferred` when the device is still bound to the same file.
+//! - **Looking is opening.** `LOOP_GET_STATUS64` (the only source of the backing file's
+//!   dev/inode and of `lo_file_name`) needs an open fd, and an open fd counts as an opener:
+//!   a `LOOP_CLR_FD` by anyone at that moment becomes the lazy kind and completes at our
+//!   close, microseconds later. `super::info`/`list_attached` keep the fd only for the
+//!   read; `detach` waits briefly (100 ms) before calling a detach `Deferred`.
+//! - **O_APPEND backing fds are harmless** (checked on 6.18: writes through the device land
+//!   at their offset; the loop driver builds its own kiocb flags).
 //! - **Device nodes may lag.** `GET_FREE` can create a new `loopN`; devtmpfs creates the node
 //!   synchronously, but without devtmpfs (a container's tmpfs `/dev`) it never appears.
 //!   `super` waits briefly for `/dev/loopN` and then reports NotSupported.
