@@ -13,7 +13,7 @@ pub struct Config {
     /// Largest image one CreateImage may make, in bytes.
     pub max_image_size: u64,
     /// How many images one uid may own.
-    pub max_images_per_uid: usize,
+    pub max_images_per_uid: u32,
     /// How many bytes (apparent size) of images one uid may own.
     pub max_image_bytes_per_uid: u64,
     /// How many loop devices one uid may have attached through the daemon.

@@ -48,7 +48,7 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         Limits {
             max_size: opts.config.max_image_size,
             max_count: opts.config.max_images_per_uid,
-            max_total: opts.config.max_image_bytes_per_uid,
+            max_total_bytes: opts.config.max_image_bytes_per_uid,
         },
     )
     .map_err(DaemonError::Images)?;

@@ -7,9 +7,7 @@
 //! images/<uid>/     sparse image files, `<name>.img` (see loopdev::images)
 //! ```
 //! Only intent is stored (image ↔ loop, owners, instances); effects are re-read from the
-//! kernel at start and reconciled (see `daemon::reconcile`). `pending` records an attach
-//! that has started but not finished: if the daemon dies in between, the next start
-//! detaches whatever device that attach left behind.
+//! kernel at start and reconciled (see `ops::loops::reconcile`).
 
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
@@ -28,8 +26,6 @@ pub struct State {
     pub images: Vec<ImageRecord>,
     #[serde(default)]
     pub loops: Vec<LoopRecord>,
-    #[serde(default)]
-    pub pending_attaches: Vec<PendingAttach>,
 }
 
 impl Default for State {
@@ -38,7 +34,6 @@ impl Default for State {
             version: STATE_VERSION,
             images: Vec::new(),
             loops: Vec::new(),
-            pending_attaches: Vec::new(),
         }
     }
 }
@@ -74,13 +69,6 @@ impl LoopRecord {
     pub fn device(&self) -> String {
         format!("/dev/loop{}", self.number)
     }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PendingAttach {
-    pub backing_dev: u64,
-    pub backing_inode: u64,
-    pub owner_uid: u32,
 }
 
 #[derive(Debug, thiserror::Error)]

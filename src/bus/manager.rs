@@ -95,7 +95,7 @@ impl Manager {
         let path = image_path(uid, name);
         let _ = server.remove::<ImageObject, _>(&path).await;
         if let Some(rec) = rec {
-            let file = self.core.images.path(uid, name).display().to_string();
+            let file = self.core.images.path_of(uid, name).display().to_string();
             if let Err(e) = server
                 .at(&path, ImageObject {
                     rec,

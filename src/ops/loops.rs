@@ -5,9 +5,8 @@ use super::{blocking, Core, OpsError};
 use crate::loopdev::{self, AttachOptions, LoopInfo};
 use crate::names::check_file_name;
 use crate::partitions::{self, Partition};
-use crate::state::{ImageRecord, LoopRecord, PendingAttach};
+use crate::state::{ImageRecord, LoopRecord};
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 /// What the caller asked for when attaching.
@@ -135,9 +134,11 @@ pub async fn attach_fd(
     attach(core, uid, file, None, req).await
 }
 
-/// Attach with an intent record: `pending` is saved before the kernel is touched and
-/// replaced by the loop record after, so a daemon killed in between leaves a record that
-/// the next start uses to detach the half-made device.
+/// Attach and record. Every device the daemon attaches carries the label
+/// `dindhelper:uid=<uid>` in `lo_file_name`, so a daemon killed between the attach and the
+/// state save leaves a device that the next start recognises as ours without a record,
+/// and detaches (see [`reconcile`]). No intent record has to be written before the
+/// attach, which keeps one state write per call.
 async fn attach(
     core: &Arc<Core>,
     uid: u32,
@@ -145,38 +146,16 @@ async fn attach(
     image: Option<(u32, String)>,
     req: AttachRequest,
 ) -> Result<LoopRecord, OpsError> {
-    let meta = file
-        .metadata()
-        .map_err(|e| OpsError::Invalid(format!("cannot stat the backing file: {e}")))?;
-    let pending = PendingAttach {
-        backing_dev: meta.dev(),
-        backing_inode: meta.ino(),
-        owner_uid: uid,
-    };
     let mut st = core.state.lock().await;
     check_loop_quota(core, &st.loops, uid)?;
-    st.pending_attaches.push(pending.clone());
-    if let Err(e) = core.persist(&st) {
-        st.pending_attaches.retain(|p| p != &pending);
-        return Err(e);
-    }
     let opts = AttachOptions {
         read_only: req.read_only,
         partscan: req.partscan,
         offset: req.offset,
         size_limit: req.size_limit,
+        label: format!("uid={uid}"),
     };
-    let res = blocking(move || Ok(loopdev::attach_file(&file, &opts)?)).await;
-    st.pending_attaches.retain(|p| p != &pending);
-    let info = match res {
-        Ok(info) => info,
-        Err(e) => {
-            if let Err(e2) = core.persist(&st) {
-                tracing::error!(error = %e2, "cannot save state after a failed attach");
-            }
-            return Err(e);
-        }
-    };
+    let info = blocking(move || Ok(loopdev::attach_file(&file, &opts)?)).await?;
     let rec = record_from(&info, image, uid, req.instance);
     st.loops.push(rec.clone());
     if let Err(e) = core.persist(&st) {
@@ -233,7 +212,11 @@ pub async fn detach(core: &Arc<Core>, number: u32) -> Result<LoopRecord, OpsErro
         .ok_or(OpsError::Unmanaged {
             device: format!("/dev/loop{number}"),
         })?;
-    blocking(move || Ok(loopdev::detach(number)?)).await?;
+    let (dev, ino) = (rec.backing_dev, rec.backing_inode);
+    let how = blocking(move || Ok(loopdev::detach_checked(number, dev, ino)?)).await?;
+    if how == loopdev::Detached::Deferred {
+        tracing::info!(device = %rec.device(), "device is still open (mounted?): the kernel detaches it at the last close");
+    }
     st.loops.retain(|l| l.number != number);
     core.persist(&st)?;
     Ok(rec)
@@ -260,12 +243,11 @@ pub enum Decision {
     Adopted(String),
 }
 
+
 /// Bring state and kernel in line at start:
 /// - a recorded loop still attached to the same file (device+inode) is kept;
 /// - a recorded loop that is gone or now backs another file is forgotten;
-/// - a device left by an interrupted attach (pending record) is detached;
-/// - an unrecorded device backed by one of our images is adopted (its owner is the
-///   image's owner);
+/// - a device with our label but no record (interrupted attach) is detached;
 /// - image records whose file vanished are dropped, image files without a record adopted.
 pub async fn reconcile(core: &Arc<Core>) -> Result<Vec<Decision>, OpsError> {
     let mut st = core.state.lock().await;
@@ -330,40 +312,22 @@ pub async fn reconcile(core: &Arc<Core>) -> Result<Vec<Decision>, OpsError> {
         }
     }
 
-    // Devices from interrupted attaches, and unrecorded devices on our images.
-    let pending = std::mem::take(&mut st.pending_attaches);
+    // Devices we attached (by label) that no record claims: left by an attach whose
+    // daemon died before saving, or by a lost state file. Nobody was told about them, so
+    // they are detached rather than adopted.
     for a in &attached {
-        if st.loops.iter().any(|l| l.number == a.number) {
+        if !a.is_ours() || st.loops.iter().any(|l| l.number == a.number) {
             continue;
         }
-        let interrupted = pending
-            .iter()
-            .any(|p| p.backing_dev == a.backing_dev && p.backing_inode == a.backing_inode);
-        if interrupted {
-            let n = a.number;
-            match blocking(move || Ok(loopdev::detach(n)?)).await {
-                Ok(()) => out.push(Decision::Detached(format!(
-                    "/dev/loop{n} left by an interrupted attach of {}",
-                    a.backing_file.display()
-                ))),
-                Err(e) => tracing::error!(device = n, error = %e, "cannot detach device of an interrupted attach"),
+        let (n, dev, ino) = (a.number, a.backing_dev, a.backing_inode);
+        match blocking(move || Ok(loopdev::detach_checked(n, dev, ino)?)).await {
+            Ok(_) => out.push(Decision::Detached(format!(
+                "/dev/loop{n} ({}) carries our label but no record: interrupted attach",
+                a.backing_file.display()
+            ))),
+            Err(e) => {
+                tracing::error!(device = n, error = %e, "cannot detach an unrecorded device of ours")
             }
-            continue;
-        }
-        if let Some(img) = on_disk
-            .iter()
-            .find(|i| core.images.path(i.uid, &i.name) == a.backing_file)
-        {
-            out.push(Decision::Adopted(format!(
-                "/dev/loop{} backed by image {} of uid {}",
-                a.number, img.name, img.uid
-            )));
-            st.loops.push(record_from(
-                a,
-                Some((img.uid, img.name.clone())),
-                img.uid,
-                None,
-            ));
         }
     }
     core.persist(&st)?;
