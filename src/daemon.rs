@@ -42,7 +42,7 @@ pub enum DaemonError {
 
 pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     let store = StateStore::open(&opts.state_dir)?;
-    let state = store.load()?;
+    let state = store.load_or_init()?;
     let images = ImageStore::new(
         opts.state_dir.join("images"),
         Limits {
@@ -59,13 +59,6 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         images,
     });
 
-    for d in ops::loops::reconcile(&core)
-        .await
-        .map_err(DaemonError::Reconcile)?
-    {
-        tracing::info!(decision = ?d, "reconcile");
-    }
-
     let bus = opts
         .bus_address
         .clone()
@@ -80,6 +73,26 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
             bus: bus.clone(),
             source,
         })?;
+
+    // Refuse early, before touching the kernel, when another daemon serves the name.
+    if let Ok(dbus) = zbus::fdo::DBusProxy::new(&conn).await {
+        let name = BUS_NAME.try_into().expect("valid name");
+        if dbus.name_has_owner(name).await.unwrap_or(false) {
+            let owner = dbus
+                .get_name_owner(BUS_NAME.try_into().expect("valid name"))
+                .await
+                .map(|o| o.to_string())
+                .unwrap_or_else(|_| "unknown".into());
+            return Err(DaemonError::NameTaken { owner });
+        }
+    }
+
+    for d in ops::loops::reconcile(&core)
+        .await
+        .map_err(DaemonError::Reconcile)?
+    {
+        tracing::info!(decision = ?d, "reconcile");
+    }
 
     let gate = Arc::new(tokio::sync::RwLock::new(()));
     let manager = Manager {

@@ -22,6 +22,11 @@ pub const STATE_VERSION: u32 = 1;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct State {
     pub version: u32,
+    /// Random id of this state directory. Devices the daemon attaches carry it in their
+    /// loop label, so a daemon only ever treats its own devices as orphans (two daemons
+    /// with different state dirs, as in tests, never touch each other's devices).
+    #[serde(default)]
+    pub state_id: String,
     #[serde(default)]
     pub images: Vec<ImageRecord>,
     #[serde(default)]
@@ -32,6 +37,7 @@ impl Default for State {
     fn default() -> Self {
         State {
             version: STATE_VERSION,
+            state_id: String::new(),
             images: Vec::new(),
             loops: Vec::new(),
         }
@@ -188,6 +194,19 @@ impl StateStore {
         serde_json::from_str(&text).map_err(|source| StateError::Parse { path, source })
     }
 
+    /// Load, and give the state an id when it has none yet (first start).
+    pub fn load_or_init(&self) -> Result<State, StateError> {
+        let mut st = self.load()?;
+        if st.state_id.is_empty() {
+            st.state_id = new_state_id().map_err(|source| StateError::Read {
+                path: "/dev/urandom".into(),
+                source,
+            })?;
+            self.save(&st)?;
+        }
+        Ok(st)
+    }
+
     /// Replace the state file atomically: write a temp file, fsync it, rename it over the
     /// old one, fsync the directory. A crash leaves either the old or the new file.
     pub fn save(&self, state: &State) -> Result<(), StateError> {
@@ -217,6 +236,13 @@ impl StateStore {
     }
 }
 
+fn new_state_id() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 6];
+    File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,7 +252,13 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let store = StateStore::open(d.path()).unwrap();
         assert_eq!(store.load().unwrap(), State::default());
-        let mut s = State::default();
+        let id = store.load_or_init().unwrap().state_id;
+        assert_eq!(id.len(), 12);
+        assert_eq!(store.load_or_init().unwrap().state_id, id);
+        let mut s = State {
+            state_id: id,
+            ..State::default()
+        };
         s.images.push(ImageRecord {
             name: "a.img".into(),
             owner_uid: 1000,

@@ -4,7 +4,7 @@
 use super::auth::{Action, Authorizer, Caller};
 use super::error::BusError;
 use super::objects::{image_path, loop_path, partition_tuple, ImageObject, LoopObject, PartitionTuple};
-use super::options::{interactive, Options, Opts};
+use super::options::{describe, interactive, Options, Opts};
 use crate::ops::{self, loops::AttachRequest, Core};
 use crate::state::LoopRecord;
 use std::fs::File;
@@ -265,7 +265,7 @@ impl Manager {
             Ok(self.attach_done(server, &rec).await)
         }
         .await;
-        audit(&caller, "AttachImage", &format!("{name} {options:?}"), &r);
+        audit(&caller, "AttachImage", &format!("{name} {}", describe(&options)), &r);
         r
     }
 
@@ -296,7 +296,7 @@ impl Manager {
             Ok(self.attach_done(server, &rec).await)
         }
         .await;
-        audit(&caller, "AttachFd", &format!("{options:?}"), &r);
+        audit(&caller, "AttachFd", &describe(&options), &r);
         r
     }
 

@@ -117,6 +117,19 @@ impl<'a> Opts<'a> {
     }
 }
 
+/// Options as `key=value …` for the audit log, sorted by key.
+pub fn describe(map: &Options) -> String {
+    let mut v: Vec<String> = map
+        .iter()
+        .map(|(k, v)| {
+            let v: &Value<'_> = v;
+            format!("{k}={v}")
+        })
+        .collect();
+    v.sort();
+    v.join(" ")
+}
+
 /// Whether the caller allows polkit to ask for a password.
 pub fn interactive(map: &Options) -> Result<bool, BusError> {
     Opts::new(map).bool("interactive").map(|b| b.unwrap_or(false))

@@ -135,7 +135,7 @@ pub async fn attach_fd(
 }
 
 /// Attach and record. Every device the daemon attaches carries the label
-/// `dindhelper:uid=<uid>` in `lo_file_name`, so a daemon killed between the attach and the
+/// `dindhelper:<state id>:uid=<uid>` in `lo_file_name`, so a daemon killed between the attach and the
 /// state save leaves a device that the next start recognises as ours without a record,
 /// and detaches (see [`reconcile`]). No intent record has to be written before the
 /// attach, which keeps one state write per call.
@@ -153,7 +153,7 @@ async fn attach(
         partscan: req.partscan,
         offset: req.offset,
         size_limit: req.size_limit,
-        label: format!("uid={uid}"),
+        label: label(&st.state_id, uid),
     };
     let info = blocking(move || Ok(loopdev::attach_file(&file, &opts)?)).await?;
     let rec = record_from(&info, image, uid, req.instance);
@@ -166,6 +166,17 @@ async fn attach(
         return Err(e);
     }
     Ok(rec)
+}
+
+/// The loop label (after `dindhelper:`) of devices this state directory's daemon attaches.
+fn label(state_id: &str, uid: u32) -> String {
+    format!("{state_id}:uid={uid}")
+}
+
+/// Whether a device carries this daemon's label (any uid).
+fn is_mine(info: &LoopInfo, state_id: &str) -> bool {
+    info.is_ours()
+        && info.label[loopdev::LABEL_PREFIX.len()..].starts_with(&format!("{state_id}:"))
 }
 
 fn record_from(
@@ -312,11 +323,12 @@ pub async fn reconcile(core: &Arc<Core>) -> Result<Vec<Decision>, OpsError> {
         }
     }
 
-    // Devices we attached (by label) that no record claims: left by an attach whose
-    // daemon died before saving, or by a lost state file. Nobody was told about them, so
-    // they are detached rather than adopted.
+    // Devices this state dir's daemon attached (by label, which carries the state id)
+    // that no record claims: left by an attach whose daemon died before saving. Nobody
+    // was told about them, so they are detached rather than adopted. Devices of other
+    // daemons (other state dirs) or tools are never touched.
     for a in &attached {
-        if !a.is_ours() || st.loops.iter().any(|l| l.number == a.number) {
+        if !is_mine(a, &st.state_id) || st.loops.iter().any(|l| l.number == a.number) {
             continue;
         }
         let (n, dev, ino) = (a.number, a.backing_dev, a.backing_inode);
