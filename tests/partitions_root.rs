@@ -70,6 +70,10 @@ impl Fixture {
     }
 
     fn attach(size: u64, partscan: bool) -> Fixture {
+        Fixture::attach_with(size, partscan, 512)
+    }
+
+    fn attach_with(size: u64, partscan: bool, sector_size: u32) -> Fixture {
         require_root();
         let dir = tempfile::Builder::new()
             .prefix("dhq-parts-")
@@ -77,7 +81,8 @@ impl Fixture {
             .unwrap();
         let image = dir.path().join("disk.img");
         fs::File::create(&image).unwrap().set_len(size).unwrap();
-        let mut args = vec!["-f", "--show"];
+        let ssz = sector_size.to_string();
+        let mut args = vec!["-f", "--show", "--sector-size", ssz.as_str()];
         if partscan {
             args.push("--partscan");
         }
@@ -141,11 +146,12 @@ fn view(parts: &[Partition]) -> Vec<(u32, u64, u64)> {
     parts.iter().map(|p| (p.number, p.start, p.size)).collect()
 }
 
-/// The table as sfdisk reads it, with the DOS extended container reduced to the 1 KiB
-/// the kernel shows.
+/// The table as sfdisk reads it, with the DOS extended container reduced to what the
+/// kernel shows (1 KiB, or one sector when sectors are larger).
 fn sfdisk_view(target: &Path) -> Vec<(u32, u64, u64)> {
     let json: serde_json::Value =
         serde_json::from_str(&run("sfdisk", &["--json", target.to_str().unwrap()])).unwrap();
+    let ssz = json["partitiontable"]["sectorsize"].as_u64().unwrap_or(512);
     let mut v: Vec<(u32, u64, u64)> = json["partitiontable"]["partitions"]
         .as_array()
         .map(|a| a.as_slice())
@@ -159,12 +165,16 @@ fn sfdisk_view(target: &Path) -> Vec<(u32, u64, u64)> {
                 .unwrap()
                 .parse()
                 .unwrap();
-            let size = j["size"].as_u64().unwrap() * 512;
+            let size = j["size"].as_u64().unwrap() * ssz;
             let extended = matches!(j["type"].as_str(), Some("5" | "f" | "85"));
             (
                 no,
-                j["start"].as_u64().unwrap() * 512,
-                if extended { size.min(1024) } else { size },
+                j["start"].as_u64().unwrap() * ssz,
+                if extended {
+                    size.min(ssz.max(1024))
+                } else {
+                    size
+                },
             )
         })
         .collect();
@@ -425,4 +435,24 @@ fn loop_device_without_partscan_is_refused() {
     assert!(matches!(err, PartError::PartscanOff { .. }), "{err}");
     assert_eq!(err.kind(), Kind::NotSupported);
     assert!(fx.sys_parts().is_empty());
+}
+
+#[test]
+fn dos_on_4k_sector_loop_device() {
+    // 4096-byte logical sectors: table units are 4 KiB, BLKPG wants 4 KiB multiples, and
+    // the extended container is one logical sector (4 KiB) in the kernel.
+    let fx = Fixture::attach_with(64 * M, true, 4096);
+    sfdisk(
+        &fx.dev,
+        &[],
+        "label: dos\nsize=8M\nsize=8M\nsize=4M\nsize=32M, type=5\nsize=8M\nsize=8M\n",
+    );
+    let parts = rescan(&fx.dev).expect("rescan");
+    assert_eq!(view(&parts), fx.sys_parts());
+    let numbers: Vec<u32> = parts.iter().map(|p| p.number).collect();
+    assert_eq!(numbers, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(parts[3].size, 4096);
+    assert_eq!(view(&parts), sfdisk_view(&fx.dev));
+    assert_eq!(parts[0].size, 8 * M);
+    check_nodes(&parts);
 }
