@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use dindhelper::error::{Classify, Kind};
-use dindhelper::partitions::{rescan, PartError, Partition};
+use dindhelper::partitions::{list, rescan, PartError, Partition};
 
 const M: u64 = 1 << 20;
 
@@ -274,6 +274,7 @@ fn gpt_rescan_adds_resizes_deletes_and_keeps_mounted_partition() {
     assert_eq!(view(&parts), sfdisk_view(&fx.dev));
     check_nodes(&parts);
     assert_eq!(fs::read(mnt.join("hello")).unwrap(), b"still here");
+    assert_eq!(list(&fx.dev).unwrap(), parts);
 
     // Changing the mounted p2 is Busy, and nothing is applied (not even the p4 delete).
     let before = fx.sys_parts();
@@ -423,6 +424,11 @@ fn dos_rescan_with_extended_and_logical_partitions() {
         .unwrap();
     expect_busy(rescan(&fx.dev).unwrap_err(), 2);
     assert_eq!(fx.sys_parts(), before);
+    // list() shows the kernel as it is; p2 has no table entry any more.
+    let listed = list(&fx.dev).unwrap();
+    assert_eq!(view(&listed), before);
+    assert_eq!(listed[1].uuid, "");
+    assert_eq!(listed[0].uuid, "0badcafe-01");
 }
 
 #[test]

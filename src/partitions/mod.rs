@@ -4,6 +4,7 @@
 //! and unlike BLKRRPART this also works while an unchanged partition is mounted.
 //!
 //! - [`rescan`]: the one entry point with side effects (root, `CAP_SYS_ADMIN`).
+//! - [`list`]: the kernel's partitions now, annotated from the table; changes nothing.
 //! - [`read_table`], [`plan`]: pure, unit-tested.
 //! - A disk without any table (blank, or a whole-disk filesystem) has no partitions: a
 //!   rescan then deletes every kernel partition, as a kernel rescan would.
@@ -304,7 +305,11 @@ pub fn plan(kernel: &[KernelPart], table: &[TablePart]) -> Vec<Op> {
 /// subset of the old and new partitions and no overlaps, and the error says how many were
 /// applied: a later rescan completes the sync. An unchanged partition may be mounted.
 pub fn rescan(device: &Path) -> Result<Vec<Partition>, PartError> {
-    let dev = device.to_path_buf();
+    let Disk {
+        dev,
+        file,
+        disk_dir,
+    } = open_disk(device)?;
     let io_err = |what: &'static str| {
         let dev = dev.clone();
         move |source: io::Error| PartError::Io {
@@ -313,33 +318,6 @@ pub fn rescan(device: &Path) -> Result<Vec<Partition>, PartError> {
             source,
         }
     };
-    let file = OpenOptions::new()
-        .read(true)
-        .open(device)
-        .map_err(|source| match source.raw_os_error() {
-            Some(libc::ENOENT | libc::ENXIO | libc::ENODEV) => PartError::NotFound {
-                device: dev.clone(),
-                source,
-            },
-            _ => PartError::Io {
-                device: dev.clone(),
-                what: "opening the device",
-                source,
-            },
-        })?;
-    let meta = file.metadata().map_err(io_err("fstat"))?;
-    if !meta.file_type().is_block_device() {
-        return Err(PartError::NotBlockDevice { device: dev });
-    }
-    let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
-    let disk_dir =
-        sysfs::disk_dir(Path::new("/sys"), major, minor).map_err(|source| PartError::NotFound {
-            device: dev.clone(),
-            source,
-        })?;
-    if disk_dir.join("partition").exists() {
-        return Err(PartError::IsPartition { device: dev });
-    }
     if sysfs::disk_attr(&disk_dir, "partscan") == Some(0) {
         return Err(PartError::PartscanOff { device: dev });
     }
@@ -347,38 +325,10 @@ pub fn rescan(device: &Path) -> Result<Vec<Partition>, PartError> {
 
     let file = lock(file, &dev)?;
     let fd = file.as_fd();
-    let ioctl_err = |what: &str| {
-        let dev = dev.clone();
-        let what = what.to_string();
-        move |source: Errno| PartError::Ioctl {
-            device: dev,
-            what,
-            source,
-        }
-    };
     if let Err(e) = blkpg::flush_buffers(fd) {
         tracing::warn!(device = %dev.display(), "BLKFLSBUF failed: {e}; the table may be read from a stale cache");
     }
-    let ssz = blkpg::logical_sector_size(fd).map_err(ioctl_err("BLKSSZGET"))?;
-    let dev_size = blkpg::size_bytes(fd).map_err(ioctl_err("BLKGETSIZE64"))?;
-
-    let mut reader: &File = &file;
-    let table = match read_table(&mut reader, ssz, dev_size) {
-        Ok(t) => t,
-        Err(ParseError::Corrupt(reason)) => {
-            return Err(PartError::CorruptTable {
-                device: dev,
-                reason,
-            })
-        }
-        Err(ParseError::Io(source)) => {
-            return Err(PartError::Io {
-                device: dev,
-                what: "reading the partition table",
-                source,
-            })
-        }
-    };
+    let table = read_disk_table(&dev, &file)?;
     let table_parts = table.map(|t| t.parts).unwrap_or_default();
     if let Some(p) = table_parts.iter().find(|p| u64::from(p.number) >= limit) {
         return Err(PartError::TooManyPartitions {
@@ -510,6 +460,123 @@ pub fn rescan(device: &Path) -> Result<Vec<Partition>, PartError> {
     }
     wait_for_nodes(&out);
     Ok(out)
+}
+
+/// The partitions the kernel has now, each with the table's type, name and uuid when
+/// the table (read without changing anything) has the same number at the same extent;
+/// otherwise those three are empty. For the Loop objects' `Partitions` property.
+pub fn list(device: &Path) -> Result<Vec<Partition>, PartError> {
+    let Disk {
+        dev,
+        file,
+        disk_dir,
+    } = open_disk(device)?;
+    let table = match read_disk_table(&dev, &file) {
+        Ok(t) => t.map(|t| t.parts).unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!("{e}");
+            Vec::new()
+        }
+    };
+    let kernel = sysfs::partitions(&disk_dir).map_err(|source| PartError::Io {
+        device: dev.clone(),
+        what: "reading sysfs",
+        source,
+    })?;
+    Ok(kernel
+        .into_iter()
+        .map(|s| {
+            let t = table.iter().find(|t| {
+                t.number == s.part.number && t.start == s.part.start && t.size == s.part.size
+            });
+            Partition {
+                number: s.part.number,
+                start: s.part.start,
+                size: s.part.size,
+                part_type: t.map(|t| t.part_type.clone()).unwrap_or_default(),
+                name: t.map(|t| t.name.clone()).unwrap_or_default(),
+                uuid: t.map(|t| t.uuid.clone()).unwrap_or_default(),
+                node: Path::new("/dev").join(&s.name),
+                major: s.major,
+                minor: s.minor,
+            }
+        })
+        .collect())
+}
+
+/// A whole-disk block device, opened read-only.
+struct Disk {
+    dev: PathBuf,
+    file: File,
+    /// `/sys/devices/…/block/loop3`
+    disk_dir: PathBuf,
+}
+
+fn open_disk(device: &Path) -> Result<Disk, PartError> {
+    let dev = device.to_path_buf();
+    let file = OpenOptions::new()
+        .read(true)
+        .open(device)
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::ENOENT | libc::ENXIO | libc::ENODEV) => PartError::NotFound {
+                device: dev.clone(),
+                source,
+            },
+            _ => PartError::Io {
+                device: dev.clone(),
+                what: "opening the device",
+                source,
+            },
+        })?;
+    let meta = file.metadata().map_err(|source| PartError::Io {
+        device: dev.clone(),
+        what: "fstat",
+        source,
+    })?;
+    if !meta.file_type().is_block_device() {
+        return Err(PartError::NotBlockDevice { device: dev });
+    }
+    let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
+    let disk_dir =
+        sysfs::disk_dir(Path::new("/sys"), major, minor).map_err(|source| PartError::NotFound {
+            device: dev.clone(),
+            source,
+        })?;
+    if disk_dir.join("partition").exists() {
+        return Err(PartError::IsPartition { device: dev });
+    }
+    Ok(Disk {
+        dev,
+        file,
+        disk_dir,
+    })
+}
+
+/// Sector size, device size, and the table (`None`: no table).
+fn read_disk_table(dev: &Path, file: &File) -> Result<Option<Table>, PartError> {
+    let fd = file.as_fd();
+    let ioctl_err = |what: &str| {
+        let what = what.to_string();
+        move |source: Errno| PartError::Ioctl {
+            device: dev.to_path_buf(),
+            what,
+            source,
+        }
+    };
+    let ssz = blkpg::logical_sector_size(fd).map_err(ioctl_err("BLKSSZGET"))?;
+    let dev_size = blkpg::size_bytes(fd).map_err(ioctl_err("BLKGETSIZE64"))?;
+    let mut reader: &File = file;
+    read_table(&mut reader, ssz, dev_size).map_err(|e| match e {
+        ParseError::Corrupt(reason) => PartError::CorruptTable {
+            device: dev.to_path_buf(),
+            reason,
+        },
+        ParseError::Io(source) => PartError::Io {
+            device: dev.to_path_buf(),
+            what: "reading the partition table",
+            source,
+        },
+    })
 }
 
 /// Exclusive flock with a short bounded retry.
