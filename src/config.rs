@@ -61,7 +61,8 @@ impl Config {
             path: p.clone(),
             source,
         })?;
-        cfg.validate().map_err(|why| ConfigError::Invalid { path: p, why })?;
+        cfg.validate()
+            .map_err(|why| ConfigError::Invalid { path: p, why })?;
         Ok(cfg)
     }
 

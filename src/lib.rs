@@ -8,9 +8,9 @@
 //!   privileged syscalls live in small files with a `//!` header naming the kernel interface.
 //! - `state`: versioned JSON of what should exist, written atomically under a lock.
 
-pub mod error;
 pub mod config;
 pub mod daemon;
+pub mod error;
 pub mod names;
 pub mod state;
 

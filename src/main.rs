@@ -9,7 +9,11 @@ use dindhelper::daemon::{self, DaemonOptions};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "dindhelperd", version, about = "Host helper daemon for Docker-in-Docker lab instances (D-Bus: org.dindhelper1)")]
+#[command(
+    name = "dindhelperd",
+    version,
+    about = "Host helper daemon for Docker-in-Docker lab instances (D-Bus: org.dindhelper1)"
+)]
 struct Args {
     /// D-Bus address to serve on instead of the system bus (e.g. unix:path=/run/x/socket).
     #[arg(long, value_name = "ADDR")]
@@ -21,7 +25,11 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Docker Engine API socket (unix:///path or a path).
-    #[arg(long, value_name = "URL", default_value = "unix:///var/run/docker.sock")]
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "unix:///var/run/docker.sock"
+    )]
     docker_host: String,
     /// Log filter (tracing env-filter syntax); RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
@@ -31,19 +39,19 @@ struct Args {
 /// Capabilities the daemon keeps; everything else leaves the bounding set too, so helper
 /// processes (iptables-restore) cannot regain it.
 const KEEP: &[caps::Capability] = &[
-    caps::Capability::CAP_SYS_ADMIN,       // loop ioctls, BLKPG, setns, mount ns
-    caps::Capability::CAP_NET_ADMIN,       // iptables, netns
-    caps::Capability::CAP_NET_RAW,         // AF_PACKET captures
-    caps::Capability::CAP_CHOWN,           // images and captures owned by the caller
-    caps::Capability::CAP_FOWNER,          // chmod of files owned by callers
-    caps::Capability::CAP_DAC_OVERRIDE,    // state dir, /dev nodes, cgroup files
+    caps::Capability::CAP_SYS_ADMIN, // loop ioctls, BLKPG, setns, mount ns
+    caps::Capability::CAP_NET_ADMIN, // iptables, netns
+    caps::Capability::CAP_NET_RAW,   // AF_PACKET captures
+    caps::Capability::CAP_CHOWN,     // images and captures owned by the caller
+    caps::Capability::CAP_FOWNER,    // chmod of files owned by callers
+    caps::Capability::CAP_DAC_OVERRIDE, // state dir, /dev nodes, cgroup files
     caps::Capability::CAP_DAC_READ_SEARCH, // /proc/<pid> of other users
-    caps::Capability::CAP_MKNOD,           // partition nodes inside containers
-    caps::Capability::CAP_SYS_PTRACE,      // /proc/<pid>/ns of other users' processes
-    caps::Capability::CAP_SYS_CHROOT,      // setns into a mount namespace
-    caps::Capability::CAP_SYS_RESOURCE,    // lowering oom_score_adj
-    caps::Capability::CAP_KILL,            // signalling processes of instances
-    caps::Capability::CAP_SETPCAP,         // keep the ability to drop more later
+    caps::Capability::CAP_MKNOD,     // partition nodes inside containers
+    caps::Capability::CAP_SYS_PTRACE, // /proc/<pid>/ns of other users' processes
+    caps::Capability::CAP_SYS_CHROOT, // setns into a mount namespace
+    caps::Capability::CAP_SYS_RESOURCE, // lowering oom_score_adj
+    caps::Capability::CAP_KILL,      // signalling processes of instances
+    caps::Capability::CAP_SETPCAP,   // keep the ability to drop more later
 ];
 
 fn drop_capabilities() -> anyhow::Result<()> {

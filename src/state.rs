@@ -101,7 +101,9 @@ pub enum StateError {
         path: PathBuf,
         source: serde_json::Error,
     },
-    #[error("{path} has state version {found}, this dindhelperd understands up to {STATE_VERSION}")]
+    #[error(
+        "{path} has state version {found}, this dindhelperd understands up to {STATE_VERSION}"
+    )]
     Version { path: PathBuf, found: u32 },
     #[error("cannot write {path}: {source}")]
     Write {
@@ -281,6 +283,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("state.json"), r#"{"version": 99}"#).unwrap();
         let store = StateStore::open(d.path()).unwrap();
-        assert!(matches!(store.load(), Err(StateError::Version { found: 99, .. })));
+        assert!(matches!(
+            store.load(),
+            Err(StateError::Version { found: 99, .. })
+        ));
     }
 }

@@ -47,7 +47,11 @@ trait Manager {
 }
 
 #[derive(Parser)]
-#[command(name = "dindhelperctl", version, about = "Client for dindhelperd (org.dindhelper1)")]
+#[command(
+    name = "dindhelperctl",
+    version,
+    about = "Client for dindhelperd (org.dindhelper1)"
+)]
 struct Cli {
     /// D-Bus address instead of the system bus.
     #[arg(long, global = true, value_name = "ADDR")]
@@ -76,16 +80,22 @@ enum Cmd {
 #[derive(Subcommand)]
 enum ImageCmd {
     /// Create NAME of SIZE (bytes, or with K/M/G/T suffix: 512M, 2G).
-    Create { name: String, size: String },
-    Delete { name: String },
+    Create {
+        name: String,
+        size: String,
+    },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(clap::Args)]
 struct AttachFlags {
     #[arg(long)]
     read_only: bool,
+    /// Attach without partition scanning (Rescan then answers NotSupported).
     #[arg(long)]
-    partscan: bool,
+    no_partscan: bool,
     #[arg(long)]
     offset: Option<u64>,
     #[arg(long)]
@@ -104,7 +114,9 @@ enum LoopCmd {
         #[command(flatten)]
         flags: AttachFlags,
     },
-    Detach { device: String },
+    Detach {
+        device: String,
+    },
 }
 
 fn parse_size(s: &str) -> anyhow::Result<u64> {
@@ -139,7 +151,11 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let conn = match &cli.bus_address {
-        Some(a) => zbus::connection::Builder::address(a.as_str())?.build().await,
+        Some(a) => {
+            zbus::connection::Builder::address(a.as_str())?
+                .build()
+                .await
+        }
         None => zbus::Connection::system().await,
     }
     .context("connecting to the bus")?;
@@ -169,8 +185,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if flags.read_only {
                 opts.insert("read_only", Value::Bool(true));
             }
-            if flags.partscan {
-                opts.insert("partscan", Value::Bool(true));
+            if flags.no_partscan {
+                opts.insert("partscan", Value::Bool(false));
             }
             if let Some(o) = flags.offset {
                 opts.insert("offset", Value::U64(o));
@@ -206,9 +222,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Loop(LoopCmd::Detach { device }) => m.detach(&device, opts).await?,
         Cmd::Rescan { device } => {
-            for (n, start, size, ty, name, uuid, node, maj, min) in
-                m.rescan(&device, opts).await?
-            {
+            for (n, start, size, ty, name, uuid, node, maj, min) in m.rescan(&device, opts).await? {
                 println!("{node} {n} start={start} size={size} type={ty} name={name:?} uuid={uuid} dev={maj}:{min}");
             }
         }

@@ -3,16 +3,18 @@
 
 use super::auth::{Action, Authorizer, Caller};
 use super::error::BusError;
-use super::objects::{image_path, loop_path, partition_tuple, ImageObject, LoopObject, PartitionTuple};
+use super::objects::{
+    image_path, loop_path, partition_tuple, ImageObject, LoopObject, PartitionTuple,
+};
 use super::options::{describe, interactive, Options, Opts};
 use crate::ops::{self, loops::AttachRequest, Core};
 use crate::state::LoopRecord;
 use std::fs::File;
 use std::sync::Arc;
+use zbus::interface;
 use zbus::message::Header;
 use zbus::object_server::ObjectServer;
 use zbus::zvariant::{OwnedFd, OwnedObjectPath};
-use zbus::interface;
 
 pub struct Manager {
     pub core: Arc<Core>,
@@ -41,7 +43,7 @@ fn attach_request(o: &mut Opts<'_>) -> Result<AttachRequest, BusError> {
     }
     Ok(AttachRequest {
         read_only: o.bool("read_only")?.unwrap_or(false),
-        partscan: o.bool("partscan")?.unwrap_or(false),
+        partscan: o.bool("partscan")?.unwrap_or(true),
         offset: o.u64("offset")?.unwrap_or(0),
         size_limit: o.u64("size")?.unwrap_or(0),
         instance,
@@ -67,10 +69,13 @@ impl Manager {
         let path = loop_path(rec.number);
         let _ = server.remove::<LoopObject, _>(&path).await;
         if let Err(e) = server
-            .at(&path, LoopObject {
-                rec: rec.clone(),
-                size,
-            })
+            .at(
+                &path,
+                LoopObject {
+                    rec: rec.clone(),
+                    size,
+                },
+            )
             .await
         {
             tracing::error!(error = %e, %path, "cannot export loop object");
@@ -97,11 +102,14 @@ impl Manager {
         if let Some(rec) = rec {
             let file = self.core.images.path_of(uid, name).display().to_string();
             if let Err(e) = server
-                .at(&path, ImageObject {
-                    rec,
-                    path: file,
-                    device,
-                })
+                .at(
+                    &path,
+                    ImageObject {
+                        rec,
+                        path: file,
+                        device,
+                    },
+                )
                 .await
             {
                 tracing::error!(error = %e, %path, "cannot export image object");
@@ -234,7 +242,13 @@ impl Manager {
                     .find(|l| l.image.as_ref() == Some(&(i.owner_uid, i.name.clone())))
                     .map(|l| l.device())
                     .unwrap_or_default();
-                (image_path(i.owner_uid, &i.name), i.name.clone(), i.size, i.owner_uid, dev)
+                (
+                    image_path(i.owner_uid, &i.name),
+                    i.name.clone(),
+                    i.size,
+                    i.owner_uid,
+                    dev,
+                )
             })
             .collect()
     }
@@ -265,7 +279,12 @@ impl Manager {
             Ok(self.attach_done(server, &rec).await)
         }
         .await;
-        audit(&caller, "AttachImage", &format!("{name} {}", describe(&options)), &r);
+        audit(
+            &caller,
+            "AttachImage",
+            &format!("{name} {}", describe(&options)),
+            &r,
+        );
         r
     }
 

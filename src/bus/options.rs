@@ -132,7 +132,9 @@ pub fn describe(map: &Options) -> String {
 
 /// Whether the caller allows polkit to ask for a password.
 pub fn interactive(map: &Options) -> Result<bool, BusError> {
-    Opts::new(map).bool("interactive").map(|b| b.unwrap_or(false))
+    Opts::new(map)
+        .bool("interactive")
+        .map(|b| b.unwrap_or(false))
 }
 
 #[cfg(test)]

@@ -35,10 +35,12 @@ pub async fn create_image(
         owner_uid: uid,
         size: info.size,
     };
-    st.images.retain(|i| !(i.owner_uid == uid && i.name == rec.name));
+    st.images
+        .retain(|i| !(i.owner_uid == uid && i.name == rec.name));
     st.images.push(rec.clone());
     if let Err(e) = core.persist(&st) {
-        st.images.retain(|i| !(i.owner_uid == uid && i.name == rec.name));
+        st.images
+            .retain(|i| !(i.owner_uid == uid && i.name == rec.name));
         if let Err(e2) = core.images.delete(uid, name) {
             tracing::error!(error = %e2, image = name, "rollback of image creation failed");
         }
@@ -175,8 +177,7 @@ fn label(state_id: &str, uid: u32) -> String {
 
 /// Whether a device carries this daemon's label (any uid).
 fn is_mine(info: &LoopInfo, state_id: &str) -> bool {
-    info.is_ours()
-        && info.label[loopdev::LABEL_PREFIX.len()..].starts_with(&format!("{state_id}:"))
+    info.is_ours() && info.label[loopdev::LABEL_PREFIX.len()..].starts_with(&format!("{state_id}:"))
 }
 
 fn record_from(
@@ -254,7 +255,6 @@ pub enum Decision {
     Adopted(String),
 }
 
-
 /// Bring state and kernel in line at start:
 /// - a recorded loop still attached to the same file (device+inode) is kept;
 /// - a recorded loop that is gone or now backs another file is forgotten;
@@ -264,10 +264,8 @@ pub async fn reconcile(core: &Arc<Core>) -> Result<Vec<Decision>, OpsError> {
     let mut st = core.state.lock().await;
     let mut out = Vec::new();
     let c = core.clone();
-    let (attached, on_disk) = blocking(move || {
-        Ok((loopdev::list_attached()?, c.images.list(None)?))
-    })
-    .await?;
+    let (attached, on_disk) =
+        blocking(move || Ok((loopdev::list_attached()?, c.images.list(None)?))).await?;
 
     // Images.
     let before = std::mem::take(&mut st.images);
@@ -319,7 +317,10 @@ pub async fn reconcile(core: &Arc<Core>) -> Result<Vec<Decision>, OpsError> {
                 a.backing_file.display(),
                 rec.backing_file.display()
             ))),
-            None => out.push(Decision::Forgot(format!("{} (no longer attached)", rec.device()))),
+            None => out.push(Decision::Forgot(format!(
+                "{} (no longer attached)",
+                rec.device()
+            ))),
         }
     }
 
