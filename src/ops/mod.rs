@@ -56,8 +56,8 @@ impl Classify for OpsError {
             OpsError::Name(e) => e.kind(),
             OpsError::NotFound { .. } | OpsError::Unmanaged { .. } => Kind::NotFound,
             OpsError::Busy { .. } => Kind::Busy,
-            OpsError::Limit(_) => Kind::Conflict,
-            OpsError::Invalid(_) => Kind::InvalidArgs,
+            // Same class as the image store's per-uid limits.
+            OpsError::Limit(_) | OpsError::Invalid(_) => Kind::InvalidArgs,
             OpsError::Task(_) => Kind::Failed,
         }
     }

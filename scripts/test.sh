@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Run the whole test suite on a fresh machine (as root): install what the tests use, then
+# unit tests, kernel tests and the integration binary (real dbus-daemon, polkitd, users,
+# loop devices, dockerd in a network namespace).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "scripts/test.sh: run as root (real loop devices, polkit users)"; exit 1; }
+PKGS=(dbus polkitd fdisk util-linux e2fsprogs libxml2-utils docker.io iptables nftables
+      tcpdump busybox-static systemd-container strace libpcap-dev curl iproute2 procps)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+# Kernel and integration tests share loop devices, users and polkit files: one at a time.
+cargo test --all-targets -- --test-threads=1
