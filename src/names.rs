@@ -73,7 +73,16 @@ mod tests {
     #[test]
     fn file_names() {
         assert!(check_file_name("image name", "disk-1.img_x").is_ok());
-        for bad in ["", ".hidden", "a/b", "..", "../x", "a b", "é", &"x".repeat(65)] {
+        for bad in [
+            "",
+            ".hidden",
+            "a/b",
+            "..",
+            "../x",
+            "a b",
+            "é",
+            &"x".repeat(65),
+        ] {
             assert!(check_file_name("image name", bad).is_err(), "{bad:?}");
         }
         assert!(check_file_name("image name", &"x".repeat(64)).is_ok());

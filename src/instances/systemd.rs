@@ -1,0 +1,332 @@
+//! The systemd backend: one transient slice `dind-<name>.slice` per instance, made through
+//! systemd's manager on D-Bus (org.freedesktop.systemd1.Manager, see
+//! org.freedesktop.systemd1(5)). This is the only D-Bus client in the domain; zbus stays in
+//! this file (errors are turned into [`InstanceError::Systemd`] with a [`Kind`]).
+//!
+//! - systemd's dash rule places `dind-<name>.slice` under `dind.slice`; that parent needs
+//!   no unit file (systemd loads an implicit slice). The cgroup path is
+//!   `/dind.slice/dind-<name>.slice` in every hierarchy systemd manages.
+//! - Create: `Subscribe` once, open the `JobRemoved` stream *before* `StartTransientUnit`
+//!   (a fast job may finish before the reply arrives), then wait for the JobRemoved of the
+//!   returned job path (bounded by [`JOB_TIMEOUT`]); its result must be `done`.
+//!   `UnitExists` (already loaded, e.g. recreated from state): `SetUnitProperties(runtime)`
+//!   and `StartUnit` (no-op when active).
+//! - Properties are all of type `t`; `u64::MAX` means infinity/unset, so a full property
+//!   list replaces the limits (see `limits.rs`).
+//! - Destroy: `StopUnit(name, "replace")` + wait. Stopping a slice stops the units in it
+//!   (docker's `docker-<id>.scope` with the systemd cgroup driver) but does not kill
+//!   processes placed by hand (docker's cgroupfs driver writes cgroup.procs itself), so the
+//!   busy check / force kill runs on the cgroup directories first, as with cgroupfs.
+//! - Transient units vanish when systemd restarts or the host reboots: the daemon
+//!   recreates them from its state (create is idempotent).
+//! - dockerd's cgroup driver decides the `--cgroup-parent` syntax: systemd driver
+//!   `dind-<name>.slice`, cgroupfs driver `/dind.slice/dind-<name>.slice`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use zbus::zvariant::{OwnedObjectPath, Value};
+
+use super::cgroup::{self, CgroupMounts};
+use super::limits::Limits;
+use super::{slice_unit, BackendKind, Change, DockerCgroupDriver, InstanceError, SliceBackend};
+use crate::error::Kind;
+
+/// Longest wait for a start/stop job of a slice.
+pub const JOB_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1"
+)]
+trait Manager {
+    fn start_transient_unit(
+        &self,
+        name: &str,
+        mode: &str,
+        properties: &[(&str, Value<'_>)],
+        aux: &[(&str, &[(&str, Value<'_>)])],
+    ) -> zbus::Result<OwnedObjectPath>;
+
+    fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+
+    fn set_unit_properties(
+        &self,
+        name: &str,
+        runtime: bool,
+        properties: &[(&str, Value<'_>)],
+    ) -> zbus::Result<()>;
+
+    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+
+    fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+
+    fn subscribe(&self) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    fn job_removed(
+        &self,
+        id: u32,
+        job: zbus::zvariant::ObjectPath<'_>,
+        unit: &str,
+        result: &str,
+    ) -> zbus::Result<()>;
+}
+
+/// Instances as transient systemd slices.
+pub struct SystemdBackend {
+    handle: tokio::runtime::Handle,
+    proxy: ManagerProxy<'static>,
+    mounts: CgroupMounts,
+}
+
+fn dbus_err(op: &'static str, unit: &str, e: zbus::Error) -> InstanceError {
+    let (kind, message) = match &e {
+        zbus::Error::MethodError(name, detail, _) => {
+            let kind = match name.as_str() {
+                "org.freedesktop.systemd1.NoSuchUnit" => Kind::NotFound,
+                "org.freedesktop.systemd1.UnitExists" => Kind::Conflict,
+                "org.freedesktop.DBus.Error.AccessDenied"
+                | "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired" => {
+                    Kind::NotAuthorized
+                }
+                "org.freedesktop.DBus.Error.InvalidArgs" => Kind::InvalidArgs,
+                "org.freedesktop.DBus.Error.ServiceUnknown"
+                | "org.freedesktop.DBus.Error.UnknownMethod" => Kind::NotSupported,
+                _ => Kind::Failed,
+            };
+            (
+                kind,
+                format!("{}: {}", name.as_str(), detail.as_deref().unwrap_or("")),
+            )
+        }
+        other => (Kind::Failed, other.to_string()),
+    };
+    InstanceError::Systemd {
+        op,
+        unit: unit.to_owned(),
+        message,
+        kind,
+    }
+}
+
+fn is_method_error(e: &zbus::Error, name: &str) -> bool {
+    matches!(e, zbus::Error::MethodError(n, _, _) if n.as_str() == name)
+}
+
+impl SystemdBackend {
+    /// Connect to systemd on the system bus. `handle`: the tokio runtime that drives the
+    /// connection; the blocking trait methods `block_on` it, so call them from a
+    /// `spawn_blocking` thread or a plain thread, never from async code.
+    pub fn connect_system(handle: tokio::runtime::Handle) -> Result<Self, InstanceError> {
+        Self::connect(handle, None)
+    }
+
+    /// Connect to systemd's manager at a bus address (`None` = system bus), subscribe to
+    /// its signals and check that it answers.
+    pub fn connect(
+        handle: tokio::runtime::Handle,
+        address: Option<&str>,
+    ) -> Result<Self, InstanceError> {
+        let mounts = CgroupMounts::detect()?;
+        let proxy = handle.block_on(async {
+            let conn = match address {
+                None => zbus::Connection::system().await,
+                Some(a) => match zbus::connection::Builder::address(a) {
+                    Ok(b) => b.build().await,
+                    Err(e) => Err(e),
+                },
+            }
+            .map_err(|e| dbus_err("connect", "", e))?;
+            let proxy = ManagerProxy::new(&conn)
+                .await
+                .map_err(|e| dbus_err("proxy", "", e))?;
+            proxy
+                .subscribe()
+                .await
+                .map_err(|e| dbus_err("Subscribe", "", e))?;
+            Ok::<_, InstanceError>(proxy)
+        })?;
+        Ok(SystemdBackend {
+            handle,
+            proxy,
+            mounts,
+        })
+    }
+
+    fn props(limits: &Limits) -> Vec<(&'static str, Value<'static>)> {
+        limits
+            .to_systemd_properties()
+            .into_iter()
+            .map(|p| (p.name, Value::U64(p.value)))
+            .collect()
+    }
+
+    /// Run a job-returning call with the JobRemoved stream opened before it, and wait for
+    /// the job's end. Ok(None) when `call` reported `NoSuchUnit` and `absent_ok`.
+    async fn run_job<F, Fut>(
+        &self,
+        op: &'static str,
+        unit: &str,
+        call: F,
+    ) -> Result<OwnedObjectPath, InstanceError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = zbus::Result<OwnedObjectPath>>,
+    {
+        let mut stream = self
+            .proxy
+            .receive_job_removed()
+            .await
+            .map_err(|e| dbus_err("AddMatch JobRemoved", unit, e))?;
+        let job = call().await.map_err(|e| dbus_err(op, unit, e))?;
+        let wait = async {
+            while let Some(sig) = stream.next().await {
+                let Ok(args) = sig.args() else { continue };
+                if args.job().as_str() == job.as_str() {
+                    return Some(args.result().to_string());
+                }
+            }
+            None
+        };
+        match tokio::time::timeout(JOB_TIMEOUT, wait).await {
+            Ok(Some(r)) if r == "done" => Ok(job),
+            Ok(Some(r)) => Err(InstanceError::Systemd {
+                op,
+                unit: unit.to_owned(),
+                message: format!("job {} ended with result {r:?}", job.as_str()),
+                kind: Kind::Failed,
+            }),
+            Ok(None) => Err(InstanceError::Systemd {
+                op,
+                unit: unit.to_owned(),
+                message: "the bus connection closed while waiting for the job".into(),
+                kind: Kind::Failed,
+            }),
+            Err(_) => Err(InstanceError::Timeout {
+                what: format!("systemd job {} ({op} {unit})", job.as_str()),
+                secs: JOB_TIMEOUT.as_secs(),
+            }),
+        }
+    }
+
+    fn cgroup_dirs(&self, name: &str) -> Vec<PathBuf> {
+        let rel = self.cgroup_path(name);
+        let mut mounts = self.mounts.v1_mount_points();
+        mounts.extend(self.mounts.unified.clone());
+        mounts
+            .into_iter()
+            .map(|m| m.join(rel.trim_start_matches('/')))
+            .collect()
+    }
+}
+
+impl SliceBackend for SystemdBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Systemd
+    }
+
+    fn create(&self, name: &str, limits: &Limits) -> Result<Change, InstanceError> {
+        crate::names::check_instance_name(name)?;
+        limits.validate(super::ncpu())?;
+        let unit = slice_unit(name);
+        let props = Self::props(limits);
+        self.handle.block_on(async {
+            let started = self
+                .run_job("StartTransientUnit", &unit, || {
+                    let aux: &[(&str, &[(&str, Value<'_>)])] = &[];
+                    self.proxy.start_transient_unit(&unit, "fail", &props, aux)
+                })
+                .await;
+            match started {
+                Ok(_) => Ok(Change::Done),
+                Err(InstanceError::Systemd {
+                    kind: Kind::Conflict,
+                    ..
+                }) => {
+                    self.proxy
+                        .set_unit_properties(&unit, true, &props)
+                        .await
+                        .map_err(|e| dbus_err("SetUnitProperties", &unit, e))?;
+                    self.run_job("StartUnit", &unit, || self.proxy.start_unit(&unit, "fail"))
+                        .await?;
+                    Ok(Change::Unchanged)
+                }
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    fn set_limits(&self, name: &str, limits: &Limits) -> Result<(), InstanceError> {
+        crate::names::check_instance_name(name)?;
+        limits.validate(super::ncpu())?;
+        if !self.exists(name)? {
+            return Err(InstanceError::NotFound {
+                name: name.to_owned(),
+            });
+        }
+        let unit = slice_unit(name);
+        let props = Self::props(limits);
+        self.handle.block_on(async {
+            self.proxy
+                .set_unit_properties(&unit, true, &props)
+                .await
+                .map_err(|e| dbus_err("SetUnitProperties", &unit, e))
+        })
+    }
+
+    fn destroy(&self, name: &str, force: bool) -> Result<Change, InstanceError> {
+        crate::names::check_instance_name(name)?;
+        if !self.exists(name)? {
+            return Ok(Change::Unchanged);
+        }
+        cgroup::ensure_empty(name, &self.cgroup_dirs(name), force)?;
+        let unit = slice_unit(name);
+        self.handle.block_on(async {
+            match self
+                .run_job("StopUnit", &unit, || self.proxy.stop_unit(&unit, "replace"))
+                .await
+            {
+                Ok(_) => Ok(Change::Done),
+                Err(InstanceError::Systemd {
+                    kind: Kind::NotFound,
+                    ..
+                }) => Ok(Change::Unchanged),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    fn exists(&self, name: &str) -> Result<bool, InstanceError> {
+        crate::names::check_instance_name(name)?;
+        let unit = slice_unit(name);
+        self.handle.block_on(async {
+            match self.proxy.get_unit(&unit).await {
+                Ok(_) => Ok(true),
+                Err(e) if is_method_error(&e, "org.freedesktop.systemd1.NoSuchUnit") => Ok(false),
+                Err(e) => Err(dbus_err("GetUnit", &unit, e)),
+            }
+        })
+    }
+
+    fn cgroup_path(&self, name: &str) -> String {
+        format!("/dind.slice/{}", slice_unit(name))
+    }
+
+    fn cgroup_parent(
+        &self,
+        name: &str,
+        driver: DockerCgroupDriver,
+    ) -> Result<String, InstanceError> {
+        Ok(match driver {
+            DockerCgroupDriver::Systemd => slice_unit(name),
+            DockerCgroupDriver::Cgroupfs => self.cgroup_path(name),
+        })
+    }
+
+    fn v1_layout(&self) -> bool {
+        self.mounts.is_v1()
+    }
+}
