@@ -161,14 +161,26 @@ impl CgroupfsBackend {
     fn apply(&self, name: &str, plan: &[CgroupWrite]) -> Result<(), InstanceError> {
         for w in plan {
             let dir = self.dir_for(w.controller, name);
-            let file = dir
-                .as_ref()
-                .and_then(|d| w.files.iter().map(|f| d.join(f)).find(|p| p.exists()));
-            match file {
-                Some(f) => cgroup::write_file(&f, &w.value)?,
+            let target = dir.as_ref().and_then(|d| {
+                let main = d.join(w.file);
+                if main.exists() {
+                    return Some((main, w.value.as_str()));
+                }
+                let (f, v) = w.fallback.as_ref()?;
+                let f = d.join(f);
+                f.exists().then_some((f, v.as_str()))
+            });
+            match target {
+                Some((f, v)) => cgroup::write_file(&f, v)?,
                 None if w.required => {
                     return Err(InstanceError::NotSupported {
-                        what: format!("limit file {}", w.files.join(" or ")),
+                        what: format!(
+                            "limit file {}{}",
+                            w.file,
+                            w.fallback
+                                .as_ref()
+                                .map_or(String::new(), |(f, _)| format!(" or {f}"))
+                        ),
                         why: format!(
                             "the {} controller does not offer it here (value {})",
                             w.controller, w.value
@@ -176,7 +188,7 @@ impl CgroupfsBackend {
                     })
                 }
                 None => {
-                    tracing::debug!(files = ?w.files, "cgroup file absent; reset skipped")
+                    tracing::debug!(file = w.file, "cgroup file absent; reset skipped")
                 }
             }
         }

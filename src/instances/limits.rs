@@ -9,7 +9,9 @@
 //!   the quota is `percent * 1000` µs per period, `percent * 10000` µs per second.
 //! - Weights use the cgroup v2 / systemd scale 1..=10000 (default 100); on cgroup v1 they
 //!   are mapped the way systemd maps them (`cpu.shares = w * 1024 / 100`,
-//!   `blkio.weight = w * 500 / 100` clamped to 10..=1000).
+//!   `blkio.weight = w * 500 / 100` clamped to 10..=1000). Kernels without CFQ have only
+//!   the BFQ files (`blkio.bfq.weight`, `io.bfq.weight`, range 1..=1000, default 100, and
+//!   only in non-root cgroups); the weight then goes there with systemd's BFQ mapping.
 //! - `memory_high` on cgroup v1 becomes `memory.soft_limit_in_bytes`, which only acts
 //!   under global memory pressure (v1 has no throttling "high" limit).
 //! - `memory_swap_max` is swap *in addition to* memory (v2/systemd semantics); on v1 it is
@@ -251,8 +253,9 @@ impl Limits {
         let max = |v: Option<u64>| v.map_or_else(|| "max".to_owned(), |v| v.to_string());
         let w = |controller, file, value: String| CgroupWrite {
             controller,
-            files: file,
+            file,
             value,
+            fallback: None,
             required: true,
         };
         let cpu_max = match self.cpu_quota_per_period_us() {
@@ -260,29 +263,34 @@ impl Limits {
             None => format!("max {CPU_PERIOD_US}"),
         };
         let mut out = vec![
-            w("cpu", &["cpu.max"], cpu_max),
+            w("cpu", "cpu.max", cpu_max),
             w(
                 "cpu",
-                &["cpu.weight"],
+                "cpu.weight",
                 self.cpu_weight.unwrap_or(DEFAULT_WEIGHT).to_string(),
             ),
         ];
         // memory.high before memory.max is not required on v2 (no ordering rule), but
         // lowering max first would OOM-kill before high could throttle: write high first.
-        out.push(w("memory", &["memory.high"], max(self.memory_high)));
-        out.push(w("memory", &["memory.max"], max(self.memory_max)));
+        out.push(w("memory", "memory.high", max(self.memory_high)));
+        out.push(w("memory", "memory.max", max(self.memory_max)));
         out.push(CgroupWrite {
             controller: "memory",
-            files: &["memory.swap.max"],
+            file: "memory.swap.max",
+            fallback: None,
             value: max(self.memory_swap_max),
             // Without swap accounting the file is missing: only an explicit limit fails.
             required: self.memory_swap_max.is_some(),
         });
-        out.push(w("pids", &["pids.max"], max(self.tasks_max)));
+        out.push(w("pids", "pids.max", max(self.tasks_max)));
         out.push(CgroupWrite {
             controller: "io",
-            files: &["io.weight", "io.bfq.weight"],
+            file: "io.weight",
             value: format!("default {}", self.io_weight.unwrap_or(DEFAULT_WEIGHT)),
+            fallback: Some((
+                "io.bfq.weight",
+                weight_to_bfq(self.io_weight.unwrap_or(DEFAULT_WEIGHT)).to_string(),
+            )),
             required: self.io_weight.is_some(),
         });
         out
@@ -294,21 +302,22 @@ impl Limits {
         let signed = |v: Option<u64>| v.map_or_else(|| "-1".to_owned(), |v| v.to_string());
         let w = |controller, file, value: String| CgroupWrite {
             controller,
-            files: file,
+            file,
             value,
+            fallback: None,
             required: true,
         };
         let mut out = vec![
-            w("cpu", &["cpu.cfs_period_us"], CPU_PERIOD_US.to_string()),
+            w("cpu", "cpu.cfs_period_us", CPU_PERIOD_US.to_string()),
             w(
                 "cpu",
-                &["cpu.cfs_quota_us"],
+                "cpu.cfs_quota_us",
                 self.cpu_quota_per_period_us()
                     .map_or_else(|| "-1".to_owned(), |q| q.to_string()),
             ),
             w(
                 "cpu",
-                &["cpu.shares"],
+                "cpu.shares",
                 weight_to_cpu_shares(self.cpu_weight.unwrap_or(DEFAULT_WEIGHT)).to_string(),
             ),
         ];
@@ -324,37 +333,42 @@ impl Limits {
         }
         out.push(CgroupWrite {
             controller: "memory",
-            files: &["memory.memsw.limit_in_bytes"],
+            file: "memory.memsw.limit_in_bytes",
+            fallback: None,
             value: "-1".to_owned(),
             required: memsw_required,
         });
         out.push(w(
             "memory",
-            &["memory.limit_in_bytes"],
+            "memory.limit_in_bytes",
             signed(self.memory_max),
         ));
         if let (Some(m), Some(s)) = (self.memory_max, self.memory_swap_max) {
             out.push(w(
                 "memory",
-                &["memory.memsw.limit_in_bytes"],
+                "memory.memsw.limit_in_bytes",
                 (m + s).to_string(),
             ));
         }
         out.push(w(
             "memory",
-            &["memory.soft_limit_in_bytes"],
+            "memory.soft_limit_in_bytes",
             signed(self.memory_high),
         ));
         out.push(w(
             "pids",
-            &["pids.max"],
+            "pids.max",
             self.tasks_max
                 .map_or_else(|| "max".to_owned(), |v| v.to_string()),
         ));
         out.push(CgroupWrite {
             controller: "blkio",
-            files: &["blkio.weight", "blkio.bfq.weight"],
+            file: "blkio.weight",
             value: weight_to_blkio(self.io_weight.unwrap_or(DEFAULT_WEIGHT)).to_string(),
+            fallback: Some((
+                "blkio.bfq.weight",
+                weight_to_bfq(self.io_weight.unwrap_or(DEFAULT_WEIGHT)).to_string(),
+            )),
             required: self.io_weight.is_some(),
         });
         Ok(out)
@@ -373,10 +387,12 @@ pub struct SystemdProperty {
 pub struct CgroupWrite {
     /// The controller whose hierarchy (v1) or whose files (v2) this is.
     pub controller: &'static str,
-    /// Candidate file names; the first that exists is written.
-    pub files: &'static [&'static str],
+    pub file: &'static str,
     pub value: String,
-    /// When no candidate exists: `true` = error (an explicit limit cannot be applied),
+    /// When `file` does not exist, write this file and value instead (the BFQ weight
+    /// files, which have their own scale).
+    pub fallback: Option<(&'static str, String)>,
+    /// When neither file exists: `true` = error (an explicit limit cannot be applied),
     /// `false` = skip (a reset to the default on a kernel without that file).
     pub required: bool,
 }
@@ -384,6 +400,17 @@ pub struct CgroupWrite {
 /// systemd's `cgroup_cpu_weight_to_shares`: weight 100 = 1024 shares, clamped to 2..=262144.
 pub fn weight_to_cpu_shares(weight: u64) -> u64 {
     (weight.saturating_mul(1024) / DEFAULT_WEIGHT).clamp(2, 262_144)
+}
+
+/// systemd's `cgroup_weight_io_to_bfq`: linear 1..=100 -> 1..=100 and
+/// 100..=10000 -> 100..=1000 (BFQ's range is 1..=1000, default 100).
+pub fn weight_to_bfq(weight: u64) -> u64 {
+    let w = weight.clamp(1, 10_000);
+    if w <= DEFAULT_WEIGHT {
+        w
+    } else {
+        (w - DEFAULT_WEIGHT) * 900 / 9_900 + 100
+    }
 }
 
 /// systemd's `cgroup_weight_io_to_blkio`: weight 100 = 500, clamped to 10..=1000.
@@ -611,7 +638,7 @@ mod tests {
     }
 
     fn find<'a>(w: &'a [CgroupWrite], file: &str) -> &'a CgroupWrite {
-        w.iter().rev().find(|w| w.files[0] == file).unwrap()
+        w.iter().rev().find(|w| w.file == file).unwrap()
     }
 
     #[test]
@@ -662,8 +689,8 @@ mod tests {
         assert_eq!(find(&w, "pids.max").value, "512");
         assert_eq!(find(&w, "blkio.weight").value, "1000");
         assert_eq!(
-            find(&w, "blkio.weight").files,
-            &["blkio.weight", "blkio.bfq.weight"]
+            find(&w, "blkio.weight").fallback,
+            Some(("blkio.bfq.weight", "118".to_owned()))
         );
         assert!(find(&w, "blkio.weight").required);
     }
@@ -674,7 +701,7 @@ mod tests {
         let files: Vec<(&str, &str)> = w
             .iter()
             .filter(|w| w.controller == "memory")
-            .map(|w| (w.files[0], w.value.as_str()))
+            .map(|w| (w.file, w.value.as_str()))
             .collect();
         assert_eq!(files[0], ("memory.memsw.limit_in_bytes", "-1"));
         assert_eq!(files[1].0, "memory.limit_in_bytes");
@@ -720,6 +747,10 @@ mod tests {
         assert_eq!(weight_to_blkio(100), 500);
         assert_eq!(weight_to_blkio(1), 10);
         assert_eq!(weight_to_blkio(10_000), 1000);
+        assert_eq!(weight_to_bfq(1), 1);
+        assert_eq!(weight_to_bfq(100), 100);
+        assert_eq!(weight_to_bfq(10_000), 1000);
+        assert_eq!(weight_to_bfq(300), 118);
     }
 
     #[test]
