@@ -678,3 +678,55 @@ fn docker_cgroup_parent_puts_containers_inside_the_instance() {
         }
     }
 }
+
+#[test]
+fn cgroup_v2_code_path_on_the_unified_mount() {
+    // This machine's cgroup2 (hybrid: /sys/fs/cgroup/unified) has no cpu/memory/pids
+    // controller, so only the structure can be proven here: mkdir, subtree_control,
+    // process placement, adopt on the `0::` line, busy/force destroy, and a clear
+    // NotSupported for a limit whose controller is missing.
+    let root = Root::new();
+    let unified = root.mounts.unified.clone().expect("cgroup2 mounted");
+    let mounts = CgroupMounts {
+        v1: Default::default(),
+        unified: Some(unified.clone()),
+    };
+    let b = CgroupfsBackend::with_mounts(mounts, &root.name).unwrap();
+    assert_eq!(b.kind(), BackendKind::CgroupfsV2);
+    let avail = read(&unified.join("cgroup.controllers"));
+    println!("cgroup2 controllers here: {avail:?}");
+
+    if !avail.split_whitespace().any(|c| c == "cpu") {
+        let e = b
+            .create(
+                "v2q",
+                &Limits {
+                    cpu_quota_percent: Some(50),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        println!("{e}");
+        assert_eq!(e.kind(), Kind::NotSupported);
+        assert!(e.to_string().contains("cpu.max"), "{e}");
+        assert!(
+            !unified.join(&root.name).join("v2q").exists(),
+            "rolled back"
+        );
+    }
+
+    assert_eq!(b.create("v2", &Limits::default()).unwrap(), Change::Done);
+    let dir = unified.join(&root.name).join("v2");
+    assert!(dir.is_dir());
+    let s = Kill(Command::new("sleep").arg("100").spawn().unwrap());
+    fs::write(dir.join("cgroup.procs"), s.0.id().to_string()).unwrap();
+    let a = adopt_container(&b, "v2", s.0.id(), 300, DockerCgroupDriver::Cgroupfs).unwrap();
+    assert_eq!(a.pids, vec![s.0.id()]);
+    assert_eq!(
+        read(Path::new(&format!("/proc/{}/oom_score_adj", s.0.id()))),
+        "300"
+    );
+    assert_eq!(b.destroy("v2", false).unwrap_err().kind(), Kind::Busy);
+    assert_eq!(b.destroy("v2", true).unwrap(), Change::Done);
+    assert!(!dir.exists());
+}

@@ -135,6 +135,8 @@ impl CgroupfsBackend {
         let mut p = mount;
         for comp in self.root.split('/') {
             p = p.join(comp);
+            // The instance root (`dind`) is made here, before its subtree_control is set.
+            cgroup::mkdir_cgroup(&p)?;
             dirs.push(p.clone());
         }
         for d in dirs {

@@ -248,127 +248,144 @@ impl Limits {
         ]
     }
 
-    /// Writes for a cgroup v2 (unified) directory, in order.
+    /// Writes for a cgroup v2 (unified) directory, in order. A write is `required` only
+    /// when its knob is set: resetting a knob whose file is missing (controller not
+    /// enabled, no swap accounting) is a no-op, since no limit can be in force there.
     pub fn to_cgroup_v2_files(&self) -> Vec<CgroupWrite> {
         let max = |v: Option<u64>| v.map_or_else(|| "max".to_owned(), |v| v.to_string());
-        let w = |controller, file, value: String| CgroupWrite {
+        let w = |controller, file, value: String, required: bool| CgroupWrite {
             controller,
             file,
             value,
             fallback: None,
-            required: true,
+            required,
         };
         let cpu_max = match self.cpu_quota_per_period_us() {
             Some(q) => format!("{q} {CPU_PERIOD_US}"),
             None => format!("max {CPU_PERIOD_US}"),
         };
-        let mut out = vec![
-            w("cpu", "cpu.max", cpu_max),
+        let weight = self.io_weight.unwrap_or(DEFAULT_WEIGHT);
+        vec![
+            w("cpu", "cpu.max", cpu_max, self.cpu_quota_percent.is_some()),
             w(
                 "cpu",
                 "cpu.weight",
                 self.cpu_weight.unwrap_or(DEFAULT_WEIGHT).to_string(),
+                self.cpu_weight.is_some(),
             ),
-        ];
-        // memory.high before memory.max is not required on v2 (no ordering rule), but
-        // lowering max first would OOM-kill before high could throttle: write high first.
-        out.push(w("memory", "memory.high", max(self.memory_high)));
-        out.push(w("memory", "memory.max", max(self.memory_max)));
-        out.push(CgroupWrite {
-            controller: "memory",
-            file: "memory.swap.max",
-            fallback: None,
-            value: max(self.memory_swap_max),
-            // Without swap accounting the file is missing: only an explicit limit fails.
-            required: self.memory_swap_max.is_some(),
-        });
-        out.push(w("pids", "pids.max", max(self.tasks_max)));
-        out.push(CgroupWrite {
-            controller: "io",
-            file: "io.weight",
-            value: format!("default {}", self.io_weight.unwrap_or(DEFAULT_WEIGHT)),
-            fallback: Some((
-                "io.bfq.weight",
-                weight_to_bfq(self.io_weight.unwrap_or(DEFAULT_WEIGHT)).to_string(),
-            )),
-            required: self.io_weight.is_some(),
-        });
-        out
+            // No ordering rule on v2, but lowering max first would OOM-kill before high
+            // could throttle: write high first.
+            w(
+                "memory",
+                "memory.high",
+                max(self.memory_high),
+                self.memory_high.is_some(),
+            ),
+            w(
+                "memory",
+                "memory.max",
+                max(self.memory_max),
+                self.memory_max.is_some(),
+            ),
+            w(
+                "memory",
+                "memory.swap.max",
+                max(self.memory_swap_max),
+                self.memory_swap_max.is_some(),
+            ),
+            w(
+                "pids",
+                "pids.max",
+                max(self.tasks_max),
+                self.tasks_max.is_some(),
+            ),
+            CgroupWrite {
+                controller: "io",
+                file: "io.weight",
+                value: format!("default {weight}"),
+                fallback: Some(("io.bfq.weight", weight_to_bfq(weight).to_string())),
+                required: self.io_weight.is_some(),
+            },
+        ]
     }
 
-    /// Writes for cgroup v1 directories (one per controller hierarchy), in order.
-    /// Fails when a knob cannot be expressed on v1 (swap limit without memory limit).
+    /// Writes for cgroup v1 directories (one per controller hierarchy), in order;
+    /// `required` as for v2. Fails when a knob cannot be expressed on v1 (swap limit
+    /// without memory limit).
     pub fn to_cgroup_v1_files(&self) -> Result<Vec<CgroupWrite>, LimitError> {
         let signed = |v: Option<u64>| v.map_or_else(|| "-1".to_owned(), |v| v.to_string());
-        let w = |controller, file, value: String| CgroupWrite {
+        let w = |controller, file, value: String, required: bool| CgroupWrite {
             controller,
             file,
             value,
             fallback: None,
-            required: true,
+            required,
         };
+        if let (Some(s), None) = (self.memory_swap_max, self.memory_max) {
+            return Err(bad(
+                "memory_swap_max",
+                s,
+                "needs memory_max on cgroup v1 (memsw limits memory + swap together)",
+            ));
+        }
+        let quota = self.cpu_quota_percent.is_some();
+        let weight = self.io_weight.unwrap_or(DEFAULT_WEIGHT);
         let mut out = vec![
-            w("cpu", "cpu.cfs_period_us", CPU_PERIOD_US.to_string()),
+            w("cpu", "cpu.cfs_period_us", CPU_PERIOD_US.to_string(), quota),
             w(
                 "cpu",
                 "cpu.cfs_quota_us",
                 self.cpu_quota_per_period_us()
                     .map_or_else(|| "-1".to_owned(), |q| q.to_string()),
+                quota,
             ),
             w(
                 "cpu",
                 "cpu.shares",
                 weight_to_cpu_shares(self.cpu_weight.unwrap_or(DEFAULT_WEIGHT)).to_string(),
+                self.cpu_weight.is_some(),
+            ),
+            // memsw.limit must stay >= limit_in_bytes at every step: open it first, then
+            // set the memory limit, then close memsw to memory + swap.
+            w(
+                "memory",
+                "memory.memsw.limit_in_bytes",
+                "-1".to_owned(),
+                self.memory_swap_max.is_some(),
+            ),
+            w(
+                "memory",
+                "memory.limit_in_bytes",
+                signed(self.memory_max),
+                self.memory_max.is_some(),
             ),
         ];
-        // memsw.limit must stay >= limit_in_bytes at every step: open it first, then set
-        // the memory limit, then close memsw to memory + swap.
-        let memsw_required = self.memory_swap_max.is_some();
-        if memsw_required && self.memory_max.is_none() {
-            return Err(bad(
-                "memory_swap_max",
-                self.memory_swap_max.unwrap_or(0),
-                "needs memory_max on cgroup v1 (memsw limits memory + swap together)",
-            ));
-        }
-        out.push(CgroupWrite {
-            controller: "memory",
-            file: "memory.memsw.limit_in_bytes",
-            fallback: None,
-            value: "-1".to_owned(),
-            required: memsw_required,
-        });
-        out.push(w(
-            "memory",
-            "memory.limit_in_bytes",
-            signed(self.memory_max),
-        ));
         if let (Some(m), Some(s)) = (self.memory_max, self.memory_swap_max) {
             out.push(w(
                 "memory",
                 "memory.memsw.limit_in_bytes",
                 (m + s).to_string(),
+                true,
             ));
         }
         out.push(w(
             "memory",
             "memory.soft_limit_in_bytes",
             signed(self.memory_high),
+            self.memory_high.is_some(),
         ));
         out.push(w(
             "pids",
             "pids.max",
             self.tasks_max
                 .map_or_else(|| "max".to_owned(), |v| v.to_string()),
+            self.tasks_max.is_some(),
         ));
         out.push(CgroupWrite {
             controller: "blkio",
             file: "blkio.weight",
-            value: weight_to_blkio(self.io_weight.unwrap_or(DEFAULT_WEIGHT)).to_string(),
-            fallback: Some((
-                "blkio.bfq.weight",
-                weight_to_bfq(self.io_weight.unwrap_or(DEFAULT_WEIGHT)).to_string(),
-            )),
+            value: weight_to_blkio(weight).to_string(),
+            fallback: Some(("blkio.bfq.weight", weight_to_bfq(weight).to_string())),
             required: self.io_weight.is_some(),
         });
         Ok(out)
@@ -653,6 +670,7 @@ mod tests {
         assert_eq!(find(&w, "pids.max").value, "512");
         assert_eq!(find(&w, "io.weight").value, "default 300");
         assert_eq!(find(&w, "io.weight").controller, "io");
+        assert!(w.iter().all(|w| w.required), "every knob is set");
     }
 
     #[test]
@@ -663,8 +681,7 @@ mod tests {
         assert_eq!(find(&w, "memory.max").value, "max");
         assert_eq!(find(&w, "memory.high").value, "max");
         assert_eq!(find(&w, "pids.max").value, "max");
-        assert!(!find(&w, "memory.swap.max").required);
-        assert!(!find(&w, "io.weight").required);
+        assert!(w.iter().all(|w| !w.required), "resets are never required");
         assert_eq!(find(&w, "io.weight").value, "default 100");
     }
 
@@ -718,8 +735,7 @@ mod tests {
         assert_eq!(find(&w, "pids.max").value, "max");
         assert_eq!(find(&w, "blkio.weight").value, "500");
         // Resets of files a kernel may lack are optional.
-        assert!(!find(&w, "memory.memsw.limit_in_bytes").required);
-        assert!(!find(&w, "blkio.weight").required);
+        assert!(w.iter().all(|w| !w.required), "resets are never required");
         // Memory limit without swap limit: memsw stays open (-1), not required.
         let l = Limits {
             memory_max: Some(64 << 20),

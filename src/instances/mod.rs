@@ -194,7 +194,8 @@ pub trait SliceBackend: Send + Sync {
 pub struct Instance {
     pub name: String,
     pub limits: Limits,
-    /// `dind-<name>.slice` (the unit name with the systemd backend; also a stable label).
+    /// `dind-<name>.slice`, dashes of the name escaped (see [`slice_unit`]); the unit name
+    /// with the systemd backend, a stable label otherwise.
     pub slice_unit: String,
     /// The value for `docker run --cgroup-parent`.
     pub cgroup_parent: String,
@@ -202,9 +203,17 @@ pub struct Instance {
     pub created_at: u64,
 }
 
-/// `dind-<name>.slice`. systemd's dash rule puts it under `dind.slice`.
+/// `dind-<name>.slice` with every `-` of the name escaped as `\x2d` (systemd-escape).
+///
+/// systemd's dash rule makes every dash of a slice name a level of the hierarchy:
+/// `dind-lab-1.slice` would sit in `dind.slice/dind-lab.slice/dind-lab-1.slice`, i.e.
+/// *inside instance "lab"* (stopping "lab" would stop "lab-1"). Escaped, every instance
+/// is a direct child of `dind.slice`: `dind-lab\x2d1.slice`, cgroup
+/// `/dind.slice/dind-lab\x2d1.slice` (checked in a booted systemd 252). runc's slice
+/// expansion for docker's systemd driver splits on literal dashes only, so the escaped
+/// name is also the right `--cgroup-parent` there.
 pub fn slice_unit(name: &str) -> String {
-    format!("dind-{name}.slice")
+    format!("dind-{}.slice", name.replace('-', "\\x2d"))
 }
 
 impl Instance {
@@ -364,7 +373,9 @@ mod tests {
 
     #[test]
     fn slice_unit_names() {
-        assert_eq!(slice_unit("lab-1"), "dind-lab-1.slice");
+        assert_eq!(slice_unit("lab"), "dind-lab.slice");
+        assert_eq!(slice_unit("lab-1"), r"dind-lab\x2d1.slice");
+        assert_eq!(slice_unit("a-b-c"), r"dind-a\x2db\x2dc.slice");
     }
 
     #[test]

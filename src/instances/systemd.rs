@@ -4,8 +4,10 @@
 //! this file (errors are turned into [`InstanceError::Systemd`] with a [`Kind`]).
 //!
 //! - systemd's dash rule places `dind-<name>.slice` under `dind.slice`; that parent needs
-//!   no unit file (systemd loads an implicit slice). The cgroup path is
-//!   `/dind.slice/dind-<name>.slice` in every hierarchy systemd manages.
+//!   no unit file (systemd loads an implicit slice). Dashes *inside* the name would add
+//!   levels (`dind-a-b.slice` lies in `dind-a.slice`), so they are escaped as `\x2d`
+//!   ([`super::slice_unit`]). The cgroup path is `/dind.slice/<unit>` in every hierarchy
+//!   systemd manages.
 //! - Create: `Subscribe` once, open the `JobRemoved` stream *before* `StartTransientUnit`
 //!   (a fast job may finish before the reply arrives), then wait for the JobRemoved of the
 //!   returned job path (bounded by [`JOB_TIMEOUT`]); its result must be `done`.
@@ -13,10 +15,13 @@
 //!   and `StartUnit` (no-op when active).
 //! - Properties are all of type `t`; `u64::MAX` means infinity/unset, so a full property
 //!   list replaces the limits (see `limits.rs`).
-//! - Destroy: `StopUnit(name, "replace")` + wait. Stopping a slice stops the units in it
-//!   (docker's `docker-<id>.scope` with the systemd cgroup driver) but does not kill
-//!   processes placed by hand (docker's cgroupfs driver writes cgroup.procs itself), so the
-//!   busy check / force kill runs on the cgroup directories first, as with cgroupfs.
+//! - Destroy: without force, Busy while any process is in the slice's cgroups; then
+//!   `StopUnit(name, "replace")` + wait. Stopping a slice stops the units in it (docker's
+//!   `docker-<id>.scope` with the systemd cgroup driver) but not processes placed by hand
+//!   (docker's cgroupfs driver writes cgroup.procs itself): with force, those are
+//!   SIGKILLed after the stop and the cgroup directories systemd left are removed.
+//! - `exists` = the unit is loaded *and* active/activating: a stopped transient slice may
+//!   stay loaded (while a failed unit inside is remembered).
 //! - Transient units vanish when systemd restarts or the host reboots: the daemon
 //!   recreates them from its state (create is idempotent).
 //! - dockerd's cgroup driver decides the `--cgroup-parent` syntax: systemd driver
@@ -75,11 +80,29 @@ trait Manager {
     ) -> zbus::Result<()>;
 }
 
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Unit",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait Unit {
+    #[zbus(property)]
+    fn active_state(&self) -> zbus::Result<String>;
+}
+
 /// Instances as transient systemd slices.
 pub struct SystemdBackend {
     handle: tokio::runtime::Handle,
-    proxy: ManagerProxy<'static>,
+    /// Always `Some` until drop (taken there inside the runtime: dropping a proxy
+    /// spawns a RemoveMatch task, which panics outside a tokio context).
+    proxy: Option<ManagerProxy<'static>>,
     mounts: CgroupMounts,
+}
+
+impl Drop for SystemdBackend {
+    fn drop(&mut self) {
+        let _guard = self.handle.enter();
+        drop(self.proxy.take());
+    }
 }
 
 fn dbus_err(op: &'static str, unit: &str, e: zbus::Error) -> InstanceError {
@@ -151,9 +174,13 @@ impl SystemdBackend {
         })?;
         Ok(SystemdBackend {
             handle,
-            proxy,
+            proxy: Some(proxy),
             mounts,
         })
+    }
+
+    fn proxy(&self) -> &ManagerProxy<'static> {
+        self.proxy.as_ref().expect("proxy is present until drop")
     }
 
     fn props(limits: &Limits) -> Vec<(&'static str, Value<'static>)> {
@@ -177,7 +204,7 @@ impl SystemdBackend {
         Fut: std::future::Future<Output = zbus::Result<OwnedObjectPath>>,
     {
         let mut stream = self
-            .proxy
+            .proxy()
             .receive_job_removed()
             .await
             .map_err(|e| dbus_err("AddMatch JobRemoved", unit, e))?;
@@ -212,6 +239,16 @@ impl SystemdBackend {
         }
     }
 
+    fn remove_leftover_dirs(&self, dirs: &[PathBuf]) -> Result<(), InstanceError> {
+        let mut errs = Vec::new();
+        for d in dirs {
+            if let Err(e) = cgroup::rmdir_tree(d) {
+                errs.push(e);
+            }
+        }
+        InstanceError::collect(errs)
+    }
+
     fn cgroup_dirs(&self, name: &str) -> Vec<PathBuf> {
         let rel = self.cgroup_path(name);
         let mut mounts = self.mounts.v1_mount_points();
@@ -237,7 +274,8 @@ impl SliceBackend for SystemdBackend {
             let started = self
                 .run_job("StartTransientUnit", &unit, || {
                     let aux: &[(&str, &[(&str, Value<'_>)])] = &[];
-                    self.proxy.start_transient_unit(&unit, "fail", &props, aux)
+                    self.proxy()
+                        .start_transient_unit(&unit, "fail", &props, aux)
                 })
                 .await;
             match started {
@@ -246,12 +284,14 @@ impl SliceBackend for SystemdBackend {
                     kind: Kind::Conflict,
                     ..
                 }) => {
-                    self.proxy
+                    self.proxy()
                         .set_unit_properties(&unit, true, &props)
                         .await
                         .map_err(|e| dbus_err("SetUnitProperties", &unit, e))?;
-                    self.run_job("StartUnit", &unit, || self.proxy.start_unit(&unit, "fail"))
-                        .await?;
+                    self.run_job("StartUnit", &unit, || {
+                        self.proxy().start_unit(&unit, "fail")
+                    })
+                    .await?;
                     Ok(Change::Unchanged)
                 }
                 Err(e) => Err(e),
@@ -270,7 +310,7 @@ impl SliceBackend for SystemdBackend {
         let unit = slice_unit(name);
         let props = Self::props(limits);
         self.handle.block_on(async {
-            self.proxy
+            self.proxy()
                 .set_unit_properties(&unit, true, &props)
                 .await
                 .map_err(|e| dbus_err("SetUnitProperties", &unit, e))
@@ -279,14 +319,25 @@ impl SliceBackend for SystemdBackend {
 
     fn destroy(&self, name: &str, force: bool) -> Result<Change, InstanceError> {
         crate::names::check_instance_name(name)?;
+        let dirs = self.cgroup_dirs(name);
         if !self.exists(name)? {
+            // Stopped already; a forced destroy still clears stray leftovers.
+            if force {
+                cgroup::ensure_empty(name, &dirs, true)?;
+                self.remove_leftover_dirs(&dirs)?;
+            }
             return Ok(Change::Unchanged);
         }
-        cgroup::ensure_empty(name, &self.cgroup_dirs(name), force)?;
+        if !force {
+            cgroup::ensure_empty(name, &dirs, false)?;
+        }
         let unit = slice_unit(name);
-        self.handle.block_on(async {
+        // StopUnit stops the units inside the slice (their KillMode applies).
+        let stopped = self.handle.block_on(async {
             match self
-                .run_job("StopUnit", &unit, || self.proxy.stop_unit(&unit, "replace"))
+                .run_job("StopUnit", &unit, || {
+                    self.proxy().stop_unit(&unit, "replace")
+                })
                 .await
             {
                 Ok(_) => Ok(Change::Done),
@@ -296,18 +347,43 @@ impl SliceBackend for SystemdBackend {
                 }) => Ok(Change::Unchanged),
                 Err(e) => Err(e),
             }
-        })
+        })?;
+        // Processes that are no unit (docker's cgroupfs driver) survive the stop and keep
+        // the cgroup: with force, kill them and remove the directories systemd could not.
+        if force {
+            cgroup::ensure_empty(name, &dirs, true)?;
+            self.remove_leftover_dirs(&dirs)?;
+        }
+        Ok(stopped)
     }
 
     fn exists(&self, name: &str) -> Result<bool, InstanceError> {
         crate::names::check_instance_name(name)?;
         let unit = slice_unit(name);
         self.handle.block_on(async {
-            match self.proxy.get_unit(&unit).await {
-                Ok(_) => Ok(true),
-                Err(e) if is_method_error(&e, "org.freedesktop.systemd1.NoSuchUnit") => Ok(false),
-                Err(e) => Err(dbus_err("GetUnit", &unit, e)),
-            }
+            let path = match self.proxy().get_unit(&unit).await {
+                Ok(p) => p,
+                Err(e) if is_method_error(&e, "org.freedesktop.systemd1.NoSuchUnit") => {
+                    return Ok(false)
+                }
+                Err(e) => return Err(dbus_err("GetUnit", &unit, e)),
+            };
+            // A stopped unit can stay loaded (e.g. while a failed unit in it is remembered).
+            let u = UnitProxy::builder(self.proxy().inner().connection())
+                .path(path)
+                .map_err(|e| dbus_err("Unit proxy", &unit, e))?
+                .cache_properties(zbus::proxy::CacheProperties::No)
+                .build()
+                .await
+                .map_err(|e| dbus_err("Unit proxy", &unit, e))?;
+            let state = u
+                .active_state()
+                .await
+                .map_err(|e| dbus_err("Get ActiveState", &unit, e))?;
+            Ok(matches!(
+                state.as_str(),
+                "active" | "activating" | "reloading"
+            ))
         })
     }
 
@@ -326,7 +402,10 @@ impl SliceBackend for SystemdBackend {
         })
     }
 
+    /// systemd tracks its units on the unified hierarchy whenever one is mounted (hybrid
+    /// and unified layouts; inside a container the v1 controllers may even be read-only
+    /// and unused), so `/proc/<pid>/cgroup` is judged on the `0::` line then.
     fn v1_layout(&self) -> bool {
-        self.mounts.is_v1()
+        self.mounts.unified.is_none()
     }
 }
