@@ -15,11 +15,12 @@
 //!   and `StartUnit` (no-op when active).
 //! - Properties are all of type `t`; `u64::MAX` means infinity/unset, so a full property
 //!   list replaces the limits (see `limits.rs`).
-//! - Destroy: without force, Busy while any process is in the slice's cgroups; then
-//!   `StopUnit(name, "replace")` + wait. Stopping a slice stops the units in it (docker's
-//!   `docker-<id>.scope` with the systemd cgroup driver) but not processes placed by hand
-//!   (docker's cgroupfs driver writes cgroup.procs itself): with force, those are
-//!   SIGKILLed after the stop and the cgroup directories systemd left are removed.
+//! - Destroy: without force, Busy while any process is in the slice's cgroups; with
+//!   force, SIGKILL every process there first; then `StopUnit(name, "replace")` + wait.
+//!   Killing first matters: stopping a slice stops the units in it (docker's
+//!   `docker-<id>.scope` with the systemd driver) with SIGTERM and their stop timeout
+//!   (90 s; a container's PID 1 ignores SIGTERM, measured: the job outlived our 30 s
+//!   bound), and never touches processes placed by hand (docker's cgroupfs driver).
 //! - `exists` = the unit is loaded *and* active/activating: a stopped transient slice may
 //!   stay loaded (while a failed unit inside is remembered).
 //! - Transient units vanish when systemd restarts or the host reboots: the daemon
@@ -328,11 +329,11 @@ impl SliceBackend for SystemdBackend {
             }
             return Ok(Change::Unchanged);
         }
-        if !force {
-            cgroup::ensure_empty(name, &dirs, false)?;
-        }
+        // Without force: Busy while anything runs. With force: SIGKILL everything first;
+        // StopUnit alone would wait for each scope's stop timeout (90 s by default: a
+        // container's PID 1 ignores SIGTERM) and leave stray processes (cgroupfs driver).
+        cgroup::ensure_empty(name, &dirs, force)?;
         let unit = slice_unit(name);
-        // StopUnit stops the units inside the slice (their KillMode applies).
         let stopped = self.handle.block_on(async {
             match self
                 .run_job("StopUnit", &unit, || {
@@ -348,10 +349,9 @@ impl SliceBackend for SystemdBackend {
                 Err(e) => Err(e),
             }
         })?;
-        // Processes that are no unit (docker's cgroupfs driver) survive the stop and keep
-        // the cgroup: with force, kill them and remove the directories systemd could not.
+        // Cgroups that no unit owns (made by runc for docker's cgroupfs driver) stay
+        // behind after the stop: remove them (empty now).
         if force {
-            cgroup::ensure_empty(name, &dirs, true)?;
             self.remove_leftover_dirs(&dirs)?;
         }
         Ok(stopped)
