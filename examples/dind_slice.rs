@@ -8,6 +8,7 @@
 //!     dind_slice destroy NAME [--force]
 //!     dind_slice parent NAME cgroupfs|systemd
 //!     dind_slice adopt NAME PID
+//!     dind_slice bench N      create N instances with limits, then destroy them (timed)
 //!
 //! Prints one line with the result; exit status 1 and the error (with its Kind) on failure.
 
@@ -61,6 +62,36 @@ fn run(args: &[String]) -> Result<String, InstanceError> {
             format!(
                 "{:?}",
                 adopt_container(&*b, name, pid, 500, DockerCgroupDriver::Cgroupfs)?
+            )
+        }
+        Some("bench") => {
+            let n: usize = name.parse().unwrap_or(100);
+            let l = Limits {
+                cpu_quota_percent: Some(50),
+                memory_max: Some(512 << 20),
+                tasks_max: Some(512),
+                ..Default::default()
+            };
+            let t = std::time::Instant::now();
+            for i in 0..n {
+                b.create(&format!("bench-{i}"), &l)?;
+            }
+            let created = t.elapsed();
+            let rss = std::fs::read_to_string("/proc/self/status")
+                .unwrap_or_default()
+                .lines()
+                .find(|l| l.starts_with("VmRSS"))
+                .unwrap_or("")
+                .to_owned();
+            let t = std::time::Instant::now();
+            for i in 0..n {
+                b.destroy(&format!("bench-{i}"), false)?;
+            }
+            format!(
+                "{:?}: {n} creates {:?}, {n} destroys {:?}, {rss} with {n} instances",
+                b.kind(),
+                created,
+                t.elapsed()
             )
         }
         _ => "usage: dind_slice backend|create|set|exists|destroy|parent|adopt NAME ...".into(),

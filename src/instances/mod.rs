@@ -246,12 +246,21 @@ pub fn ncpu() -> u32 {
 /// Pick the backend this host supports: systemd when PID 1 is systemd
 /// (`/run/systemd/system` exists) and its manager answers on the system bus; else
 /// cgroupfs on v1 controllers (legacy/hybrid) or on the unified hierarchy.
-/// `handle` is the runtime the systemd D-Bus connection lives on.
+/// `handle` is the runtime the systemd D-Bus connection lives on. Blocking: call it
+/// outside async code (or use [`pick_backend_async`]).
 pub fn pick_backend(
     handle: &tokio::runtime::Handle,
 ) -> Result<Box<dyn SliceBackend>, InstanceError> {
+    handle.block_on(pick_backend_async(handle.clone()))
+}
+
+/// [`pick_backend`] for async code. The returned backend's methods are blocking
+/// (`spawn_blocking`); the systemd one drives its connection on `handle`.
+pub async fn pick_backend_async(
+    handle: tokio::runtime::Handle,
+) -> Result<Box<dyn SliceBackend>, InstanceError> {
     if Path::new("/run/systemd/system").exists() {
-        match systemd::SystemdBackend::connect_system(handle.clone()) {
+        match systemd::SystemdBackend::connect_async(handle, None).await {
             Ok(b) => return Ok(Box::new(b)),
             Err(e) => tracing::warn!(
                 error = %e,
@@ -339,6 +348,25 @@ pub fn adopt_container(
     let mut done = Vec::new();
     let mut errs = Vec::new();
     for p in pids {
+        // A listed pid may have exited and been reused since: write only while it is
+        // still inside the container's cgroup (the window left is the write itself).
+        match cgroup::read_proc_cgroup(p) {
+            Ok(l) if cgroup::lines_outside(&l, v1, &path).is_ok_and(|o| o.is_empty()) => {}
+            Ok(_) | Err(InstanceError::NoProcess { .. }) if p != pid => continue,
+            Ok(_) => {
+                return Err(InstanceError::NotInInstance {
+                    name: name.to_owned(),
+                    pid,
+                    cgroup: path.clone(),
+                    instance_cgroup: inst.clone(),
+                    cgroup_parent: backend.cgroup_parent(name, driver)?,
+                })
+            }
+            Err(e) => {
+                errs.push(e);
+                continue;
+            }
+        }
         match cgroup::set_oom_score_adj(p, oom_score_adj) {
             Ok(()) => done.push(p),
             // Exited between listing and writing: nothing to adjust.

@@ -154,25 +154,32 @@ impl SystemdBackend {
         handle: tokio::runtime::Handle,
         address: Option<&str>,
     ) -> Result<Self, InstanceError> {
+        let h = handle.clone();
+        h.block_on(Self::connect_async(handle, address))
+    }
+
+    /// As [`SystemdBackend::connect`], for async code (the daemon's startup). The trait
+    /// methods stay blocking: call them through `spawn_blocking`.
+    pub async fn connect_async(
+        handle: tokio::runtime::Handle,
+        address: Option<&str>,
+    ) -> Result<Self, InstanceError> {
         let mounts = CgroupMounts::detect()?;
-        let proxy = handle.block_on(async {
-            let conn = match address {
-                None => zbus::Connection::system().await,
-                Some(a) => match zbus::connection::Builder::address(a) {
-                    Ok(b) => b.build().await,
-                    Err(e) => Err(e),
-                },
-            }
-            .map_err(|e| dbus_err("connect", "", e))?;
-            let proxy = ManagerProxy::new(&conn)
-                .await
-                .map_err(|e| dbus_err("proxy", "", e))?;
-            proxy
-                .subscribe()
-                .await
-                .map_err(|e| dbus_err("Subscribe", "", e))?;
-            Ok::<_, InstanceError>(proxy)
-        })?;
+        let conn = match address {
+            None => zbus::Connection::system().await,
+            Some(a) => match zbus::connection::Builder::address(a) {
+                Ok(b) => b.build().await,
+                Err(e) => Err(e),
+            },
+        }
+        .map_err(|e| dbus_err("connect", "", e))?;
+        let proxy = ManagerProxy::new(&conn)
+            .await
+            .map_err(|e| dbus_err("proxy", "", e))?;
+        proxy
+            .subscribe()
+            .await
+            .map_err(|e| dbus_err("Subscribe", "", e))?;
         Ok(SystemdBackend {
             handle,
             proxy: Some(proxy),
