@@ -268,9 +268,11 @@ fn restart_keeps_images_and_loops(bed: &Bed) {
     }
 }
 
-/// kill -9 the daemon a few ms into AttachImage, ten times with different delays;
-/// after each restart every loop device backed by our images is one the daemon lists
-/// (adopted), never an orphan; detaching all leaves none in the kernel.
+/// kill -9 the daemon in the middle of AttachImage (as the member), ten rounds. Even
+/// rounds kill the moment the kernel shows a loop device backed by the image (attached,
+/// not yet recorded/replied); odd rounds kill after a delay spread over one calibrated
+/// call. After each restart the loop devices backed by our images are exactly the ones
+/// the daemon lists (adopted or detached, never orphaned); detaching them leaves none.
 fn kill9_during_attach_leaks_no_loop_device(bed: &Bed) {
     bed.create_image(MEMBER, "crash", 8 * MIB);
     let kernel_set = || -> BTreeSet<String> { bed.kernel_loops_in_state().into_iter().collect() };
@@ -285,25 +287,41 @@ fn kill9_during_attach_leaks_no_loop_device(bed: &Bed) {
             })
             .collect()
     };
-    for i in 0..10u64 {
-        let mut call = Command::new("busctl")
+    let attach_call = || {
+        Command::new("runuser")
+            .args(["-u", MEMBER, "--", "busctl"])
             .arg(format!("--address={}", bed.address))
-            .args([
-                "call",
-                BUS_NAME,
-                MANAGER_PATH,
-                MANAGER_IFACE,
-                "AttachImage",
-                "sa{sv}",
-                "crash",
-                "0",
-            ])
+            .args(["call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE])
+            .args(["AttachImage", "sa{sv}", "crash", "0"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("busctl");
-        std::thread::sleep(Duration::from_micros(500 + i * 700));
+            .expect("busctl")
+    };
+    // Calibrate: how long one whole call takes from spawn to exit.
+    let t = std::time::Instant::now();
+    let st = attach_call().wait().expect("calibration call");
+    let whole = t.elapsed();
+    assert!(st.success(), "calibration AttachImage failed");
+    for dev in listed_set() {
+        bed.detach(MEMBER, &dev);
+    }
+    let mut killed_with_device = 0;
+    for i in 0..10u32 {
+        let mut call = attach_call();
+        if i % 2 == 0 {
+            let t = std::time::Instant::now();
+            while kernel_set().is_empty() && t.elapsed() < Duration::from_secs(5) {
+                std::hint::spin_loop();
+            }
+        } else {
+            std::thread::sleep(whole * i / 10);
+        }
+        let present = !kernel_set().is_empty();
         bed.kill9_daemon();
+        if present {
+            killed_with_device += 1;
+        }
         call.wait().ok();
         bed.start_daemon()
             .unwrap_or_else(|e| panic!("restart after kill -9 #{i}: {e}"));
@@ -321,6 +339,10 @@ fn kill9_during_attach_leaks_no_loop_device(bed: &Bed) {
             kernel_set()
         );
     }
+    assert!(
+        killed_with_device >= 5,
+        "only {killed_with_device} of 10 kills hit an attached device (one call takes {whole:?})"
+    );
     bed.delete_image(MEMBER, "crash");
 }
 

@@ -5,7 +5,9 @@
 //! - every prerequisite is checked first; a missing one FAILS the run (exit 1);
 //! - `--no-daemon` (or `DHT_NO_DAEMON=1`) brings up bus + polkitd only and runs just the
 //!   tests that need no daemon; the others are listed as not run;
-//! - `--list` prints the test names; `DHT_KEEP=1` keeps the run and state dirs;
+//! - `--list` prints the test names, `--skip S` leaves out names containing S, other
+//!   libtest flags (`--test-threads=1`, …) are accepted and ignored;
+//! - `DHT_KEEP=1` keeps the run and state dirs (daemon.log, polkitd.log);
 //! - the last line is always `N passed, N failed` (CI reads it); exit 1 on any failure.
 
 mod auth_tests;
@@ -91,11 +93,18 @@ fn main() {
     let mut no_daemon = std::env::var("DHT_NO_DAEMON").is_ok_and(|v| v == "1");
     let mut list = false;
     let mut filters = Vec::new();
-    for a in std::env::args().skip(1) {
+    let mut skips = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
         match a.as_str() {
             "--no-daemon" => no_daemon = true,
             "--list" => list = true,
-            // libtest flags cargo or a user may pass; meaningless here.
+            "--skip" => skips.extend(args.next()),
+            // libtest options with a separate value (`--test-threads 1`): drop the value.
+            "--test-threads" | "--format" | "--color" | "--logfile" | "-Z" => {
+                args.next();
+            }
+            // Other libtest flags cargo or a user may pass; meaningless here.
             s if s.starts_with('-') => {}
             s => filters.push(s.to_owned()),
         }
@@ -103,6 +112,7 @@ fn main() {
     let selected: Vec<Test> = all_tests()
         .into_iter()
         .filter(|t| filters.is_empty() || filters.iter().any(|f| t.name.contains(f.as_str())))
+        .filter(|t| !skips.iter().any(|s| t.name.contains(s.as_str())))
         .collect();
     if list {
         for t in &selected {
