@@ -25,9 +25,16 @@ all: build
 build:
 	$(CARGO) build --release --locked --bins
 
+# Order matters: dbus-daemon resolves <policy group="dindhelper"> when it loads the config
+# (on inotify, as soon as the file lands). The group must exist before the D-Bus policy is
+# installed, and the bus reloads its config afterwards; otherwise the group's block is
+# ignored and members get AccessDenied until the next reload (seen in an nspawn boot).
 # polkit's rules.d belongs to user polkitd (mode 0700) where polkitd is installed:
 # an existing one is left alone; a new one must stay readable for polkitd.
 install: build
+	@if [ -z "$(DESTDIR)" ]; then \
+		getent group dindhelper >/dev/null || groupadd --system dindhelper; \
+	fi
 	$(INSTALL) -d $(DESTDIR)$(BINDIR)
 	$(INSTALL) -m 0755 $(RELEASE)/dindhelperd $(RELEASE)/dindhelperctl $(DESTDIR)$(BINDIR)/
 	$(INSTALL) -d $(DESTDIR)$(POLKIT_ACTIONS) $(DESTDIR)$(DBUS_SYSTEMD) \
@@ -43,10 +50,13 @@ install: build
 	chmod 0644 $(DESTDIR)$(SYSTEMD_UNITDIR)/dindhelperd.service
 	if [ -f README.md ]; then $(INSTALL) -m 0644 README.md $(DESTDIR)$(DOCDIR)/; fi
 	@if [ -z "$(DESTDIR)" ]; then \
-		getent group dindhelper >/dev/null || groupadd --system dindhelper; \
+		if [ -S /run/dbus/system_bus_socket ]; then \
+			busctl call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus \
+				ReloadConfig || true; \
+		fi; \
 		if [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi; \
 		echo "Installed. Add the provisioning account to group dindhelper:"; \
-		echo "  usermod -aG dindhelper <user>"; \
+		echo "  usermod -aG dindhelper <user>   (it takes effect on its next login)"; \
 	fi
 
 uninstall:
