@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "scripts/test.sh: run as root (real loop devices, polkit users)"; exit 1; }
 PKGS=(dbus polkitd fdisk util-linux e2fsprogs libxml2-utils docker.io iptables nftables
-      tcpdump busybox-static systemd-container strace libpcap-dev curl iproute2 procps)
+      tcpdump busybox-static systemd-container strace libpcap-dev curl iproute2 procps
+      libglib2.0-bin)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -15,5 +16,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
+# The installable system files are well-formed (the policy also against polkit's DTD).
+make check-files
 # Kernel and integration tests share loop devices, users and polkit files: one at a time.
 cargo test --all-targets -- --test-threads=1
