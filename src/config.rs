@@ -18,6 +18,11 @@ pub struct Config {
     pub max_image_bytes_per_uid: u64,
     /// How many loop devices one uid may have attached through the daemon.
     pub max_loops_per_uid: usize,
+    /// dockerd's cgroup driver (`"cgroupfs"` or `"systemd"`, `docker info -f
+    /// {{.CgroupDriver}}`): decides the `--cgroup-parent` value CreateInstance returns.
+    /// Unset: `systemd` with the systemd slice backend, `cgroupfs` otherwise. A
+    /// CreateInstance option `docker_cgroup_driver` overrides it per instance.
+    pub docker_cgroup_driver: Option<crate::instances::DockerCgroupDriver>,
 }
 
 impl Default for Config {
@@ -27,6 +32,7 @@ impl Default for Config {
             max_images_per_uid: 32,
             max_image_bytes_per_uid: 256 * GIB,
             max_loops_per_uid: 16,
+            docker_cgroup_driver: None,
         }
     }
 }

@@ -18,6 +18,8 @@ pub struct DaemonOptions {
     pub bus_address: Option<String>,
     pub state_dir: PathBuf,
     pub config: Config,
+    /// `--docker-host` (unix:///path): where AdoptContainer resolves container names.
+    pub docker_host: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,11 +54,30 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         },
     )
     .map_err(DaemonError::Images)?;
+    // The slice backend for instances; without one the daemon still serves the rest.
+    let backend = match crate::instances::pick_backend_async(tokio::runtime::Handle::current())
+        .await
+    {
+        Ok(b) => {
+            tracing::info!(backend = ?b.kind(), "instance slice backend");
+            Ok(Arc::from(b))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no slice backend: instance methods answer NotSupported");
+            Err(e.to_string())
+        }
+    };
+    let instances = ops::instances::InstanceCtx::new(
+        backend,
+        opts.config.docker_cgroup_driver,
+        Arc::new(ops::instances::DockerSocketResolver::new(&opts.docker_host)),
+    );
     let core = Arc::new(Core {
         cfg: opts.config.clone(),
         store,
         state: tokio::sync::Mutex::new(state),
         images,
+        instances,
     });
 
     let bus = opts
@@ -93,6 +114,12 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     {
         tracing::info!(decision = ?d, "reconcile");
     }
+    for d in ops::instances::reconcile(&core)
+        .await
+        .map_err(DaemonError::Reconcile)?
+    {
+        tracing::info!(decision = ?d, "reconcile");
+    }
 
     let gate = Arc::new(tokio::sync::RwLock::new(()));
     let manager = Manager {
@@ -108,6 +135,16 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     manager.publish_all(server).await;
     server
         .at(MANAGER_PATH, manager)
+        .await
+        .map_err(DaemonError::Export)?;
+    let instances = crate::bus::instances::Instances {
+        core: core.clone(),
+        auth: Arc::new(Authorizer::new(conn.clone())),
+        gate: gate.clone(),
+    };
+    instances.publish_all(server).await;
+    server
+        .at(MANAGER_PATH, instances)
         .await
         .map_err(DaemonError::Export)?;
 

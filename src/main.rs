@@ -119,6 +119,7 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         bus_address: args.bus_address,
         state_dir: args.state_dir,
         config,
+        docker_host: args.docker_host,
     }))?;
     Ok(())
 }

@@ -31,6 +31,9 @@ pub struct State {
     pub images: Vec<ImageRecord>,
     #[serde(default)]
     pub loops: Vec<LoopRecord>,
+    /// DinD instances (see `ops::instances`).
+    #[serde(default)]
+    pub instances: Vec<InstanceRecord>,
 }
 
 impl Default for State {
@@ -40,8 +43,23 @@ impl Default for State {
             state_id: String::new(),
             images: Vec::new(),
             loops: Vec::new(),
+            instances: Vec::new(),
         }
     }
+}
+
+/// An instance: the domain's [`crate::instances::Instance`] (flattened into the same JSON
+/// object) plus who made it and which containers were adopted into it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InstanceRecord {
+    #[serde(flatten)]
+    pub instance: crate::instances::Instance,
+    /// uid of the caller of CreateInstance; other uids need the `-others` action.
+    pub owner_uid: u32,
+    /// Containers adopted with AdoptContainer (Docker ids, or `pid:N`), for the re-apply
+    /// of oom_score_adj when a container restarts.
+    #[serde(default)]
+    pub containers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

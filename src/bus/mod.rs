@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod instances;
 pub mod manager;
 pub mod objects;
 pub mod options;

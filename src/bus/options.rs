@@ -39,6 +39,11 @@ impl<'a> Opts<'a> {
         ))
     }
 
+    /// The raw value of a key (marked as known), for methods that accept several types.
+    pub fn value(&mut self, key: &'static str) -> Option<&'a Value<'static>> {
+        self.get(key)
+    }
+
     pub fn bool(&mut self, key: &'static str) -> Result<Option<bool>, BusError> {
         match self.get(key) {
             None => Ok(None),
