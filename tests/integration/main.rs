@@ -12,6 +12,7 @@
 
 mod auth_tests;
 mod bed;
+mod instance_tests;
 mod loop_tests;
 mod partition_tests;
 
@@ -41,6 +42,7 @@ fn all_tests() -> Vec<Test> {
     v.extend(auth_tests::tests());
     v.extend(loop_tests::tests());
     v.extend(partition_tests::tests());
+    v.extend(instance_tests::tests());
     v
 }
 
