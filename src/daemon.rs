@@ -59,7 +59,7 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         .await
     {
         Ok(b) => {
-            tracing::info!(backend = ?b.kind(), "instance slice backend");
+            tracing::info!("instance slice backend: {:?}", b.kind());
             Ok(Arc::from(b))
         }
         Err(e) => {
@@ -118,7 +118,8 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         .await
         .map_err(DaemonError::Reconcile)?
     {
-        tracing::info!(decision = ?d, "reconcile");
+        // In the message itself: journald keeps structured fields out of `journalctl`'s view.
+        tracing::info!("reconcile: {d:?}");
     }
 
     let gate = Arc::new(tokio::sync::RwLock::new(()));
