@@ -36,6 +36,14 @@ fn main() {
     let b = nspawn::Booted::boot("bench");
     b.install_daemon(std::path::Path::new(bin));
 
+    if std::env::var_os("DHJ_BENCH_TMPFS").is_some() {
+        // Diagnostic: state on tmpfs (fsync of state.json costs nothing there).
+        b.ok(&[
+            "sh",
+            "-c",
+            "mkdir -p /var/lib/dindhelper && mount -t tmpfs -o mode=0700 tmpfs /var/lib/dindhelper",
+        ]);
+    }
     let call = "busctl call org.dindhelper1 /org/dindhelper1 org.dindhelper1.Instances";
     // Warm-up: D-Bus activation of the daemon and polkitd, first slice under dind.slice.
     b.ok(&[
@@ -82,6 +90,30 @@ fn main() {
     ]);
     let s_destroy = t.elapsed();
 
+    // Client + bus floor: the same number of busctl round trips to a read-only method.
+    let t = Instant::now();
+    b.ok(&[
+        "sh",
+        "-c",
+        &format!(
+            "for i in $(seq 1 {}); do {call} ListInstances >/dev/null || exit 1; done",
+            2 * n
+        ),
+    ]);
+    let floor = t.elapsed();
+
+    // polkit floor: a call that is authorized (polkit asked) and then fails NotFound.
+    let t = Instant::now();
+    b.ok(&[
+        "sh",
+        "-c",
+        &format!(
+            "for i in $(seq 1 {}); do {call} SetLimits sa{{sv}} nosuch 0 2>/dev/null; done; true",
+            2 * n
+        ),
+    ]);
+    let pk_floor = t.elapsed();
+
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
     let dt = ms(d_create) + ms(d_destroy);
     let st = ms(s_create) + ms(s_destroy);
@@ -99,6 +131,16 @@ fn main() {
         ms(s_destroy),
         st,
         st / n as f64
+    );
+    println!(
+        "  floor: {} busctl ListInstances round trips (no polkit, no systemd): {:8.1} ms",
+        2 * n,
+        ms(floor)
+    );
+    println!(
+        "  floor: {} busctl SetLimits of an unknown instance (polkit asked, no systemd): {:8.1} ms",
+        2 * n,
+        ms(pk_floor)
     );
     println!("  ratio daemon/systemctl: {:.2} (goal <= 1.0)", dt / st);
     println!(

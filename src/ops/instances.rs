@@ -408,15 +408,8 @@ pub async fn destroy(
     match core.instances.backend() {
         Ok(backend) => {
             let (b, n, force) = (backend.clone(), name.to_owned(), opts.force);
-            match blocking(move || {
-                if b.exists(&n)? {
-                    Ok(b.destroy(&n, force)?)
-                } else {
-                    Ok(Change::Unchanged)
-                }
-            })
-            .await
-            {
+            // destroy checks existence itself (absent = Unchanged).
+            match blocking(move || Ok(b.destroy(&n, force)?)).await {
                 Ok(Change::Done) => done.push(match backend.kind() {
                     BackendKind::Systemd => {
                         format!("stopped slice {}", instances::slice_unit(name))
