@@ -8,6 +8,7 @@
 //!   privileged syscalls live in small files with a `//!` header naming the kernel interface.
 //! - `state`: versioned JSON of what should exist, written atomically under a lock.
 
+pub mod docker;
 pub mod error;
 pub mod names;
 
