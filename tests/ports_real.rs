@@ -76,6 +76,37 @@ async fn publish_reaches_container_and_unpublish_cuts_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_backend_and_host_ip() {
+    let _s = SERIAL.lock().await;
+    let d = Dockerd::start_with(true);
+    d.run_web("web", "/www", &[]);
+    let m = manager(&d);
+    assert_eq!(m.backend().await.unwrap().flavor, ports::Flavor::Legacy);
+    let map = m
+        .publish(PublishRequest {
+            host_ip: Some("10.99.0.1".into()),
+            ..req("web", 8080, 80)
+        })
+        .await
+        .unwrap();
+    assert_eq!(d.curl(8080).as_deref(), Some("hello"));
+    let t = tagged(&m).await;
+    assert_eq!(t.len(), 3);
+    assert!(t.iter().any(|r| r.body.contains("-d 10.99.0.1/32")));
+    // legacy-save output round-trips: a second manager's reconcile sees them as right
+    let m2 = manager(&d);
+    m2.load(m.mappings()).await;
+    let ds = m2.reconcile().await.unwrap();
+    assert!(
+        ds.iter().all(|x| x.action == ports::Action::Unchanged),
+        "{ds:?}"
+    );
+    m2.unpublish(&map.id).await.unwrap();
+    assert_eq!(tagged(&m).await.len(), 0);
+    assert_eq!(d.curl(8080), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_are_named_and_write_nothing() {
     let _s = SERIAL.lock().await;
     let d = Dockerd::start();
@@ -482,4 +513,23 @@ async fn benchmark_batched_publish_vs_one_iptables_per_rule() {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_docker_chain_is_not_supported() {
+    // a namespace without dockerd: neither backend has a DOCKER chain
+    let ns = format!("dhp-{}-e", std::process::id());
+    let st = std::process::Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .expect("ip netns add");
+    assert!(st.success(), "ip netns add {ns}");
+    let ctx = NetnsContext::open(std::path::Path::new(&format!("/run/netns/{ns}"))).unwrap();
+    let r = ports::Iptables::detect(&ctx).await;
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &ns])
+        .status();
+    let e = r.expect_err("detected a backend without dockerd");
+    println!("{e}");
+    assert_eq!(e.kind(), Kind::NotSupported);
 }

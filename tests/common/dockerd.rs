@@ -29,6 +29,8 @@ pub struct Dockerd {
     pub dir: PathBuf,
     pub exec_root: PathBuf,
     pub socket: PathBuf,
+    /// dockerd finds `iptables` as iptables-legacy (a PATH dir of links) instead of nft.
+    pub legacy: bool,
     child: Option<Child>,
 }
 
@@ -77,6 +79,12 @@ fn require_root_and_tools() {
 impl Dockerd {
     /// Start a dockerd in a fresh namespace, wait until it answers, import bb:latest.
     pub fn start() -> Dockerd {
+        Dockerd::start_with(false)
+    }
+
+    /// The same with dockerd using iptables-legacy (`legacy = true`) or the system's
+    /// `iptables` (iptables-nft on Debian 12).
+    pub fn start_with(legacy: bool) -> Dockerd {
         require_root_and_tools();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
@@ -87,6 +95,7 @@ impl Dockerd {
             dir: PathBuf::from(format!("/var/tmp/{base}")),
             exec_root: PathBuf::from(format!("/run/{base}")),
             socket: PathBuf::from(format!("/var/tmp/{base}/docker.sock")),
+            legacy,
             child: None,
         };
         std::fs::create_dir_all(d.dir.join("data")).unwrap();
@@ -144,7 +153,27 @@ impl Dockerd {
             .append(true)
             .open(self.dir.join("dockerd.log"))
             .unwrap();
-        let child = Command::new("nsenter")
+        let mut cmd = Command::new("nsenter");
+        if self.legacy {
+            let bin = self.dir.join("legacy-bin");
+            std::fs::create_dir_all(&bin).unwrap();
+            for (name, target) in [
+                ("iptables", "iptables-legacy"),
+                ("iptables-save", "iptables-legacy-save"),
+                ("iptables-restore", "iptables-legacy-restore"),
+                ("ip6tables", "ip6tables-legacy"),
+                ("ip6tables-save", "ip6tables-legacy-save"),
+                ("ip6tables-restore", "ip6tables-legacy-restore"),
+            ] {
+                let link = bin.join(name);
+                if !link.exists() {
+                    std::os::unix::fs::symlink(format!("/usr/sbin/{target}"), link).unwrap();
+                }
+            }
+            let path = std::env::var("PATH").unwrap_or_default();
+            cmd.env("PATH", format!("{}:{path}", bin.display()));
+        }
+        let child = cmd
             .arg(format!("--net={}", self.ns_path().display()))
             .arg("dockerd")
             .arg("--data-root")
