@@ -16,9 +16,10 @@
 //! Serialization: every iptables write goes through one async lock (`write_lock`).
 //! Mappings enter or leave the in-memory table only while that lock is held, so a
 //! reconcile can never see a mapping whose rules are still being written (no duplicates).
-//! Concurrent publishes coalesce: each queues a job, and whoever holds the lock next runs
-//! every queued job as ONE `iptables-restore` (group commit); if that combined batch fails,
-//! the jobs are retried one by one so each caller gets its own answer.
+//! Concurrent publishes coalesce: each queues a job and spawns a round; the round that
+//! holds the lock next runs every queued job as ONE `iptables-restore` (group commit); if
+//! that combined batch fails, the jobs are retried one by one so each caller gets its own
+//! answer.
 //!
 //! State: [`Mapping`] is serde-serializable; the bus layer persists [`PortsManager::mappings`]
 //! after each change (see [`PortsManager::subscribe`]) and calls [`PortsManager::load`]
@@ -464,7 +465,7 @@ impl PortsManager {
     }
 
     /// Publish one port.
-    pub async fn publish(&self, req: PublishRequest) -> Result<Mapping, PortsError> {
+    pub async fn publish(self: &Arc<Self>, req: PublishRequest) -> Result<Mapping, PortsError> {
         let mut v = self.publish_many(vec![req]).await?;
         v.pop()
             .ok_or_else(|| PortsError::Internal("publish returned nothing".into()))
@@ -472,7 +473,7 @@ impl PortsManager {
 
     /// Publish several ports in one call: all or nothing, one iptables-restore.
     pub async fn publish_many(
-        &self,
+        self: &Arc<Self>,
         reqs: Vec<PublishRequest>,
     ) -> Result<Vec<Mapping>, PortsError> {
         if reqs.is_empty() {
@@ -542,7 +543,7 @@ impl PortsManager {
     }
 
     /// Remove one mapping and its rules.
-    pub async fn unpublish(&self, id: &str) -> Result<Mapping, PortsError> {
+    pub async fn unpublish(self: &Arc<Self>, id: &str) -> Result<Mapping, PortsError> {
         let mut v = self.submit(JobKind::Remove(vec![id.to_owned()])).await?;
         v.pop()
             .ok_or_else(|| PortsError::Internal("unpublish returned nothing".into()))
@@ -550,7 +551,10 @@ impl PortsManager {
 
     /// Remove every mapping of a container (by name, id or id prefix; the container may be
     /// gone already).
-    pub async fn unpublish_container(&self, container: &str) -> Result<Vec<Mapping>, PortsError> {
+    pub async fn unpublish_container(
+        self: &Arc<Self>,
+        container: &str,
+    ) -> Result<Vec<Mapping>, PortsError> {
         let find = |c: &str| -> Vec<String> {
             self.mappings
                 .lock()
@@ -625,16 +629,19 @@ impl PortsManager {
     }
 
     /// Queue a job and make sure it runs (group commit).
-    async fn submit(&self, kind: JobKind) -> Result<Vec<Mapping>, PortsError> {
+    /// The round runs in its own task: a caller that goes away (cancelled bus call) cannot
+    /// stop a restore half-way or leave the table out of step with the rules.
+    async fn submit(self: &Arc<Self>, kind: JobKind) -> Result<Vec<Mapping>, PortsError> {
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap().push(Job { kind, tx });
-        {
-            let _g = self.write_lock.lock().await;
-            let jobs = std::mem::take(&mut *self.pending.lock().unwrap());
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let _g = me.write_lock.lock().await;
+            let jobs = std::mem::take(&mut *me.pending.lock().unwrap());
             if !jobs.is_empty() {
-                self.run_jobs(jobs).await;
+                me.run_jobs(jobs).await;
             }
-        }
+        });
         rx.await
             .unwrap_or_else(|_| Err(PortsError::Internal("job was cancelled".into())))
     }
