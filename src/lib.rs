@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod docker;
 pub mod error;
 pub mod names;
 pub mod state;
