@@ -10,6 +10,7 @@
 
 pub mod error;
 pub mod names;
+pub mod netns;
 
 pub mod capture;
 pub mod instances;
