@@ -13,6 +13,7 @@ pub mod names;
 pub mod netns;
 
 pub mod capture;
+pub mod expose;
 pub mod instances;
 pub mod loopdev;
 pub mod partitions;
