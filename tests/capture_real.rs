@@ -263,6 +263,30 @@ fn max_packets_ends_the_session() {
 }
 
 #[test]
+fn max_bytes_ends_the_session_below_the_limit() {
+    let mut pair = Pair::new(9);
+    let (t, _) = pair.sleeper();
+    let path = pair.path("maxb.pcap");
+    let h = capture::start(
+        t,
+        CaptureOptions {
+            filter: Some("icmp".into()),
+            max_bytes: Some(400),
+            ..Default::default()
+        },
+        File::create(&path).unwrap(),
+    )
+    .unwrap();
+    pair.ping(4); // 8 packets of 16+98 bytes: the 4th would pass 400
+    let fin = h.wait();
+    assert_eq!(fin.reason, Reason::MaxBytes);
+    let size = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(fin.stats.bytes, size);
+    assert!(size <= 400 && fin.stats.packets == 3, "{fin:?} {size}");
+    assert_eq!(tcpdump(&path, &[]).lines().count(), 3);
+}
+
+#[test]
 fn duration_ends_the_session() {
     let mut pair = Pair::new(4);
     let (t, _) = pair.sleeper();

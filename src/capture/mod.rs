@@ -221,7 +221,7 @@ struct Shared {
     dropped: AtomicU64,
 }
 
-/// A running capture. Dropping it does not stop the session: call `stop()`.
+/// A running capture. Dropping the handle stops the session (keep it, or a [`Stopper`]).
 pub struct Handle {
     shared: Arc<Shared>,
     stop: Arc<OwnedFd>,
@@ -258,12 +258,21 @@ impl Handle {
 
     /// Block until the session ends.
     pub fn wait(mut self) -> Finished {
-        match self.thread.take().map(|t| t.join()) {
+        let joined = self.thread.take().map(|t| t.join());
+        match joined {
             Some(Ok(f)) => f,
             _ => Finished {
                 stats: self.stats(),
                 reason: Reason::Error("capture thread panicked".into()),
             },
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop();
         }
     }
 }
