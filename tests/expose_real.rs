@@ -53,7 +53,8 @@ impl Fixture {
         let _ = Command::new("ip").args(["netns", "del", NS]).status();
         sh(&format!(
             "rm -rf {DIR} && mkdir -p {DIR}/r/bin {DIR}/r/dev && cp $(command -v busybox) {DIR}/r/bin/ && \
-             for a in sh sleep dd cat ls; do ln -sf busybox {DIR}/r/bin/$a; done && \
+             mkdir -p {DIR}/r/www && echo hello > {DIR}/r/www/index.html && \
+             for a in sh sleep dd cat ls httpd; do ln -sf busybox {DIR}/r/bin/$a; done && \
              ip netns add {NS} && ip -n {NS} link set lo up"
         ));
         let child = Command::new("nsenter")
@@ -122,8 +123,44 @@ impl Drop for Fixture {
     }
 }
 
+static DOCKER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+#[test]
+fn capture_in_a_container_survives_its_death() {
+    let _g = DOCKER.lock().unwrap_or_else(|e| e.into_inner());
+    let _fx = Fixture::new();
+    docker("run -d --name dhc-exp dhcbb:latest /bin/httpd -f -p 80 -h /www");
+    let pid: i32 = docker("inspect -f '{{.State.Pid}}' dhc-exp")
+        .parse()
+        .unwrap();
+    let ip = docker("inspect -f '{{.NetworkSettings.IPAddress}}' dhc-exp");
+    let file = format!("{DIR}/c.pcap");
+    let h = dindhelper::capture::start(
+        Target::of_pid(pid).unwrap(),
+        dindhelper::capture::CaptureOptions {
+            filter: Some("tcp port 80".into()),
+            ..Default::default()
+        },
+        std::fs::File::create(&file).unwrap(),
+    )
+    .unwrap();
+    for _ in 0..5 {
+        sh(&format!(
+            "nsenter --net=/run/netns/{NS} curl -sf -m 3 http://{ip}/ >/dev/null"
+        ));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    docker("kill dhc-exp");
+    let fin = h.wait();
+    assert_eq!(fin.reason, dindhelper::capture::Reason::TargetExited);
+    let out = sh(&format!("tcpdump -nn -r {file} 2>/dev/null"));
+    assert_eq!(out.matches("HTTP: GET / HTTP/1.1").count(), 5, "{out}");
+    assert_eq!(out.lines().count() as u64, fin.stats.packets);
+}
+
 #[test]
 fn expose_creates_partition_nodes_usable_inside_and_removes_stale_ones() {
+    let _g = DOCKER.lock().unwrap_or_else(|e| e.into_inner());
     let mut fx = Fixture::new();
     docker("run -d --name dhc-exp dhcbb:latest /bin/sleep 100000");
     let pid: i32 = docker("inspect -f '{{.State.Pid}}' dhc-exp")
