@@ -467,3 +467,26 @@ fn capture_file_is_created_beneath_state_with_owner_and_mode() {
         .unwrap();
     assert_eq!(e.kind(), Kind::InvalidArgs);
 }
+
+#[test]
+fn reader_closing_the_pipe_ends_the_session_with_an_error() {
+    let mut pair = Pair::new(10);
+    let (t, _) = pair.sleeper();
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    // reads the 24-byte header and a bit more, then exits
+    let mut head = Command::new("head")
+        .args(["-c", "200"])
+        .stdin(Stdio::from(r))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let h = capture::start(t, CaptureOptions::default(), File::from(w)).unwrap();
+    pair.ping(3);
+    head.wait().unwrap();
+    pair.ping(2);
+    let fin = h.wait();
+    match &fin.reason {
+        Reason::Error(m) => assert!(m.contains("Broken pipe"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}
