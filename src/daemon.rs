@@ -184,7 +184,7 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     }
     let _all = gate.write().await;
     let st = core.state.lock().await;
-    core.store.save(&st)?;
+    core.store.save_all(&st)?;
     tracing::info!("state saved; exiting");
     Ok(())
 }

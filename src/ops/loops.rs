@@ -157,10 +157,19 @@ async fn attach(
         size_limit: req.size_limit,
         label: label(&st.state_id, uid),
     };
+    let t0 = std::time::Instant::now();
     let info = blocking(move || Ok(loopdev::attach_file(&file, &opts)?)).await?;
+    let t1 = std::time::Instant::now();
     let rec = record_from(&info, image, uid, req.instance);
     st.loops.push(rec.clone());
-    if let Err(e) = core.persist(&st) {
+    let saved = core.persist_loops(&st);
+    tracing::debug!(
+        kernel_us = (t1 - t0).as_micros() as u64,
+        persist_us = t1.elapsed().as_micros() as u64,
+        device = %rec.device(),
+        "attach timings"
+    );
+    if let Err(e) = saved {
         st.loops.retain(|l| l.number != rec.number);
         if let Err(e2) = loopdev::detach(rec.number) {
             tracing::error!(error = %e2, device = %rec.device(), "rollback detach failed");
@@ -230,7 +239,7 @@ pub async fn detach(core: &Arc<Core>, number: u32) -> Result<LoopRecord, OpsErro
         tracing::info!(device = %rec.device(), "device is still open (mounted?): the kernel detaches it at the last close");
     }
     st.loops.retain(|l| l.number != number);
-    core.persist(&st)?;
+    core.persist_loops(&st)?;
     Ok(rec)
 }
 
@@ -241,7 +250,7 @@ pub async fn rescan(core: &Arc<Core>, number: u32) -> Result<Vec<Partition>, Ops
     let mut st = core.state.lock().await;
     if let Some(l) = st.loops.iter_mut().find(|l| l.number == number) {
         l.partitions = parts.clone();
-        core.persist(&st)?;
+        core.persist_loops(&st)?;
     }
     Ok(parts)
 }
@@ -343,6 +352,6 @@ pub async fn reconcile(core: &Arc<Core>) -> Result<Vec<Decision>, OpsError> {
             }
         }
     }
-    core.persist(&st)?;
+    core.store.save_all(&st)?;
     Ok(out)
 }

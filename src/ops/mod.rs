@@ -20,9 +20,14 @@ pub struct Core {
 }
 
 impl Core {
-    /// Persist `state` (call with the state lock held, after a change).
+    /// Persist durable intent (`state.json`; call with the state lock held).
     pub fn persist(&self, state: &State) -> Result<(), OpsError> {
         self.store.save(state).map_err(OpsError::State)
+    }
+
+    /// Persist loop records (`loops.json`: atomic, not fsynced; see `state`).
+    pub fn persist_loops(&self, state: &State) -> Result<(), OpsError> {
+        self.store.save_loops(state).map_err(OpsError::State)
     }
 }
 

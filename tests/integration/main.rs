@@ -10,6 +10,7 @@
 //! - `DHT_KEEP=1` keeps the run and state dirs (daemon.log, polkitd.log);
 //! - the last line is always `N passed, N failed` (CI reads it); exit 1 on any failure.
 
+mod api_doc_tests;
 mod auth_tests;
 mod bed;
 mod instance_tests;
@@ -40,6 +41,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 fn all_tests() -> Vec<Test> {
     let mut v = Vec::new();
     v.extend(auth_tests::tests());
+    v.extend(api_doc_tests::tests());
     v.extend(loop_tests::tests());
     v.extend(partition_tests::tests());
     v.extend(instance_tests::tests());
