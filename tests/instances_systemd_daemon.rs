@@ -155,10 +155,60 @@ fn daemon_makes_systemd_slices_for_members_and_refuses_plain_users() {
         b.journal("dindhelperd.service")
     );
 
-    // Destroy: the slice goes; a second destroy is NotFound.
+    // A process in the slice (as docker's systemd driver would place a container):
+    // AdoptContainer pid:N gives it +500; destroy is Busy until forced.
+    b.ok(&[
+        "systemd-run",
+        "--slice",
+        unit,
+        "--unit",
+        "dhj-probe",
+        "sleep",
+        "300",
+    ]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pid = b.prop("dhj-probe.service", "MainPID");
     let d = ok(
         &b,
-        b.call(MEMBER, "DestroyInstance", "sa{sv}", &["lab-1", "0"]),
+        b.call(
+            MEMBER,
+            "AdoptContainer",
+            "ssa{sv}",
+            &["lab-1", &format!("pid:{pid}"), "0"],
+        ),
+        "member AdoptContainer",
+    );
+    assert_eq!(d[3], 500, "{d}");
+    assert_eq!(b.ok(&["cat", &format!("/proc/{pid}/oom_score_adj")]), "500");
+    let outside = format!("pid:{}", b.prop("systemd-journald.service", "MainPID"));
+    let o = b.call(
+        MEMBER,
+        "AdoptContainer",
+        "ssa{sv}",
+        &["lab-1", &outside, "0"],
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("--cgroup-parent="),
+        "{}",
+        text(&o)
+    );
+    let o = b.call(MEMBER, "DestroyInstance", "sa{sv}", &["lab-1", "0"]);
+    assert!(
+        !o.status.success() && text(&o).contains(&pid),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(b.prop(unit, "ActiveState"), "active");
+
+    // Destroy (forced): the process is killed, the slice goes; again: NotFound.
+    let d = ok(
+        &b,
+        b.call(
+            MEMBER,
+            "DestroyInstance",
+            "sa{sv}",
+            &["lab-1", "1", "force", "b", "true"],
+        ),
         "member DestroyInstance",
     );
     let done = d[0].to_string();

@@ -303,7 +303,15 @@ async fn adopt_resolved(
     let b = backend.clone();
     let name = rec.instance.name.clone();
     let adj = rec.instance.limits.effective_oom_score_adj();
-    let driver = core.instances.default_driver();
+    // The driver the instance was created for (its recorded cgroup_parent), so a
+    // Conflict names the same --cgroup-parent that CreateInstance returned.
+    let driver = [DockerCgroupDriver::Systemd, DockerCgroupDriver::Cgroupfs]
+        .into_iter()
+        .find(|d| {
+            backend.cgroup_parent(&name, *d).ok().as_deref()
+                == Some(rec.instance.cgroup_parent.as_str())
+        })
+        .unwrap_or_else(|| core.instances.default_driver());
     let a =
         blocking(move || Ok(instances::adopt_container(&*b, &name, c.pid, adj, driver)?)).await?;
     Ok((c.id, a))

@@ -437,6 +437,16 @@ fn bad_instance_input_is_a_named_error_and_creates_nothing(bed: &Bed) {
             out.stderr
         );
     }
+    // dockerd's systemd driver cannot use a cgroupfs instance: NotSupported, nothing made.
+    if !Path::new("/run/systemd/system").exists() {
+        expect_error(
+            bed,
+            MEMBER,
+            "CreateInstance",
+            &[&n, "{'docker_cgroup_driver': <'systemd'>}"],
+            "NotSupported",
+        );
+    }
     assert!(
         cgroup_dirs(&name).is_empty(),
         "bad input made {:?}",
