@@ -230,7 +230,16 @@ pub async fn set_limits(
     new.validate(instances::ncpu())
         .map_err(instances::InstanceError::from)?;
     let (b, n, l) = (backend.clone(), name.to_owned(), new.clone());
-    blocking(move || Ok(b.set_limits(&n, &l)?)).await?;
+    // Recorded but gone underneath (systemd restarted and dropped the transient slice,
+    // the cgroup was removed by hand): make it again with the new limits.
+    blocking(move || match b.set_limits(&n, &l) {
+        Err(instances::InstanceError::NotFound { .. }) => {
+            tracing::warn!(instance = %n, "slice/cgroup was gone: recreated with the new limits");
+            b.create(&n, &l).map(|_| ()).map_err(OpsError::from)
+        }
+        r => r.map_err(OpsError::from),
+    })
+    .await?;
     let rec = st
         .instances
         .iter_mut()

@@ -635,7 +635,16 @@ fn instance_survives_restart_and_vanished_cgroup_is_recreated(bed: &Bed) {
     }
     assert!(cgroup_dirs(&name).is_empty());
     bed.start_daemon().expect("start daemon");
-    assert_eq!(kernel_limits(&name), ("25000".into(), mem, "max".into()));
+    assert_eq!(
+        kernel_limits(&name),
+        ("25000".into(), mem.clone(), "max".into())
+    );
+    // Gone while the daemon runs: SetLimits makes it again (merged limits).
+    for d in cgroup_dirs(&name) {
+        fs::remove_dir(&d).unwrap_or_else(|e| panic!("rmdir {}: {e}", d.display()));
+    }
+    set_limits(bed, MEMBER, &name, &["tasks_max", "t", "77"]);
+    assert_eq!(kernel_limits(&name), ("25000".into(), mem, "77".into()));
     assert!(
         bed.daemon_log()
             .contains("was gone, recreated with its limits"),
