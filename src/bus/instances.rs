@@ -161,8 +161,9 @@ impl Instances {
     }
 
     /// The base action, then `-others` when the instance belongs to another uid. An
-    /// instance without record: NotFound when nothing of it is left, else (leftovers of
-    /// nobody) `-others`.
+    /// instance without record: NotFound when nothing of it is left; leftovers that are
+    /// only the caller's loop devices need no more; a slice/cgroup without record (or
+    /// devices of other uids) needs `-others`.
     async fn authorize(
         &self,
         hdr: &Header<'_>,
@@ -178,12 +179,11 @@ impl Instances {
         let owner = match ops::instances::get(&self.core, name).await {
             Ok(r) => r.owner_uid,
             Err(e) if !leftovers_ok => return Err(BusError::map(e)),
-            Err(e) => {
-                if !ops::instances::has_leftovers(&self.core, name).await {
-                    return Err(BusError::map(e));
-                }
-                u32::MAX
-            }
+            Err(e) => match ops::instances::leftover_owner(&self.core, name).await {
+                None => return Err(BusError::map(e)),
+                Some(Some(uid)) => uid,
+                Some(None) => u32::MAX,
+            },
         };
         if owner != caller.uid {
             self.auth

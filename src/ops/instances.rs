@@ -349,24 +349,33 @@ pub async fn adopt(
     Ok((id, a))
 }
 
-/// Whether anything of an instance without record is left: loop devices tagged with it,
-/// or its slice/cgroup on the host.
-pub async fn has_leftovers(core: &Core, name: &str) -> bool {
-    if core
+/// Who owns what is left of an instance without record: `None` = nothing is left;
+/// `Some(Some(uid))` = only loop devices tagged with it, all attached by `uid`;
+/// `Some(None)` = its slice/cgroup exists on the host, or tagged devices of several uids.
+pub async fn leftover_owner(core: &Core, name: &str) -> Option<Option<u32>> {
+    let mut owners: Vec<u32> = core
         .state
         .lock()
         .await
         .loops
         .iter()
-        .any(|l| l.instance.as_deref() == Some(name))
-    {
-        return true;
-    }
-    let Ok(b) = core.instances.backend() else {
-        return false;
+        .filter(|l| l.instance.as_deref() == Some(name))
+        .map(|l| l.owner_uid)
+        .collect();
+    owners.sort_unstable();
+    owners.dedup();
+    let slice = match core.instances.backend() {
+        Ok(b) => {
+            let n = name.to_owned();
+            blocking(move || Ok(b.exists(&n)?)).await.unwrap_or(false)
+        }
+        Err(_) => false,
     };
-    let n = name.to_owned();
-    blocking(move || Ok(b.exists(&n)?)).await.unwrap_or(false)
+    match (slice, owners.as_slice()) {
+        (false, []) => None,
+        (false, [uid]) => Some(Some(*uid)),
+        _ => Some(None),
+    }
 }
 
 /// Options of DestroyInstance.

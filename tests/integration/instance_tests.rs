@@ -602,6 +602,36 @@ fn destroy_instance_detaches_its_loops_and_removes_its_cgroups(bed: &Bed) {
         &[&gv_str(&orphan), "@a{sv} {}"],
         "NotFound",
     );
+    // The same for dhtest-own (no -others): its own tagged devices are its to remove.
+    bed.create_image(OWN, &orphan, 4 * MIB);
+    let (_, dev) = bed.attach_image(OWN, &orphan, &["instance", "s", &orphan]);
+    let done = destroy(bed, OWN, &orphan, &["delete_images", "b", "true"]);
+    assert_eq!(done[0], format!("detached {dev}"));
+    // A cgroup without record (made by hand here) belongs to nobody: -others needed.
+    let pids_root = Path::new(CG).join("pids/dind");
+    if pids_root.is_dir() {
+        fs::create_dir(pids_root.join(&orphan)).unwrap();
+        let _g = guard(bed, &orphan);
+        expect_error(
+            bed,
+            OWN,
+            "DestroyInstance",
+            &[&gv_str(&orphan), "@a{sv} {}"],
+            "NotAuthorized",
+        );
+        expect_error(
+            bed,
+            MEMBER,
+            "CreateInstance",
+            &[&gv_str(&orphan), "@a{sv} {}"],
+            "Conflict",
+        );
+        let done = destroy(bed, MEMBER, &orphan, &[]);
+        assert!(
+            done.iter().any(|d| d.starts_with("removed cgroup")),
+            "{done:?}"
+        );
+    }
 }
 
 fn instance_survives_restart_and_vanished_cgroup_is_recreated(bed: &Bed) {
