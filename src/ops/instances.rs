@@ -378,6 +378,25 @@ pub async fn leftover_owner(core: &Core, name: &str) -> Option<Option<u32>> {
     }
 }
 
+/// HOOK(docker events): call on every container `start` event (full Docker id). When an
+/// instance adopted that container, its new processes get the instance's oom_score_adj
+/// again. Returns the instance's name, `None` when no instance adopted the container.
+pub async fn on_container_start(core: &Arc<Core>, id: &str) -> Result<Option<String>, OpsError> {
+    let rec = {
+        let st = core.state.lock().await;
+        st.instances
+            .iter()
+            .find(|i| i.containers.iter().any(|c| c == id))
+            .cloned()
+    };
+    let Some(rec) = rec else { return Ok(None) };
+    let backend = core.instances.backend()?;
+    let (_, a) = adopt_resolved(core, &backend, &rec, id).await?;
+    tracing::info!(instance = %rec.instance.name, container = id, pids = ?a.pids,
+        oom_score_adj = a.oom_score_adj, "container restarted: oom_score_adj re-applied");
+    Ok(Some(rec.instance.name))
+}
+
 /// Options of DestroyInstance.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DestroyOptions {
