@@ -101,6 +101,11 @@ impl<'a> Opts<'a> {
         }
     }
 
+    /// The `interactive` option (default false).
+    pub fn interactive(&self) -> Result<bool, BusError> {
+        interactive(self.map)
+    }
+
     /// Call after reading every option the method knows.
     pub fn finish(self) -> Result<(), BusError> {
         let mut unknown: Vec<&str> = self

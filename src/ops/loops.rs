@@ -49,9 +49,8 @@ pub async fn create_image(
     Ok(rec)
 }
 
-pub async fn delete_image(core: &Arc<Core>, uid: u32, name: &str) -> Result<(), OpsError> {
-    check_file_name("image name", name)?;
-    let mut st = core.state.lock().await;
+/// The image exists and no loop device is attached to it.
+fn check_image_unattached(st: &crate::state::State, uid: u32, name: &str) -> Result<(), OpsError> {
     if !st
         .images
         .iter()
@@ -62,16 +61,23 @@ pub async fn delete_image(core: &Arc<Core>, uid: u32, name: &str) -> Result<(), 
             name: format!("{name} (uid {uid})"),
         });
     }
-    if let Some(l) = st
+    match st
         .loops
         .iter()
         .find(|l| l.image.as_ref() == Some(&(uid, name.to_owned())))
     {
-        return Err(OpsError::Busy {
+        Some(l) => Err(OpsError::Busy {
             what: format!("image {name:?}"),
             why: format!("attached to {}; detach it first", l.device()),
-        });
+        }),
+        None => Ok(()),
     }
+}
+
+pub async fn delete_image(core: &Arc<Core>, uid: u32, name: &str) -> Result<(), OpsError> {
+    check_file_name("image name", name)?;
+    let mut st = core.state.lock().await;
+    check_image_unattached(&st, uid, name)?;
     let c = core.clone();
     let n = name.to_owned();
     blocking(move || Ok(c.images.delete(uid, &n)?)).await?;
@@ -99,26 +105,7 @@ pub async fn attach_image(
 ) -> Result<LoopRecord, OpsError> {
     check_file_name("image name", name)?;
     let st = core.state.lock().await;
-    if !st
-        .images
-        .iter()
-        .any(|i| i.owner_uid == uid && i.name == name)
-    {
-        return Err(OpsError::NotFound {
-            what: "image",
-            name: format!("{name} (uid {uid})"),
-        });
-    }
-    if let Some(l) = st
-        .loops
-        .iter()
-        .find(|l| l.image.as_ref() == Some(&(uid, name.to_owned())))
-    {
-        return Err(OpsError::Busy {
-            what: format!("image {name:?}"),
-            why: format!("already attached to {}", l.device()),
-        });
-    }
+    check_image_unattached(&st, uid, name)?;
     drop(st);
     let c = core.clone();
     let n = name.to_owned();
