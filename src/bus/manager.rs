@@ -276,7 +276,17 @@ impl Manager {
             let mut o = Opts::new(&options);
             let owner = owner_option(&mut o, &caller)?;
             let req = attach_request(&mut o)?;
+            let inter = o.interactive()?;
             self.authorize_for_owner(&hdr, &caller, owner, o).await?;
+            super::authorize_instance_tag(
+                &self.auth,
+                &self.core,
+                &hdr,
+                &caller,
+                req.instance.as_deref(),
+                inter,
+            )
+            .await?;
             let rec = ops::loops::attach_image(&self.core, owner, &name, req)
                 .await
                 .map_err(BusError::map)?;
@@ -312,6 +322,15 @@ impl Manager {
             self.auth
                 .check_caller(&hdr, &caller, Action::Loop, false, inter)
                 .await?;
+            super::authorize_instance_tag(
+                &self.auth,
+                &self.core,
+                &hdr,
+                &caller,
+                req.instance.as_deref(),
+                inter,
+            )
+            .await?;
             let file = File::from(std::os::fd::OwnedFd::from(fd));
             let rec = ops::loops::attach_fd(&self.core, caller.uid, file, req)
                 .await

@@ -10,3 +10,28 @@ pub mod options;
 
 pub const BUS_NAME: &str = "org.dindhelper1";
 pub const MANAGER_PATH: &str = "/org/dindhelper1";
+
+/// A resource tagged with `instance` joins that instance: DestroyInstance will remove it.
+/// The instance must exist, and tagging into another uid's instance needs
+/// `org.dindhelper1.instances-others` (else a user could make another user's teardown
+/// remove, or fail on, their resources).
+pub async fn authorize_instance_tag(
+    auth: &auth::Authorizer,
+    core: &crate::ops::Core,
+    hdr: &zbus::message::Header<'_>,
+    caller: &auth::Caller,
+    instance: Option<&str>,
+    interactive: bool,
+) -> Result<(), error::BusError> {
+    let Some(name) = instance else {
+        return Ok(());
+    };
+    let rec = crate::ops::instances::get(core, name)
+        .await
+        .map_err(error::BusError::map)?;
+    if rec.owner_uid != caller.uid {
+        auth.check_caller(hdr, caller, auth::Action::Instances, true, interactive)
+            .await?;
+    }
+    Ok(())
+}

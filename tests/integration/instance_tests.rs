@@ -582,31 +582,26 @@ fn destroy_instance_detaches_its_loops_and_removes_its_cgroups(bed: &Bed) {
     assert!(bed.image_path(MEMBER, &img_keep).exists());
     bed.delete_image(MEMBER, &img_keep);
 
-    // Leftovers without a record (a loop tagged with a name never created) are cleaned
-    // up too; then the name is NotFound.
+    // Tagging a device with an instance that does not exist is refused (NotFound) and
+    // attaches nothing: a device can only join an instance that its teardown will see.
     let orphan = iname("orphan");
     bed.create_image(MEMBER, &orphan, 4 * MIB);
-    let (_, dev) = bed.attach_image(MEMBER, &orphan, &["instance", "s", &orphan]);
-    let done = destroy(bed, MEMBER, &orphan, &["delete_images", "b", "true"]);
-    assert_eq!(
-        done,
-        vec![
-            format!("detached {dev}"),
-            format!("deleted image {orphan} of uid {}", bed.uid(MEMBER))
-        ]
-    );
-    expect_error(
-        bed,
+    let before = bed.list_loops().len();
+    let out = bed.gdbus_as(
         MEMBER,
-        "DestroyInstance",
-        &[&gv_str(&orphan), "@a{sv} {}"],
-        "NotFound",
+        "AttachImage",
+        &[
+            &gv_str(&orphan),
+            &format!("{{'instance': <{}>}}", gv_str(&orphan)),
+        ],
     );
-    // The same for dhtest-own (no -others): its own tagged devices are its to remove.
-    bed.create_image(OWN, &orphan, 4 * MIB);
-    let (_, dev) = bed.attach_image(OWN, &orphan, &["instance", "s", &orphan]);
-    let done = destroy(bed, OWN, &orphan, &["delete_images", "b", "true"]);
-    assert_eq!(done[0], format!("detached {dev}"));
+    assert_eq!(
+        out.dbus_error().as_deref(),
+        Some("org.dindhelper1.Error.NotFound"),
+        "{out:?}"
+    );
+    assert_eq!(bed.list_loops().len(), before);
+    bed.delete_image(MEMBER, &orphan);
     // A cgroup without record (made by hand here) belongs to nobody: -others needed.
     let pids_root = Path::new(CG).join("pids/dind");
     if pids_root.is_dir() {
