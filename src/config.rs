@@ -23,6 +23,13 @@ pub struct Config {
     /// Unset: `systemd` with the systemd slice backend, `cgroupfs` otherwise. A
     /// CreateInstance option `docker_cgroup_driver` overrides it per instance.
     pub docker_cgroup_driver: Option<crate::instances::DockerCgroupDriver>,
+    /// Longest capture in seconds; a StartCapture duration above it is cut to it.
+    pub max_capture_duration: u64,
+    /// How many captures one uid may run at the same time.
+    pub max_captures_per_uid: usize,
+    /// How many bytes of capture files one uid may keep under `<state>/captures/<uid>/`
+    /// (running captures count with the size they may still reach).
+    pub max_capture_bytes_per_uid: u64,
 }
 
 impl Default for Config {
@@ -33,6 +40,9 @@ impl Default for Config {
             max_image_bytes_per_uid: 256 * GIB,
             max_loops_per_uid: 16,
             docker_cgroup_driver: None,
+            max_capture_duration: 3600,
+            max_captures_per_uid: 4,
+            max_capture_bytes_per_uid: 4 * GIB,
         }
     }
 }
@@ -80,6 +90,14 @@ impl Config {
         }
         if self.max_image_bytes_per_uid < self.max_image_size {
             return Err("max_image_bytes_per_uid must be at least max_image_size".into());
+        }
+        if self.max_capture_duration == 0 {
+            return Err("max_capture_duration must be at least 1 (seconds)".into());
+        }
+        if self.max_capture_bytes_per_uid < MIB {
+            return Err(format!(
+                "max_capture_bytes_per_uid must be at least {MIB} bytes"
+            ));
         }
         Ok(())
     }

@@ -2,6 +2,8 @@
 //! own `org.dindhelper1` → serve → on SIGTERM/SIGINT release the name, let calls in flight
 //! finish, save state, exit 0.
 
+use crate::bus::capture::CaptureManager;
+use crate::bus::devices::Devices;
 use crate::bus::manager::Manager;
 use crate::bus::{auth::Authorizer, BUS_NAME, MANAGER_PATH};
 use crate::config::Config;
@@ -18,7 +20,8 @@ pub struct DaemonOptions {
     pub bus_address: Option<String>,
     pub state_dir: PathBuf,
     pub config: Config,
-    /// `--docker-host` (unix:///path): where AdoptContainer resolves container names.
+    /// `--docker-host` (unix:///path): where AdoptContainer resolves container names
+    /// and captures and ExposeToContainer resolve containers.
     pub docker_host: String,
 }
 
@@ -123,9 +126,26 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     }
 
     let gate = Arc::new(tokio::sync::RwLock::new(()));
+    let auth = Arc::new(Authorizer::new(conn.clone()));
     let manager = Manager {
         core: core.clone(),
-        auth: Arc::new(Authorizer::new(conn.clone())),
+        auth: auth.clone(),
+        gate: gate.clone(),
+    };
+    let docker = crate::docker::Docker::from_host_url(&opts.docker_host);
+    if docker.is_none() {
+        tracing::warn!(docker_host = %opts.docker_host, "not a unix:// URL: container targets are unavailable");
+    }
+    let captures = ops::capture::Captures::new(core.clone(), docker.clone());
+    let capture_iface = CaptureManager {
+        captures: captures.clone(),
+        auth: auth.clone(),
+        gate: gate.clone(),
+    };
+    let devices_iface = Devices {
+        core: core.clone(),
+        docker,
+        auth: auth.clone(),
         gate: gate.clone(),
     };
     let server = conn.object_server();
@@ -146,6 +166,14 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     instances.publish_all(server).await;
     server
         .at(MANAGER_PATH, instances)
+        .await
+        .map_err(DaemonError::Export)?;
+    server
+        .at(MANAGER_PATH, capture_iface)
+        .await
+        .map_err(DaemonError::Export)?;
+    server
+        .at(MANAGER_PATH, devices_iface)
         .await
         .map_err(DaemonError::Export)?;
 
@@ -183,6 +211,10 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         tracing::warn!(error = %e, "cannot release the bus name");
     }
     let _all = gate.write().await;
+    let ended = captures.stop_all().await;
+    if ended > 0 {
+        tracing::info!("stopped {ended} running captures (their files are complete)");
+    }
     let st = core.state.lock().await;
     core.store.save_all(&st)?;
     tracing::info!("state saved; exiting");

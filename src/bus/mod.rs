@@ -2,6 +2,8 @@
 //! method authorizes, converts, calls one `ops` function and maps the result.
 
 pub mod auth;
+pub mod capture;
+pub mod devices;
 pub mod error;
 pub mod instances;
 pub mod manager;

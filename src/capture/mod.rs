@@ -252,6 +252,12 @@ impl Handle {
         Stopper(self.stop.clone())
     }
 
+    /// A clonable reader of the live counters, for whoever does not hold the handle (the
+    /// thread blocked in [`Handle::wait`] owns it).
+    pub fn stats_reader(&self) -> StatsReader {
+        StatsReader(self.shared.clone())
+    }
+
     pub fn is_finished(&self) -> bool {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
@@ -279,6 +285,20 @@ impl Drop for Handle {
 
 #[derive(Clone)]
 pub struct Stopper(Arc<OwnedFd>);
+
+/// Live counters of a session (updated after every ring block).
+#[derive(Clone)]
+pub struct StatsReader(Arc<Shared>);
+
+impl StatsReader {
+    pub fn stats(&self) -> Stats {
+        Stats {
+            packets: self.0.packets.load(Ordering::Relaxed),
+            bytes: self.0.bytes.load(Ordering::Relaxed),
+            dropped: self.0.dropped.load(Ordering::Relaxed),
+        }
+    }
+}
 
 impl Stopper {
     pub fn stop(&self) {

@@ -2,6 +2,8 @@
 //! ownership, per-uid limits). No D-Bus here; the bus layer authorizes and converts, then
 //! calls one function of this module.
 
+pub mod capture;
+pub mod devices;
 pub mod instances;
 pub mod loops;
 
