@@ -7,6 +7,7 @@
 //! loops.json        loop device records, replaced atomically (temp + rename) WITHOUT fsync
 //! state.lock        flock held by the running daemon: one daemon per state dir
 //! images/<uid>/     sparse image files, `<name>.img` (see loopdev::images)
+//! captures/<uid>/   capture files `<name>.pcap` owned by the caller, 0640 (see capture::file)
 //! ```
 //! Why two files: loop devices die with the kernel. A rename is atomic against a daemon
 //! crash without any fsync (the page cache survives the process), and only a power loss or
@@ -156,7 +157,9 @@ pub struct StateStore {
 }
 
 impl StateStore {
-    /// Create (mode 0700) and lock the state directory. Fails with `Locked` when another
+    /// Create (mode 0711) and lock the state directory. 0711: nobody may list it, but a
+    /// caller can reach its own capture files by path (`captures/<uid>/x.pcap`, 0640);
+    /// everything else below is 0600/0700 root. Fails with `Locked` when another
     /// daemon holds it.
     pub fn open(dir: &Path) -> Result<StateStore, StateError> {
         std::fs::create_dir_all(dir).map_err(|source| StateError::CreateDir {
@@ -164,7 +167,7 @@ impl StateStore {
             source,
         })?;
         use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711));
         let lock_path = dir.join("state.lock");
         let lock = OpenOptions::new()
             .create(true)

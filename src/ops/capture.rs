@@ -9,9 +9,11 @@
 //!
 //! Limits (config): `max_capture_duration` caps every duration (default 60 s when none is
 //! given); `max_captures_per_uid` counts running sessions (files and fds);
-//! `max_capture_bytes_per_uid` covers capture files on disk: the bytes already there plus
-//! what running file sessions may still write. A file session's `max_bytes` is cut to what
-//! is left. uid 0 is exempt from the per-uid limits (not from the duration cap).
+//! `max_capture_bytes_per_uid` covers capture files on disk (running ones with their
+//! current size): a new file session is refused when nothing is left and its `max_bytes`
+//! is cut to what is left, so concurrent sessions can overshoot by at most what each may
+//! write (bounded by the session count). uid 0 is exempt from the per-uid limits (not from
+//! the duration cap).
 
 use crate::capture::{self, CaptureError, CaptureOptions, Finished, Stats, StatsReader, Stopper};
 use crate::docker::{Docker, DockerError};
@@ -174,8 +176,6 @@ pub struct Session {
     pub path: Option<PathBuf>,
     pub instance: Option<String>,
     pub started: SystemTime,
-    /// The byte cap given to a file session (quota reservation).
-    reserved: Option<u64>,
     stats: StatsReader,
     stopper: Stopper,
     end: tokio::sync::watch::Sender<Option<Finished>>,
@@ -379,8 +379,8 @@ impl Captures {
             )));
         }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let (file, path, reserved) = match sink {
-            Sink::Fd(f) => (f, None, None),
+        let (file, path) = match sink {
+            Sink::Fd(f) => (f, None),
             Sink::File { name } => {
                 let name = name.unwrap_or_else(|| default_name(&resolved.spec, id));
                 let dir = self.inner.core.store.dir().join("captures");
@@ -390,18 +390,15 @@ impl Captures {
                         .await
                         .map_err(|e| CaptureOpsError::Task(e.to_string()))?
                 };
-                let pending: u64 = running
-                    .iter()
-                    .filter_map(|s| s.reserved.map(|r| r.saturating_sub(s.stats().bytes)))
-                    .sum();
-                let used = on_disk + pending;
+                // Running sessions' files are on disk and counted by their current size.
+                let used = on_disk;
                 let cap = if uid == 0 {
                     req.options.max_bytes
                 } else {
                     let left = cfg.max_capture_bytes_per_uid.saturating_sub(used);
                     if left < capture::pcap::GLOBAL_HEADER_LEN + 64 {
                         return Err(CaptureOpsError::Limit(format!(
-                            "uid {uid} has {used} bytes of captures on disk or reserved \
+                            "uid {uid} has {used} bytes of captures on disk \
                              (max_capture_bytes_per_uid = {}); delete old captures",
                             cfg.max_capture_bytes_per_uid
                         )));
@@ -417,7 +414,7 @@ impl Captures {
                 })
                 .await
                 .map_err(|e| CaptureOpsError::Task(e.to_string()))??;
-                (f, Some(p), cap)
+                (f, Some(p))
             }
         };
 
@@ -444,7 +441,6 @@ impl Captures {
             path,
             instance: req.instance,
             started: SystemTime::now(),
-            reserved,
             stats: handle.stats_reader(),
             stopper: handle.stopper(),
             end: tx,
@@ -536,14 +532,13 @@ fn same_netns(a: i32, b: i32) -> bool {
 
 /// Bytes of the regular files directly in `dir` (0 when it does not exist).
 fn dir_bytes(dir: &std::path::Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
     let Ok(rd) = std::fs::read_dir(dir) else {
         return 0;
     };
     rd.filter_map(|e| e.ok())
         .filter_map(|e| e.metadata().ok())
         .filter(|m| m.is_file())
-        .map(|m| m.blocks() * 512)
+        .map(|m| m.len())
         .sum()
 }
 

@@ -196,6 +196,8 @@ pub struct Bed {
     bus: RefCell<Option<Child>>,
     polkitd: RefCell<Option<Child>>,
     daemon: RefCell<Option<Child>>,
+    /// Extra daemon arguments (e.g. `--docker-host`), used by every (re)start.
+    daemon_args: RefCell<Vec<String>>,
     shared: RefCell<Option<Shared>>,
     torn_down: RefCell<bool>,
 }
@@ -217,6 +219,7 @@ impl Bed {
             bus: RefCell::new(None),
             polkitd: RefCell::new(None),
             daemon: RefCell::new(None),
+            daemon_args: RefCell::new(Vec::new()),
             shared: RefCell::new(None),
             torn_down: RefCell::new(false),
         };
@@ -406,6 +409,7 @@ impl Bed {
             .arg("--state-dir")
             .arg(&self.state_dir)
             .args(["--log-level", "debug"])
+            .args(self.daemon_args.borrow().iter())
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)
@@ -423,6 +427,12 @@ impl Bed {
             }
         })
         .map_err(|e| format!("{e}\ndaemon log:\n{}", self.daemon_log()))
+    }
+
+    /// Extra arguments for every later (re)start of the daemon; takes effect at the next
+    /// [`Bed::restart_daemon`].
+    pub fn set_daemon_args(&self, args: &[String]) {
+        *self.daemon_args.borrow_mut() = args.to_vec();
     }
 
     /// SIGTERM the daemon and wait (10 s, then SIGKILL). Returns its exit status.

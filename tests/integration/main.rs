@@ -13,6 +13,7 @@
 mod api_doc_tests;
 mod auth_tests;
 mod bed;
+mod capture_tests;
 mod instance_tests;
 mod loop_tests;
 mod partition_tests;
@@ -45,6 +46,7 @@ fn all_tests() -> Vec<Test> {
     v.extend(loop_tests::tests());
     v.extend(partition_tests::tests());
     v.extend(instance_tests::tests());
+    v.extend(capture_tests::tests());
     v
 }
 
