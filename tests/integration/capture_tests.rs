@@ -12,12 +12,9 @@
 //!
 //! Signals are observed with `gdbus monitor` (line-buffered through `stdbuf -oL`).
 
-#[path = "../common/dockerd.rs"]
-mod dockerd;
-
 use crate::bed::{gv_str, run, Bed, Out, BUS_NAME, MANAGER_PATH, MEMBER, OWN, PLAIN};
+use crate::dockerd::Dockerd;
 use crate::Test;
-use dockerd::Dockerd;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

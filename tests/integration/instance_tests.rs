@@ -15,8 +15,7 @@ use crate::bed::{gv_str, Bed, Out, BUS_NAME, MANAGER_PATH, MEMBER, OWN, PLAIN};
 use crate::Test;
 
 // The dockerd fixture of tests/common (dockerd in its own netns, image bb:latest).
-#[path = "../common/dockerd.rs"]
-mod dockerd;
+use crate::dockerd;
 
 const IFACE: &str = "org.dindhelper1.Instances";
 const MIB: u64 = 1 << 20;

@@ -14,6 +14,10 @@ mod api_doc_tests;
 mod auth_tests;
 mod bed;
 mod capture_tests;
+// The dockerd fixture of tests/common (dockerd in its own netns, image bb:latest), shared
+// by the modules that need Docker.
+#[path = "../common/dockerd.rs"]
+mod dockerd;
 mod instance_tests;
 mod loop_tests;
 mod partition_tests;
