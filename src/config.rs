@@ -28,7 +28,7 @@ pub struct Config {
     /// How many captures one uid may run at the same time.
     pub max_captures_per_uid: usize,
     /// How many bytes of capture files one uid may keep under `<state>/captures/<uid>/`
-    /// (running captures count with the size they may still reach).
+    /// (running captures count with their current size; a new one gets what is left).
     pub max_capture_bytes_per_uid: u64,
 }
 
@@ -123,5 +123,26 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn capture_limits_have_defaults_and_are_validated() {
+        let c: Config = serde_json::from_str(r#"{"max_captures_per_uid": 2}"#).unwrap();
+        assert_eq!(c.max_captures_per_uid, 2);
+        assert_eq!(c.max_capture_duration, 3600);
+        assert_eq!(c.max_capture_bytes_per_uid, 4 * GIB);
+        assert!(c.validate().is_ok());
+        for bad in [
+            Config {
+                max_capture_duration: 0,
+                ..Config::default()
+            },
+            Config {
+                max_capture_bytes_per_uid: 1000,
+                ..Config::default()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
     }
 }

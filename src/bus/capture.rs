@@ -395,3 +395,65 @@ impl CaptureObject {
         self.session.reason()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zbus::zvariant::{OwnedValue, Value};
+
+    fn opts(pairs: &[(&str, Value<'static>)]) -> Options {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), OwnedValue::try_from(v.clone()).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn start_options_parse_and_refuse() {
+        let m = opts(&[
+            ("interface", Value::from("eth0")),
+            ("filter", Value::from("tcp port 80")),
+            ("snaplen", Value::U32(1500)),
+            ("duration", Value::U32(5)),
+            ("max_packets", Value::U64(3)),
+            ("instance", Value::from("lab-1")),
+        ]);
+        let mut o = Opts::new(&m);
+        let (c, d, i) = start_options(&mut o).unwrap();
+        o.finish().unwrap();
+        assert_eq!(c.interface.as_deref(), Some("eth0"));
+        assert_eq!(c.filter.as_deref(), Some("tcp port 80"));
+        assert_eq!(c.snaplen, 1500);
+        assert_eq!(c.max_packets, Some(3));
+        assert_eq!(d, Some(Duration::from_secs(5)));
+        assert_eq!(i.as_deref(), Some("lab-1"));
+
+        // "any" and "" mean all interfaces; an empty filter means none.
+        let m = opts(&[
+            ("interface", Value::from("any")),
+            ("filter", Value::from(" ")),
+        ]);
+        let (c, d, _) = start_options(&mut Opts::new(&m)).unwrap();
+        assert_eq!((c.interface, c.filter, d), (None, None, None));
+
+        for bad in [
+            opts(&[("duration", Value::U32(0))]),
+            opts(&[("snaplen", Value::U64(1 << 40))]),
+            opts(&[("instance", Value::from("Bad Name"))]),
+            opts(&[("filter", Value::U32(1))]),
+        ] {
+            assert!(
+                matches!(
+                    start_options(&mut Opts::new(&bad)),
+                    Err(BusError::InvalidArgs(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn capture_paths() {
+        assert_eq!(capture_path(7).as_str(), "/org/dindhelper1/capture/7");
+    }
+}
