@@ -138,6 +138,7 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     }
     let captures = ops::capture::Captures::new(core.clone(), docker.clone());
     let capture_iface = CaptureManager {
+        core: core.clone(),
         captures: captures.clone(),
         auth: auth.clone(),
         gate: gate.clone(),
@@ -160,7 +161,7 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         .map_err(DaemonError::Export)?;
     let instances = crate::bus::instances::Instances {
         core: core.clone(),
-        auth: Arc::new(Authorizer::new(conn.clone())),
+        auth: auth.clone(),
         gate: gate.clone(),
     };
     instances.publish_all(server).await;

@@ -29,6 +29,7 @@ pub fn capture_path(id: u64) -> OwnedObjectPath {
 pub type CaptureRow = (OwnedObjectPath, String, u32, String, String, String);
 
 pub struct CaptureManager {
+    pub core: Arc<crate::ops::Core>,
     pub captures: Captures,
     pub auth: Arc<Authorizer>,
     pub gate: Arc<tokio::sync::RwLock<()>>,
@@ -103,6 +104,15 @@ impl CaptureManager {
                 .check_caller(hdr, caller, Action::CaptureHost, false, inter)
                 .await?;
         }
+        super::authorize_instance_tag(
+            &self.auth,
+            &self.core,
+            hdr,
+            caller,
+            instance.as_deref(),
+            inter,
+        )
+        .await?;
         let resolved = self.captures.resolve(&spec).await.map_err(BusError::map)?;
         if resolved.host_netns && !spec.is_admin() {
             // A container on the host network sees the host's traffic.
