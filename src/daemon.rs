@@ -163,6 +163,9 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         core: core.clone(),
         auth: auth.clone(),
         gate: gate.clone(),
+        teardown: ops::instances::Teardown {
+            captures: Some(captures.clone()),
+        },
     };
     instances.publish_all(server).await;
     server

@@ -106,7 +106,7 @@ async fn adopt_by_name_and_reapply_on_container_start() {
     );
 
     d.docker_ok(&["rm", "-f", "dhjo1"]);
-    let done = instances::destroy(&core, "web", Default::default())
+    let done = instances::destroy(&core, "web", Default::default(), &Default::default())
         .await
         .unwrap();
     assert!(

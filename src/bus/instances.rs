@@ -28,6 +28,8 @@ pub struct Instances {
     pub auth: Arc<Authorizer>,
     /// Shared with the Manager: shutdown waits for calls in flight.
     pub gate: Arc<tokio::sync::RwLock<()>>,
+    /// Captures and ports of an instance, cleared by DestroyInstance.
+    pub teardown: ops::instances::Teardown,
 }
 
 pub fn instance_path(name: &str) -> OwnedObjectPath {
@@ -356,7 +358,7 @@ impl Instances {
                     .collect();
                 loops
             };
-            let r = ops::instances::destroy(&self.core, &name, opts).await;
+            let r = ops::instances::destroy(&self.core, &name, opts, &self.teardown).await;
             // Drop the objects of detached devices and deleted images, refresh the rest.
             {
                 let st = self.core.state.lock().await.clone();

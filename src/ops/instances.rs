@@ -406,7 +406,14 @@ pub struct DestroyOptions {
     pub force: bool,
 }
 
-/// Tear the instance down: (ports and captures: hooks below), detach its loop devices,
+/// The capabilities with managers of their own that DestroyInstance also clears (each
+/// `None` where that capability is not running).
+#[derive(Clone, Default)]
+pub struct Teardown {
+    pub captures: Option<super::capture::Captures>,
+}
+
+/// Tear the instance down: stop its captures, unpublish its ports, detach its loop devices,
 /// delete their images when asked, remove its slice/cgroup, forget it. Every step runs
 /// even when an earlier one failed; the result lists what was done, the error
 /// ([`OpsError::Teardown`]) also lists every failure. An instance with no record and
@@ -415,6 +422,7 @@ pub async fn destroy(
     core: &Arc<Core>,
     name: &str,
     opts: DestroyOptions,
+    teardown: &Teardown,
 ) -> Result<Vec<String>, OpsError> {
     crate::names::check_instance_name(name)?;
     let mut done = Vec::new();
@@ -430,9 +438,11 @@ pub async fn destroy(
         (find(&st, name).cloned(), loops)
     };
 
-    // HOOK(ports): unpublish every port mapping recorded with `instance == name`
-    // (ops::ports, when merged); push "unpublished …" to `done`, failures to `errors`.
-    // HOOK(captures): stop every capture recorded with `instance == name` (ops::capture).
+    if let Some(c) = &teardown.captures {
+        for s in c.stop_instance(name).await {
+            done.push(format!("stopped capture {}", s.id));
+        }
+    }
 
     for l in loops {
         match super::loops::detach(core, l.number).await {
