@@ -17,6 +17,8 @@ pub struct DaemonOptions {
     /// `None`: the system bus.
     pub bus_address: Option<String>,
     pub state_dir: PathBuf,
+    /// Docker Engine API socket, `unix:///path` or `/path` (ports).
+    pub docker_host: String,
     pub config: Config,
 }
 
@@ -36,6 +38,8 @@ pub enum DaemonError {
     NameTaken { owner: String },
     #[error("cannot request the name {BUS_NAME}: {0}")]
     RequestName(zbus::Error),
+    #[error("{0}")]
+    Ports(ops::OpsError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -52,11 +56,13 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         },
     )
     .map_err(DaemonError::Images)?;
+    let ports = ops::ports::manager_for(&opts.docker_host).map_err(DaemonError::Ports)?;
     let core = Arc::new(Core {
         cfg: opts.config.clone(),
         store,
         state: tokio::sync::Mutex::new(state),
         images,
+        ports,
     });
 
     let bus = opts
@@ -94,7 +100,14 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         tracing::info!(decision = ?d, "reconcile");
     }
 
+    let ports_tasks = ops::ports::start(&core).await;
+
     let gate = Arc::new(tokio::sync::RwLock::new(()));
+    let ports_iface = crate::bus::ports::Ports {
+        core: core.clone(),
+        auth: Arc::new(Authorizer::new(conn.clone())),
+        gate: gate.clone(),
+    };
     let manager = Manager {
         core: core.clone(),
         auth: Arc::new(Authorizer::new(conn.clone())),
@@ -110,6 +123,17 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         .at(MANAGER_PATH, manager)
         .await
         .map_err(DaemonError::Export)?;
+    let port_changes = core.ports.subscribe();
+    crate::bus::ports::publish_all(server, &core).await;
+    server
+        .at(MANAGER_PATH, ports_iface)
+        .await
+        .map_err(DaemonError::Export)?;
+    let port_signals = tokio::spawn(crate::bus::ports::follow(
+        conn.clone(),
+        core.clone(),
+        port_changes,
+    ));
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(DaemonError::Signals)?;
@@ -145,7 +169,11 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         tracing::warn!(error = %e, "cannot release the bus name");
     }
     let _all = gate.write().await;
-    let st = core.state.lock().await;
+    ports_tasks.watch.abort();
+    ports_tasks.persist.abort();
+    port_signals.abort();
+    let mut st = core.state.lock().await;
+    st.mappings = core.ports.mappings();
     core.store.save(&st)?;
     tracing::info!("state saved; exiting");
     Ok(())

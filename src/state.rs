@@ -6,8 +6,9 @@
 //! state.lock        flock held by the running daemon: one daemon per state dir
 //! images/<uid>/     sparse image files, `<name>.img` (see loopdev::images)
 //! ```
-//! Only intent is stored (image ↔ loop, owners, instances); effects are re-read from the
-//! kernel at start and reconciled (see `ops::loops::reconcile`).
+//! Only intent is stored (image ↔ loop, owners, instances, published ports); effects are
+//! re-read from the kernel at start and reconciled (see `ops::loops::reconcile`,
+//! `ops::ports::start`).
 
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
@@ -31,6 +32,9 @@ pub struct State {
     pub images: Vec<ImageRecord>,
     #[serde(default)]
     pub loops: Vec<LoopRecord>,
+    /// Published ports (intent + last known state), see `ops::ports`.
+    #[serde(default)]
+    pub mappings: Vec<crate::ports::Mapping>,
 }
 
 impl Default for State {
@@ -40,6 +44,7 @@ impl Default for State {
             state_id: String::new(),
             images: Vec::new(),
             loops: Vec::new(),
+            mappings: Vec::new(),
         }
     }
 }

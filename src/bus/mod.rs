@@ -6,6 +6,7 @@ pub mod error;
 pub mod manager;
 pub mod objects;
 pub mod options;
+pub mod ports;
 
 pub const BUS_NAME: &str = "org.dindhelper1";
 pub const MANAGER_PATH: &str = "/org/dindhelper1";

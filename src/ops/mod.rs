@@ -3,6 +3,7 @@
 //! calls one function of this module.
 
 pub mod loops;
+pub mod ports;
 
 use crate::config::Config;
 use crate::error::{Classify, Kind};
@@ -14,6 +15,8 @@ pub struct Core {
     pub store: StateStore,
     pub state: tokio::sync::Mutex<State>,
     pub images: crate::loopdev::images::ImageStore,
+    /// Published ports (Docker client + iptables); see `ops::ports`.
+    pub ports: std::sync::Arc<crate::ports::PortsManager>,
 }
 
 impl Core {
@@ -31,6 +34,8 @@ pub enum OpsError {
     Partitions(#[from] crate::partitions::PartError),
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Ports(#[from] crate::ports::PortsError),
     #[error(transparent)]
     Name(#[from] crate::names::NameError),
     #[error("{what} {name:?} does not exist")]
@@ -53,6 +58,7 @@ impl Classify for OpsError {
             OpsError::Loop(e) => e.kind(),
             OpsError::Partitions(e) => e.kind(),
             OpsError::State(e) => e.kind(),
+            OpsError::Ports(e) => e.kind(),
             OpsError::Name(e) => e.kind(),
             OpsError::NotFound { .. } | OpsError::Unmanaged { .. } => Kind::NotFound,
             OpsError::Busy { .. } => Kind::Busy,

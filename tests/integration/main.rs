@@ -12,8 +12,11 @@
 
 mod auth_tests;
 mod bed;
+#[path = "../common/dockerd.rs"]
+mod dockerd;
 mod loop_tests;
 mod partition_tests;
+mod ports_tests;
 
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -41,6 +44,7 @@ fn all_tests() -> Vec<Test> {
     v.extend(auth_tests::tests());
     v.extend(loop_tests::tests());
     v.extend(partition_tests::tests());
+    v.extend(ports_tests::tests());
     v
 }
 
