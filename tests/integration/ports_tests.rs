@@ -28,6 +28,10 @@ pub fn tests() -> Vec<Test> {
     };
     vec![
         t(
+            "ports_without_dockerd_answer_clearly_and_daemon_serves",
+            without_dockerd_answer_clearly_and_daemon_serves,
+        ),
+        t(
             "ports_publish_as_member_reaches_container_and_unpublish_cuts_it",
             publish_as_member_reaches_container_and_unpublish_cuts_it,
         ),
@@ -254,6 +258,51 @@ fn gv_q(n: u16) -> String {
     format!("uint16 {n}")
 }
 
+/// The bed's normal daemon runs in this (host) netns with no dockerd: it started, and the
+/// ports calls answer with a named error and a reason instead of hanging or crashing.
+fn without_dockerd_answer_clearly_and_daemon_serves(bed: &Bed) {
+    let out = bed.gdbus_raw(
+        MEMBER,
+        &bed.address,
+        BUS_NAME,
+        MANAGER_PATH,
+        &format!("{PORTS_IFACE}.Publish"),
+        &[
+            &gv_str("web"),
+            &gv_str("tcp"),
+            &gv_q(8080),
+            &gv_q(80),
+            "@a{sv} {}",
+        ],
+    );
+    let name = out.dbus_error();
+    assert!(
+        matches!(
+            name.as_deref(),
+            Some("org.dindhelper1.Error.NotSupported" | "org.dindhelper1.Error.Failed")
+        ),
+        "Publish without dockerd: {out:?}"
+    );
+    assert!(
+        out.stderr.contains("DOCKER chain") || out.stderr.contains("dockerd"),
+        "the message should say why: {}",
+        out.stderr
+    );
+    let out = bed
+        .busctl(&["call", BUS_NAME, MANAGER_PATH, PORTS_IFACE, "ListMappings"])
+        .expect_ok("ListMappings");
+    assert_eq!(out.json_data(), serde_json::json!([[]]));
+    // the Manager still serves
+    bed.busctl(&[
+        "call",
+        BUS_NAME,
+        MANAGER_PATH,
+        "org.dindhelper1.Manager",
+        "ListLoops",
+    ])
+    .expect_ok("ListLoops");
+}
+
 fn publish_as_member_reaches_container_and_unpublish_cuts_it(bed: &Bed) {
     let env = PortsEnv::new(bed);
     let d = env.d();
@@ -421,6 +470,20 @@ fn published_port_survives_dockerd_restart(bed: &Bed) {
 
     let d = env.d.as_mut().unwrap();
     d.stop_daemon();
+    // dockerd down: a Publish says so (Failed, naming dockerd), nothing hangs
+    env.expect_error(
+        MEMBER,
+        "Publish",
+        &[
+            &gv_str("web"),
+            &gv_str("tcp"),
+            &gv_q(8081),
+            &gv_q(80),
+            "@a{sv} {}",
+        ],
+        "Failed",
+    );
+    let d = env.d.as_mut().unwrap();
     d.start_daemon(); // returns once `docker version` answers
     let t0 = Instant::now();
     let d = env.d();
