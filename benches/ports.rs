@@ -21,7 +21,6 @@
 //! the same chains.
 
 #[path = "../tests/common/dockerd.rs"]
-#[allow(dead_code)]
 mod dockerd;
 
 use std::collections::HashMap;
