@@ -13,8 +13,10 @@
 //! `--docker-host`. Every way writes the same 3 rules per port (nat DOCKER DNAT, filter
 //! DOCKER ACCEPT, nat POSTROUTING MASQUERADE) into iptables-nft in that netns:
 //! - `PublishMany`: one D-Bus call carrying N ports → one `iptables-restore` batch;
-//! - `N×Publish`: N Publish calls sent at once on one connection; the daemon coalesces
-//!   the calls that wait into shared batches (group commit);
+//! - `N×Publish`: N Publish calls on one connection, 50 outstanding at a time (a bus caps
+//!   the replies one connection may wait for: `max_replies_per_connection`, 128 on the
+//!   system bus); the daemon coalesces the calls that wait into shared batches (group
+//!   commit);
 //! - docker-style: 3N `iptables -w -t … -A/-I …` processes, one after the other.
 //!
 //! Between measurements every rule is removed again (not timed), so each starts from
@@ -35,6 +37,8 @@ const BUS_NAME: &str = "org.dindhelper1";
 const PATH: &str = "/org/dindhelper1";
 const IFACE: &str = "org.dindhelper1.Ports";
 const BASE_PORT: u16 = 20000;
+/// Publish calls outstanding at once in the N×Publish way.
+const IN_FLIGHT: usize = 50;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -154,11 +158,13 @@ fn stop(child: &mut Child) {
 
 struct Daemon {
     child: Child,
+    state: PathBuf,
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         stop(&mut self.child);
+        let _ = std::fs::remove_dir_all(&self.state);
     }
 }
 
@@ -185,6 +191,7 @@ async fn bench(ns: &[usize]) {
             .stderr(log)
             .spawn()
             .expect("dindhelperd"),
+        state: state.clone(),
     };
     let conn = zbus::connection::Builder::address(bus.address.as_str())
         .unwrap()
@@ -252,10 +259,15 @@ async fn bench(ns: &[usize]) {
 
         // N Publish calls at once on one connection
         let t = Instant::now();
+        // at most IN_FLIGHT calls outstanding: a bus caps the replies one connection may
+        // wait for (max_replies_per_connection, 128 on the system bus)
+        let window = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
         let calls: Vec<_> = (0..n)
             .map(|i| {
                 let conn = conn.clone();
+                let window = window.clone();
                 tokio::spawn(async move {
+                    let _slot = window.acquire_owned().await.expect("semaphore");
                     let opts: HashMap<&str, Value<'_>> = HashMap::new();
                     conn.call_method(
                         Some(BUS_NAME),
@@ -274,7 +286,16 @@ async fn bench(ns: &[usize]) {
             results.push(c.await.expect("task"));
         }
         let single = t.elapsed();
-        assert!(results.iter().all(|r| r.is_ok()), "a Publish failed");
+        let errs: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+            .collect();
+        assert!(
+            errs.is_empty(),
+            "{} of {n} Publish calls failed, first: {}",
+            errs.len(),
+            errs[0]
+        );
         assert_eq!(count_rules(&d, "dindhelper:"), 3 * n);
         unpublish_all(&conn, &d).await;
 
@@ -295,7 +316,6 @@ async fn bench(ns: &[usize]) {
     println!("ratio 1 = docker-style / PublishMany; ratio N = docker-style / N×Publish");
     drop(conn);
     drop(daemon);
-    let _ = std::fs::remove_dir_all(&state);
     drop(bus);
     drop(d);
 }
