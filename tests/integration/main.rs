@@ -73,6 +73,14 @@ fn missing_prerequisites() -> Vec<String> {
         "groupadd",
         "groupdel",
         "getent",
+        // ports tests: dockerd in a netns, a client netns, iptables in it
+        "dockerd",
+        "docker",
+        "nsenter",
+        "ip",
+        "curl",
+        "iptables-nft-save",
+        "iptables-nft",
     ];
     let path = std::env::var("PATH").unwrap_or_default();
     let dirs: Vec<&str> = path

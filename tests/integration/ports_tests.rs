@@ -239,6 +239,43 @@ impl Drop for PortsEnv<'_> {
     }
 }
 
+/// `busctl monitor` on the bed's bus (root); `finish` stops it and returns what it saw.
+struct Monitor(Option<std::process::Child>);
+
+impl Monitor {
+    fn start(bed: &Bed) -> Monitor {
+        let child = std::process::Command::new("busctl")
+            .arg(format!("--address={}", bed.address))
+            .arg("monitor")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("busctl monitor");
+        std::thread::sleep(Duration::from_millis(300));
+        Monitor(Some(child))
+    }
+
+    fn finish(mut self) -> String {
+        std::thread::sleep(Duration::from_millis(200));
+        let child = self.0.take().unwrap();
+        // SAFETY: kill(2) on the busctl we started.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let out = child.wait_with_output().expect("monitor output");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 #[track_caller]
 fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let t = Instant::now();
@@ -522,6 +559,7 @@ fn rule_follows_container_restart_to_new_ip(bed: &Bed) {
         .is_some_and(|b| b.starts_with("br-")));
     assert_eq!(d.curl(8080).as_deref(), Some("hello"));
 
+    let monitor = Monitor::start(bed);
     d.docker_ok(&["stop", "-t", "1", "web"]);
     wait_until("mapping waiting", Duration::from_secs(5), || {
         env.prop(&path, "State") == Some(serde_json::json!("waiting"))
@@ -557,6 +595,25 @@ fn rule_follows_container_restart_to_new_ip(bed: &Bed) {
         Some(serde_json::json!(new_ip))
     );
     assert_eq!(env.prop(&path, "State"), Some(serde_json::json!("active")));
+    // signals: MappingChanged waiting → active, and PropertiesChanged on the object
+    let text = monitor.finish();
+    let changed: Vec<&str> = text
+        .split("Member=")
+        .skip(1)
+        .filter(|m| m.starts_with("MappingChanged"))
+        .collect();
+    assert!(
+        changed.iter().any(|m| m.contains("\"waiting\""))
+            && changed.iter().any(|m| m.contains("\"active\"")),
+        "MappingChanged waiting/active not seen:\n{text}"
+    );
+    assert!(
+        text.split("Type=signal")
+            .any(|m| m.contains("PropertiesChanged")
+                && m.contains(path.as_str())
+                && m.contains(&new_ip)),
+        "no PropertiesChanged with the new IP on {path}:\n{text}"
+    );
 }
 
 fn docker_rm_removes_rules_and_mapping_object(bed: &Bed) {
@@ -569,18 +626,7 @@ fn docker_rm_removes_rules_and_mapping_object(bed: &Bed) {
     let p3 = env.publish_ok(MEMBER, "keep", 8082, 80);
     env.assert_tagged(9);
     // watch the signals while docker removes the container
-    let monitor = std::process::Command::new("busctl")
-        .arg(format!("--address={}", bed.address))
-        .args([
-            "monitor",
-            "--match",
-            "type='signal',interface='org.dindhelper1.Ports'",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("busctl monitor");
-    std::thread::sleep(Duration::from_millis(300));
+    let monitor = Monitor::start(bed);
     d.docker_ok(&["rm", "-f", "web"]);
     wait_until(
         "mappings of the removed container gone",
@@ -596,13 +642,7 @@ fn docker_rm_removes_rules_and_mapping_object(bed: &Bed) {
     wait_until("state persisted", Duration::from_secs(3), || {
         env.persisted_ids() == vec![id3.to_owned()]
     });
-    std::thread::sleep(Duration::from_millis(200));
-    // SAFETY: kill(2) on the busctl we started.
-    unsafe {
-        libc::kill(monitor.id() as libc::pid_t, libc::SIGTERM);
-    }
-    let out = monitor.wait_with_output().expect("monitor output");
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = monitor.finish();
     for p in [&p1, &p2] {
         assert!(
             text.contains("MappingRemoved") && text.contains(p.as_str()),
