@@ -44,6 +44,10 @@ pub fn tests() -> Vec<Test> {
             published_port_survives_dockerd_restart,
         ),
         t(
+            "ports_daemon_started_while_dockerd_is_down_catches_up",
+            daemon_started_while_dockerd_is_down_catches_up,
+        ),
+        t(
             "ports_rule_follows_container_restart_to_new_ip",
             rule_follows_container_restart_to_new_ip,
         ),
@@ -537,6 +541,46 @@ fn published_port_survives_dockerd_restart(bed: &Bed) {
     assert!(
         took <= Duration::from_secs(2),
         "goal: within 2 s after dockerd answers; took {took:?}"
+    );
+    env.assert_tagged(3);
+    assert_eq!(env.prop(&path, "State"), Some(serde_json::json!("active")));
+}
+
+/// The daemon restarts while dockerd is down: it starts anyway (mappings kept), answers
+/// Failed meanwhile, and once dockerd is back (and has flushed its chains) the port works
+/// again without any call.
+fn daemon_started_while_dockerd_is_down_catches_up(bed: &Bed) {
+    let mut env = PortsEnv::new(bed);
+    env.d().run_web("web", "/www", &["--restart", "always"]);
+    let path = env.publish_ok(MEMBER, "web", 8080, 80);
+    assert_eq!(env.d().curl(8080).as_deref(), Some("hello"));
+    bed.stop_daemon();
+    env.d.as_mut().unwrap().stop_daemon();
+    bed.start_daemon()
+        .expect("the daemon must start without a reachable dockerd");
+    assert_eq!(env.list().len(), 1, "mapping kept while dockerd is away");
+    env.expect_error(
+        MEMBER,
+        "Publish",
+        &[
+            &gv_str("web"),
+            &gv_str("tcp"),
+            &gv_q(8081),
+            &gv_q(80),
+            "@a{sv} {}",
+        ],
+        "Failed",
+    );
+    env.d.as_mut().unwrap().start_daemon();
+    let d = env.d();
+    let took = wait_until(
+        "the port after dockerd came back",
+        Duration::from_secs(15),
+        || d.curl(8080).as_deref() == Some("hello"),
+    );
+    println!(
+        "({:.0} ms after dockerd answered) ",
+        took.as_secs_f64() * 1000.0
     );
     env.assert_tagged(3);
     assert_eq!(env.prop(&path, "State"), Some(serde_json::json!("active")));
