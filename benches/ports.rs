@@ -224,6 +224,7 @@ async fn bench(ns: &[usize]) {
         "ratio 1",
         "ratio N"
     );
+    let mut cpu_single: Vec<(usize, Vec<u64>)> = Vec::new();
     for &n in ns {
         // docker-style
         assert_eq!(count_rules(&d, "dhr-bench"), 0);
@@ -259,6 +260,7 @@ async fn bench(ns: &[usize]) {
 
         // N Publish calls at once on one connection
         let t = Instant::now();
+        let cpu0 = cpu_ms(&[daemon.child.id(), bus.child.id(), d.pid().unwrap_or(0)]);
         // at most IN_FLIGHT calls outstanding: a bus caps the replies one connection may
         // wait for (max_replies_per_connection, 128 on the system bus)
         let window = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
@@ -286,6 +288,14 @@ async fn bench(ns: &[usize]) {
             results.push(c.await.expect("task"));
         }
         let single = t.elapsed();
+        let cpu1 = cpu_ms(&[daemon.child.id(), bus.child.id(), d.pid().unwrap_or(0)]);
+        cpu_single.push((
+            n,
+            cpu1.iter()
+                .zip(&cpu0)
+                .map(|(a, b)| a - b)
+                .collect::<Vec<_>>(),
+        ));
         let errs: Vec<String> = results
             .iter()
             .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
@@ -314,10 +324,35 @@ async fn bench(ns: &[usize]) {
         );
     }
     println!("ratio 1 = docker-style / PublishMany; ratio N = docker-style / N×Publish");
+    for (n, c) in cpu_single {
+        println!(
+            "CPU during N×Publish, N = {n}: dindhelperd {} ms, dbus-daemon {} ms, dockerd {} ms \
+             (children such as iptables-restore not included)",
+            c[0], c[1], c[2]
+        );
+    }
     drop(conn);
     drop(daemon);
     drop(bus);
     drop(d);
+}
+
+/// utime + stime of each pid in ms (0 for a pid that is gone).
+fn cpu_ms(pids: &[u32]) -> Vec<u64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    pids.iter()
+        .map(|p| {
+            let s = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .map(|x| x.parse().unwrap_or(0))
+                .collect();
+            // fields after the comm: state is [0], utime [11], stime [12]
+            (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) * 1000 / hz
+        })
+        .collect()
 }
 
 /// What `docker run -p` writes for one port, one process per rule (tagged so the bench

@@ -4,7 +4,8 @@
 //! - [`rules`]: pure builders of the `iptables-restore` batches (what dockerd writes for
 //!   `-p`, tagged `dindhelper:<id>`) and the parser of `iptables-save` output.
 //! - [`backend`]: which iptables (nft/legacy) holds Docker's chains; save/restore.
-//! - [`sockets`]: sockets bound in the daemon's network namespace (port conflicts).
+//! - [`sockets`]: sockets bound in the daemon's network namespace (port conflicts), read
+//!   through sock_diag netlink ([`diag`]) or procfs.
 //! - [`PortsManager`]: publish / unpublish / reconcile / on_event, and [`watch`], the task
 //!   that follows Docker events and re-applies everything after a dockerd restart.
 //!
@@ -26,6 +27,7 @@
 //! then [`PortsManager::reconcile`] at start.
 
 pub mod backend;
+pub mod diag;
 pub mod rules;
 pub mod sockets;
 
