@@ -175,7 +175,11 @@ async fn bench(ns: &[usize]) {
     let ip = d.ip_of("web");
     let bus = Bus::start(Path::new(&format!("/run/dhr-bench-{pid}")));
     let state = PathBuf::from(format!("/var/tmp/dhr-bench-{pid}-state"));
-    let log = std::fs::File::create(bus.dir.join("daemon.log")).unwrap();
+    // DHR_BENCH_LOG=FILE keeps the daemon's log there (RUST_LOG sets its filter)
+    let log_path = std::env::var_os("DHR_BENCH_LOG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bus.dir.join("daemon.log"));
+    let log = std::fs::File::create(&log_path).unwrap();
     let daemon = Daemon {
         child: Command::new("nsenter")
             .arg(format!("--net={}", d.ns_path().display()))
@@ -208,7 +212,7 @@ async fn bench(ns: &[usize]) {
         assert!(
             t.elapsed() < Duration::from_secs(20),
             "dindhelperd did not come up; see {}",
-            bus.dir.join("daemon.log").display()
+            log_path.display()
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }

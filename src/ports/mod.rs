@@ -664,7 +664,14 @@ impl PortsManager {
             let _g = me.write_lock.lock().await;
             let jobs = std::mem::take(&mut *me.pending.lock().unwrap());
             if !jobs.is_empty() {
+                let t = std::time::Instant::now();
+                let n = jobs.len();
                 me.run_jobs(jobs).await;
+                tracing::debug!(
+                    jobs = n,
+                    ms = t.elapsed().as_millis() as u64,
+                    "ports write round"
+                );
             }
         });
         rx.await
