@@ -77,3 +77,4 @@ uninstall:
 check-files:
 	xmllint --noout --dtdvalid /usr/share/polkit-1/policyconfig-1.dtd polkit/org.dindhelper1.policy
 	xmllint --noout dbus/org.dindhelper1.conf
+	xmllint --noout dbus/org.dindhelper1.xml

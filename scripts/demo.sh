@@ -66,7 +66,7 @@ fi
 if [ -f "$RUN/daemon.pid" ] && kill -0 "$(cat "$RUN/daemon.pid")" 2>/dev/null; then
   kill "$(cat "$RUN/daemon.pid")"; sleep 0.5
 fi
-"$BIN/dindhelperd" --bus-address "$ADDR" --state-dir "$STATE" 2>"$RUN/daemon.log" &
+"$BIN/dindhelperd" --bus-address "$ADDR" --state-dir "$STATE" >"$RUN/daemon.log" 2>&1 </dev/null &
 echo $! > "$RUN/daemon.pid"
 for _ in $(seq 50); do
   busctl --address="$ADDR" status org.dindhelper1 >/dev/null 2>&1 && break; sleep 0.1
@@ -81,7 +81,7 @@ out=$(bc call org.dindhelper1 /org/dindhelper1 org.dindhelper1.Manager AttachIma
 echo "$out"
 dev=$(echo "$out" | sed -n 's/.*"\(\/dev\/loop[0-9]*\)".*/\1/p')
 echo "+ sfdisk $dev (GPT, 3 partitions)"
-printf 'label: gpt\n,16M\n,16M\n,\n' | sfdisk -q "$dev"
+printf 'label: gpt\n,16M\n,16M\n,\n' | sfdisk -q --no-reread --no-tell-kernel "$dev"   # the kernel learns of them only from Rescan
 bc call org.dindhelper1 /org/dindhelper1 org.dindhelper1.Manager Rescan sa{sv} "$dev" 0
 ls -l "${dev}"p*
 bc tree org.dindhelper1

@@ -18,6 +18,18 @@ pub struct Config {
     pub max_image_bytes_per_uid: u64,
     /// How many loop devices one uid may have attached through the daemon.
     pub max_loops_per_uid: usize,
+    /// dockerd's cgroup driver (`"cgroupfs"` or `"systemd"`, `docker info -f
+    /// {{.CgroupDriver}}`): decides the `--cgroup-parent` value CreateInstance returns.
+    /// Unset: `systemd` with the systemd slice backend, `cgroupfs` otherwise. A
+    /// CreateInstance option `docker_cgroup_driver` overrides it per instance.
+    pub docker_cgroup_driver: Option<crate::instances::DockerCgroupDriver>,
+    /// Longest capture in seconds; a StartCapture duration above it is cut to it.
+    pub max_capture_duration: u64,
+    /// How many captures one uid may run at the same time.
+    pub max_captures_per_uid: usize,
+    /// How many bytes of capture files one uid may keep under `<state>/captures/<uid>/`
+    /// (running captures count with their current size; a new one gets what is left).
+    pub max_capture_bytes_per_uid: u64,
 }
 
 impl Default for Config {
@@ -27,6 +39,10 @@ impl Default for Config {
             max_images_per_uid: 32,
             max_image_bytes_per_uid: 256 * GIB,
             max_loops_per_uid: 16,
+            docker_cgroup_driver: None,
+            max_capture_duration: 3600,
+            max_captures_per_uid: 4,
+            max_capture_bytes_per_uid: 4 * GIB,
         }
     }
 }
@@ -75,6 +91,14 @@ impl Config {
         if self.max_image_bytes_per_uid < self.max_image_size {
             return Err("max_image_bytes_per_uid must be at least max_image_size".into());
         }
+        if self.max_capture_duration == 0 {
+            return Err("max_capture_duration must be at least 1 (seconds)".into());
+        }
+        if self.max_capture_bytes_per_uid < MIB {
+            return Err(format!(
+                "max_capture_bytes_per_uid must be at least {MIB} bytes"
+            ));
+        }
         Ok(())
     }
 }
@@ -99,5 +123,26 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn capture_limits_have_defaults_and_are_validated() {
+        let c: Config = serde_json::from_str(r#"{"max_captures_per_uid": 2}"#).unwrap();
+        assert_eq!(c.max_captures_per_uid, 2);
+        assert_eq!(c.max_capture_duration, 3600);
+        assert_eq!(c.max_capture_bytes_per_uid, 4 * GIB);
+        assert!(c.validate().is_ok());
+        for bad in [
+            Config {
+                max_capture_duration: 0,
+                ..Config::default()
+            },
+            Config {
+                max_capture_bytes_per_uid: 1000,
+                ..Config::default()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
     }
 }

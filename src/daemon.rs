@@ -2,6 +2,8 @@
 //! own `org.dindhelper1` → serve → on SIGTERM/SIGINT release the name, let calls in flight
 //! finish, save state, exit 0.
 
+use crate::bus::capture::CaptureManager;
+use crate::bus::devices::Devices;
 use crate::bus::manager::Manager;
 use crate::bus::{auth::Authorizer, BUS_NAME, MANAGER_PATH};
 use crate::config::Config;
@@ -17,9 +19,10 @@ pub struct DaemonOptions {
     /// `None`: the system bus.
     pub bus_address: Option<String>,
     pub state_dir: PathBuf,
-    /// Docker Engine API socket, `unix:///path` or `/path` (ports).
-    pub docker_host: String,
     pub config: Config,
+    /// `--docker-host` (unix:///path): where AdoptContainer resolves container names,
+    /// captures and ExposeToContainer resolve containers, and ports follow dockerd.
+    pub docker_host: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,12 +59,31 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         },
     )
     .map_err(DaemonError::Images)?;
+    // The slice backend for instances; without one the daemon still serves the rest.
+    let backend = match crate::instances::pick_backend_async(tokio::runtime::Handle::current())
+        .await
+    {
+        Ok(b) => {
+            tracing::info!("instance slice backend: {:?}", b.kind());
+            Ok(Arc::from(b))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no slice backend: instance methods answer NotSupported");
+            Err(e.to_string())
+        }
+    };
+    let instances = ops::instances::InstanceCtx::new(
+        backend,
+        opts.config.docker_cgroup_driver,
+        Arc::new(ops::instances::DockerSocketResolver::new(&opts.docker_host)),
+    );
     let ports = ops::ports::manager_for(&opts.docker_host).map_err(DaemonError::Ports)?;
     let core = Arc::new(Core {
         cfg: opts.config.clone(),
         store,
         state: tokio::sync::Mutex::new(state),
         images,
+        instances,
         ports,
     });
 
@@ -99,18 +121,43 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     {
         tracing::info!(decision = ?d, "reconcile");
     }
+    for d in ops::instances::reconcile(&core)
+        .await
+        .map_err(DaemonError::Reconcile)?
+    {
+        // In the message itself: journald keeps structured fields out of `journalctl`'s view.
+        tracing::info!("reconcile: {d:?}");
+    }
 
     let ports_tasks = ops::ports::start(&core).await;
 
     let gate = Arc::new(tokio::sync::RwLock::new(()));
+    let auth = Arc::new(Authorizer::new(conn.clone()));
     let ports_iface = crate::bus::ports::Ports {
         core: core.clone(),
-        auth: Arc::new(Authorizer::new(conn.clone())),
+        auth: auth.clone(),
         gate: gate.clone(),
     };
     let manager = Manager {
         core: core.clone(),
-        auth: Arc::new(Authorizer::new(conn.clone())),
+        auth: auth.clone(),
+        gate: gate.clone(),
+    };
+    let docker = crate::docker::Docker::from_host_url(&opts.docker_host);
+    if docker.is_none() {
+        tracing::warn!(docker_host = %opts.docker_host, "not a unix:// URL: container targets are unavailable");
+    }
+    let captures = ops::capture::Captures::new(core.clone(), docker.clone());
+    let capture_iface = CaptureManager {
+        core: core.clone(),
+        captures: captures.clone(),
+        auth: auth.clone(),
+        gate: gate.clone(),
+    };
+    let devices_iface = Devices {
+        core: core.clone(),
+        docker,
+        auth: auth.clone(),
         gate: gate.clone(),
     };
     let server = conn.object_server();
@@ -121,6 +168,24 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     manager.publish_all(server).await;
     server
         .at(MANAGER_PATH, manager)
+        .await
+        .map_err(DaemonError::Export)?;
+    let instances = crate::bus::instances::Instances {
+        core: core.clone(),
+        auth: auth.clone(),
+        gate: gate.clone(),
+    };
+    instances.publish_all(server).await;
+    server
+        .at(MANAGER_PATH, instances)
+        .await
+        .map_err(DaemonError::Export)?;
+    server
+        .at(MANAGER_PATH, capture_iface)
+        .await
+        .map_err(DaemonError::Export)?;
+    server
+        .at(MANAGER_PATH, devices_iface)
         .await
         .map_err(DaemonError::Export)?;
     let port_changes = core.ports.subscribe();
@@ -172,9 +237,13 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     ports_tasks.watch.abort();
     ports_tasks.persist.abort();
     port_signals.abort();
+    let ended = captures.stop_all().await;
+    if ended > 0 {
+        tracing::info!("stopped {ended} running captures (their files are complete)");
+    }
     let mut st = core.state.lock().await;
     st.mappings = core.ports.mappings();
-    core.store.save(&st)?;
+    core.store.save_all(&st)?;
     tracing::info!("state saved; exiting");
     Ok(())
 }

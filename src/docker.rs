@@ -470,6 +470,39 @@ impl Docker {
         })
     }
 
+    /// HostConfig.DeviceCgroupRules of a container (`--device-cgroup-rule`), by exact id
+    /// or name. Separate from [`Docker::inspect`] so `ContainerInfo` stays as it is.
+    pub async fn device_cgroup_rules(&self, id: &str) -> Result<Vec<String>, DockerError> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct Raw {
+            host_config: Option<RawRules>,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "PascalCase")]
+        struct RawRules {
+            #[serde(default)]
+            device_cgroup_rules: Option<Vec<String>>,
+        }
+        if id.is_empty()
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        {
+            return Err(DockerError::NotFound {
+                what: "container",
+                name: id.to_owned(),
+            });
+        }
+        let raw: Raw = self
+            .get_json(&format!("/containers/{id}/json"), "container", id)
+            .await?;
+        Ok(raw
+            .host_config
+            .and_then(|h| h.device_cgroup_rules)
+            .unwrap_or_default())
+    }
+
     /// Linux bridge interface of a network: the `com.docker.network.bridge.name` option,
     /// `docker0` for the default `bridge` network, `br-<id[..12]>` for other bridge
     /// networks (dockerd's naming), None for non-bridge drivers.

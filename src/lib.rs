@@ -13,9 +13,11 @@ pub mod daemon;
 pub mod docker;
 pub mod error;
 pub mod names;
+pub mod netns;
 pub mod state;
 
 pub mod capture;
+pub mod expose;
 pub mod instances;
 pub mod loopdev;
 pub mod partitions;

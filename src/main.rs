@@ -118,8 +118,8 @@ fn real_main(args: Args) -> anyhow::Result<()> {
     rt.block_on(daemon::run(DaemonOptions {
         bus_address: args.bus_address,
         state_dir: args.state_dir,
-        docker_host: args.docker_host,
         config,
+        docker_host: args.docker_host,
     }))?;
     Ok(())
 }

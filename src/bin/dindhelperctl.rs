@@ -46,6 +46,37 @@ trait Manager {
     ) -> zbus::Result<Vec<PartTuple>>;
 }
 
+#[zbus::proxy(
+    interface = "org.dindhelper1.Captures",
+    default_service = "org.dindhelper1",
+    default_path = "/org/dindhelper1"
+)]
+trait Captures {
+    fn start_capture_fd(
+        &self,
+        target: &str,
+        fd: zbus::zvariant::Fd<'_>,
+        options: HashMap<&str, Value<'_>>,
+    ) -> zbus::Result<OwnedObjectPath>;
+    #[zbus(signal)]
+    fn finished(
+        &self,
+        session: OwnedObjectPath,
+        packets: u64,
+        bytes: u64,
+        dropped: u64,
+        reason: String,
+    ) -> zbus::Result<()>;
+}
+
+#[zbus::proxy(
+    interface = "org.dindhelper1.Capture",
+    default_service = "org.dindhelper1"
+)]
+trait Capture {
+    fn stop(&self, options: HashMap<&str, Value<'_>>) -> zbus::Result<()>;
+}
+
 #[derive(Parser)]
 #[command(
     name = "dindhelperctl",
@@ -75,6 +106,29 @@ enum Cmd {
     Loop(LoopCmd),
     /// Re-read the partition table of a managed loop device.
     Rescan { device: String },
+    /// Capture packets in a container's network namespace and write pcap to stdout:
+    /// `dindhelperctl capture web --filter 'tcp port 80' | tcpdump -r -`.
+    /// Ctrl-C stops the session; the summary goes to stderr.
+    Capture {
+        /// Container name or id (`pid:N` and `host` need the capture-host action).
+        target: String,
+        /// tcpdump filter expression.
+        #[arg(long)]
+        filter: Option<String>,
+        /// Interface inside the target (default: all, like `tcpdump -i any`).
+        #[arg(long)]
+        interface: Option<String>,
+        /// Seconds (default 60, capped by the daemon's max_capture_duration).
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Stop after N packets.
+        #[arg(long)]
+        count: Option<u64>,
+        #[arg(long)]
+        snaplen: Option<u32>,
+        #[arg(long)]
+        instance: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -221,6 +275,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{dev}");
         }
         Cmd::Loop(LoopCmd::Detach { device }) => m.detach(&device, opts).await?,
+        Cmd::Capture {
+            target,
+            filter,
+            interface,
+            duration,
+            count,
+            snaplen,
+            instance,
+        } => {
+            if let Some(f) = filter {
+                opts.insert("filter", Value::from(f));
+            }
+            if let Some(i) = interface {
+                opts.insert("interface", Value::from(i));
+            }
+            if let Some(d) = duration {
+                opts.insert("duration", Value::U64(d));
+            }
+            if let Some(c) = count {
+                opts.insert("max_packets", Value::U64(c));
+            }
+            if let Some(s) = snaplen {
+                opts.insert("snaplen", Value::U32(s));
+            }
+            if let Some(i) = instance {
+                opts.insert("instance", Value::from(i));
+            }
+            capture(&conn, &target, opts).await?;
+        }
         Cmd::Rescan { device } => {
             for (n, start, size, ty, name, uuid, node, maj, min) in m.rescan(&device, opts).await? {
                 println!("{node} {n} start={start} size={size} type={ty} name={name:?} uuid={uuid} dev={maj}:{min}");
@@ -228,6 +311,60 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// StartCaptureFd with our stdout; wait for the session's Finished signal (Ctrl-C: Stop).
+async fn capture(
+    conn: &zbus::Connection,
+    target: &str,
+    opts: HashMap<&str, Value<'_>>,
+) -> anyhow::Result<()> {
+    use futures_util::StreamExt;
+    use std::io::IsTerminal;
+    use std::os::fd::AsFd;
+    let stdout = std::io::stdout();
+    if stdout.is_terminal() {
+        bail!("stdout is a terminal: pipe the pcap into a reader (| tcpdump -r -) or a file");
+    }
+    let caps = CapturesProxy::new(conn).await?;
+    // Subscribe before starting, so a short session's signal is not missed.
+    let mut finished = caps.receive_finished().await?;
+    let session = caps
+        .start_capture_fd(target, stdout.as_fd().into(), opts)
+        .await?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut stopping = false;
+    loop {
+        let interrupted = tokio::select! {
+            sig = finished.next() => {
+                let Some(sig) = sig else { bail!("the bus connection closed") };
+                let a = sig.args()?;
+                if a.session != session {
+                    continue;
+                }
+                eprintln!(
+                    "dindhelperctl: {} packets, {} bytes, {} dropped by the kernel; ended: {}",
+                    a.packets, a.bytes, a.dropped, a.reason
+                );
+                // A reader that went away (tcpdump -c N) is a normal end for a pipe.
+                if a.reason.starts_with("error") && !a.reason.contains("Broken pipe") {
+                    bail!("capture failed: {}", a.reason);
+                }
+                return Ok(());
+            }
+            _ = sigint.recv(), if !stopping => true,
+            _ = sigterm.recv(), if !stopping => true,
+        };
+        if interrupted {
+            stopping = true;
+            let c = CaptureProxy::builder(conn)
+                .path(session.clone())?
+                .build()
+                .await?;
+            c.stop(HashMap::new()).await?;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@ use zbus::message::Header;
 use zbus::names::BusName;
 use zbus_polkit::policykit1::{AuthorityProxy, CheckAuthorizationFlags, Subject};
 
+const UID_CACHE_MAX: usize = 4096;
+
 /// A polkit action family; `others` selects the `-others` twin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -48,6 +50,9 @@ pub struct Caller {
 
 pub struct Authorizer {
     conn: zbus::Connection,
+    /// uid per unique bus name. A unique name is never reused during a bus's lifetime, so
+    /// the bus daemon's answer stays true; bounded by clearing when full.
+    uids: std::sync::Mutex<HashMap<String, u32>>,
     dbus: tokio::sync::OnceCell<zbus::fdo::DBusProxy<'static>>,
     authority: tokio::sync::OnceCell<AuthorityProxy<'static>>,
 }
@@ -56,6 +61,7 @@ impl Authorizer {
     pub fn new(conn: zbus::Connection) -> Self {
         Authorizer {
             conn,
+            uids: std::sync::Mutex::new(HashMap::new()),
             dbus: tokio::sync::OnceCell::new(),
             authority: tokio::sync::OnceCell::new(),
         }
@@ -88,12 +94,29 @@ impl Authorizer {
         let sender = hdr
             .sender()
             .ok_or_else(|| BusError::NotAuthorized("message has no sender".into()))?;
-        let uid = self
-            .dbus()
-            .await?
-            .get_connection_unix_user(BusName::Unique(sender.clone()))
-            .await
-            .map_err(|e| BusError::NotAuthorized(format!("cannot identify caller: {e}")))?;
+        let cached = self
+            .uids
+            .lock()
+            .expect("uid cache")
+            .get(sender.as_str())
+            .copied();
+        let uid = match cached {
+            Some(u) => u,
+            None => {
+                let u = self
+                    .dbus()
+                    .await?
+                    .get_connection_unix_user(BusName::Unique(sender.clone()))
+                    .await
+                    .map_err(|e| BusError::NotAuthorized(format!("cannot identify caller: {e}")))?;
+                let mut m = self.uids.lock().expect("uid cache");
+                if m.len() >= UID_CACHE_MAX {
+                    m.clear();
+                }
+                m.insert(sender.to_string(), u);
+                u
+            }
+        };
         Ok(Caller {
             name: sender.to_string(),
             uid,

@@ -143,6 +143,22 @@ impl Manager {
         (loop_path(rec.number), rec.device())
     }
 
+    /// After the method's own options are read from `o`: refuse unknown ones, then ask
+    /// polkit for the loop action (its `-others` twin when `owner` is another uid).
+    async fn authorize_for_owner(
+        &self,
+        hdr: &Header<'_>,
+        caller: &Caller,
+        owner: u32,
+        o: Opts<'_>,
+    ) -> Result<(), BusError> {
+        let inter = o.interactive()?;
+        o.finish()?;
+        self.auth
+            .check_caller(hdr, caller, Action::Loop, owner != caller.uid, inter)
+            .await
+    }
+
     /// Authorize an action on a managed loop device: the base action, then the `-others`
     /// twin when the device belongs to another uid.
     async fn authorize_device(
@@ -183,11 +199,7 @@ impl Manager {
         let r = async {
             let mut o = Opts::new(&options);
             let owner = owner_option(&mut o, &caller)?;
-            let inter = interactive(&options)?;
-            o.finish()?;
-            self.auth
-                .check_caller(&hdr, &caller, Action::Loop, owner != caller.uid, inter)
-                .await?;
+            self.authorize_for_owner(&hdr, &caller, owner, o).await?;
             let rec = ops::loops::create_image(&self.core, owner, &name, size)
                 .await
                 .map_err(BusError::map)?;
@@ -212,11 +224,7 @@ impl Manager {
         let r = async {
             let mut o = Opts::new(&options);
             let owner = owner_option(&mut o, &caller)?;
-            let inter = interactive(&options)?;
-            o.finish()?;
-            self.auth
-                .check_caller(&hdr, &caller, Action::Loop, owner != caller.uid, inter)
-                .await?;
+            self.authorize_for_owner(&hdr, &caller, owner, o).await?;
             ops::loops::delete_image(&self.core, owner, &name)
                 .await
                 .map_err(BusError::map)?;
@@ -268,11 +276,17 @@ impl Manager {
             let mut o = Opts::new(&options);
             let owner = owner_option(&mut o, &caller)?;
             let req = attach_request(&mut o)?;
-            let inter = interactive(&options)?;
-            o.finish()?;
-            self.auth
-                .check_caller(&hdr, &caller, Action::Loop, owner != caller.uid, inter)
-                .await?;
+            let inter = o.interactive()?;
+            self.authorize_for_owner(&hdr, &caller, owner, o).await?;
+            super::authorize_instance_tag(
+                &self.auth,
+                &self.core,
+                &hdr,
+                &caller,
+                req.instance.as_deref(),
+                inter,
+            )
+            .await?;
             let rec = ops::loops::attach_image(&self.core, owner, &name, req)
                 .await
                 .map_err(BusError::map)?;
@@ -308,6 +322,15 @@ impl Manager {
             self.auth
                 .check_caller(&hdr, &caller, Action::Loop, false, inter)
                 .await?;
+            super::authorize_instance_tag(
+                &self.auth,
+                &self.core,
+                &hdr,
+                &caller,
+                req.instance.as_deref(),
+                inter,
+            )
+            .await?;
             let file = File::from(std::os::fd::OwnedFd::from(fd));
             let rec = ops::loops::attach_fd(&self.core, caller.uid, file, req)
                 .await

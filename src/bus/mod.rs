@@ -2,7 +2,10 @@
 //! method authorizes, converts, calls one `ops` function and maps the result.
 
 pub mod auth;
+pub mod capture;
+pub mod devices;
 pub mod error;
+pub mod instances;
 pub mod manager;
 pub mod objects;
 pub mod options;
@@ -10,3 +13,28 @@ pub mod ports;
 
 pub const BUS_NAME: &str = "org.dindhelper1";
 pub const MANAGER_PATH: &str = "/org/dindhelper1";
+
+/// A resource tagged with `instance` joins that instance: DestroyInstance will remove it.
+/// The instance must exist, and tagging into another uid's instance needs
+/// `org.dindhelper1.instances-others` (else a user could make another user's teardown
+/// remove, or fail on, their resources).
+pub async fn authorize_instance_tag(
+    auth: &auth::Authorizer,
+    core: &crate::ops::Core,
+    hdr: &zbus::message::Header<'_>,
+    caller: &auth::Caller,
+    instance: Option<&str>,
+    interactive: bool,
+) -> Result<(), error::BusError> {
+    let Some(name) = instance else {
+        return Ok(());
+    };
+    let rec = crate::ops::instances::get(core, name)
+        .await
+        .map_err(error::BusError::map)?;
+    if rec.owner_uid != caller.uid {
+        auth.check_caller(hdr, caller, auth::Action::Instances, true, interactive)
+            .await?;
+    }
+    Ok(())
+}

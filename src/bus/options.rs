@@ -39,6 +39,11 @@ impl<'a> Opts<'a> {
         ))
     }
 
+    /// The raw value of a key (marked as known), for methods that accept several types.
+    pub fn value(&mut self, key: &'static str) -> Option<&'a Value<'static>> {
+        self.get(key)
+    }
+
     pub fn bool(&mut self, key: &'static str) -> Result<Option<bool>, BusError> {
         match self.get(key) {
             None => Ok(None),
@@ -94,6 +99,11 @@ impl<'a> Opts<'a> {
             Some(Value::Str(s)) => Ok(Some(s.to_string())),
             Some(v) => Err(Self::bad(key, "s", v)),
         }
+    }
+
+    /// The `interactive` option (default false).
+    pub fn interactive(&self) -> Result<bool, BusError> {
+        interactive(self.map)
     }
 
     /// Call after reading every option the method knows.

@@ -319,6 +319,15 @@ impl Ports {
             self.auth
                 .check_caller(&hdr, &caller, Action::Ports, false, inter)
                 .await?;
+            super::authorize_instance_tag(
+                &self.auth,
+                &self.core,
+                &hdr,
+                &caller,
+                o.instance.as_deref(),
+                inter,
+            )
+            .await?;
             let req = request(
                 &o,
                 caller.uid,
@@ -357,6 +366,15 @@ impl Ports {
             self.auth
                 .check_caller(&hdr, &caller, Action::Ports, false, inter)
                 .await?;
+            super::authorize_instance_tag(
+                &self.auth,
+                &self.core,
+                &hdr,
+                &caller,
+                o.instance.as_deref(),
+                inter,
+            )
+            .await?;
             let reqs = ports
                 .into_iter()
                 .map(|(c, p, h, cp)| request(&o, caller.uid, c, p, h, cp))

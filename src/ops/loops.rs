@@ -49,9 +49,8 @@ pub async fn create_image(
     Ok(rec)
 }
 
-pub async fn delete_image(core: &Arc<Core>, uid: u32, name: &str) -> Result<(), OpsError> {
-    check_file_name("image name", name)?;
-    let mut st = core.state.lock().await;
+/// The image exists and no loop device is attached to it.
+fn check_image_unattached(st: &crate::state::State, uid: u32, name: &str) -> Result<(), OpsError> {
     if !st
         .images
         .iter()
@@ -62,16 +61,23 @@ pub async fn delete_image(core: &Arc<Core>, uid: u32, name: &str) -> Result<(), 
             name: format!("{name} (uid {uid})"),
         });
     }
-    if let Some(l) = st
+    match st
         .loops
         .iter()
         .find(|l| l.image.as_ref() == Some(&(uid, name.to_owned())))
     {
-        return Err(OpsError::Busy {
+        Some(l) => Err(OpsError::Busy {
             what: format!("image {name:?}"),
             why: format!("attached to {}; detach it first", l.device()),
-        });
+        }),
+        None => Ok(()),
     }
+}
+
+pub async fn delete_image(core: &Arc<Core>, uid: u32, name: &str) -> Result<(), OpsError> {
+    check_file_name("image name", name)?;
+    let mut st = core.state.lock().await;
+    check_image_unattached(&st, uid, name)?;
     let c = core.clone();
     let n = name.to_owned();
     blocking(move || Ok(c.images.delete(uid, &n)?)).await?;
@@ -99,26 +105,7 @@ pub async fn attach_image(
 ) -> Result<LoopRecord, OpsError> {
     check_file_name("image name", name)?;
     let st = core.state.lock().await;
-    if !st
-        .images
-        .iter()
-        .any(|i| i.owner_uid == uid && i.name == name)
-    {
-        return Err(OpsError::NotFound {
-            what: "image",
-            name: format!("{name} (uid {uid})"),
-        });
-    }
-    if let Some(l) = st
-        .loops
-        .iter()
-        .find(|l| l.image.as_ref() == Some(&(uid, name.to_owned())))
-    {
-        return Err(OpsError::Busy {
-            what: format!("image {name:?}"),
-            why: format!("already attached to {}", l.device()),
-        });
-    }
+    check_image_unattached(&st, uid, name)?;
     drop(st);
     let c = core.clone();
     let n = name.to_owned();
@@ -157,10 +144,19 @@ async fn attach(
         size_limit: req.size_limit,
         label: label(&st.state_id, uid),
     };
+    let t0 = std::time::Instant::now();
     let info = blocking(move || Ok(loopdev::attach_file(&file, &opts)?)).await?;
+    let t1 = std::time::Instant::now();
     let rec = record_from(&info, image, uid, req.instance);
     st.loops.push(rec.clone());
-    if let Err(e) = core.persist(&st) {
+    let saved = core.persist_loops(&st);
+    tracing::debug!(
+        kernel_us = (t1 - t0).as_micros() as u64,
+        persist_us = t1.elapsed().as_micros() as u64,
+        device = %rec.device(),
+        "attach timings"
+    );
+    if let Err(e) = saved {
         st.loops.retain(|l| l.number != rec.number);
         if let Err(e2) = loopdev::detach(rec.number) {
             tracing::error!(error = %e2, device = %rec.device(), "rollback detach failed");
@@ -230,7 +226,7 @@ pub async fn detach(core: &Arc<Core>, number: u32) -> Result<LoopRecord, OpsErro
         tracing::info!(device = %rec.device(), "device is still open (mounted?): the kernel detaches it at the last close");
     }
     st.loops.retain(|l| l.number != number);
-    core.persist(&st)?;
+    core.persist_loops(&st)?;
     Ok(rec)
 }
 
@@ -241,7 +237,7 @@ pub async fn rescan(core: &Arc<Core>, number: u32) -> Result<Vec<Partition>, Ops
     let mut st = core.state.lock().await;
     if let Some(l) = st.loops.iter_mut().find(|l| l.number == number) {
         l.partitions = parts.clone();
-        core.persist(&st)?;
+        core.persist_loops(&st)?;
     }
     Ok(parts)
 }
@@ -343,6 +339,6 @@ pub async fn reconcile(core: &Arc<Core>) -> Result<Vec<Decision>, OpsError> {
             }
         }
     }
-    core.persist(&st)?;
+    core.store.save_all(&st)?;
     Ok(out)
 }

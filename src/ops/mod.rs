@@ -2,6 +2,9 @@
 //! ownership, per-uid limits). No D-Bus here; the bus layer authorizes and converts, then
 //! calls one function of this module.
 
+pub mod capture;
+pub mod devices;
+pub mod instances;
 pub mod loops;
 pub mod ports;
 
@@ -15,14 +18,21 @@ pub struct Core {
     pub store: StateStore,
     pub state: tokio::sync::Mutex<State>,
     pub images: crate::loopdev::images::ImageStore,
+    /// Slice backend, dockerd's cgroup driver and the container resolver.
+    pub instances: instances::InstanceCtx,
     /// Published ports (Docker client + iptables); see `ops::ports`.
     pub ports: std::sync::Arc<crate::ports::PortsManager>,
 }
 
 impl Core {
-    /// Persist `state` (call with the state lock held, after a change).
+    /// Persist durable intent (`state.json`; call with the state lock held).
     pub fn persist(&self, state: &State) -> Result<(), OpsError> {
         self.store.save(state).map_err(OpsError::State)
+    }
+
+    /// Persist loop records (`loops.json`: atomic, not fsynced; see `state`).
+    pub fn persist_loops(&self, state: &State) -> Result<(), OpsError> {
+        self.store.save_loops(state).map_err(OpsError::State)
     }
 }
 
@@ -50,6 +60,24 @@ pub enum OpsError {
     Invalid(String),
     #[error("internal task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Instance(#[from] crate::instances::InstanceError),
+    /// A teardown that did part of its work: what was done and every failure.
+    #[error("{} failure(s): {}; done: [{}]", .errors.len(), .errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "), .done.join(", "))]
+    Teardown {
+        done: Vec<String>,
+        errors: Vec<OpsError>,
+    },
+    #[error("{what}: {why}")]
+    Conflict { what: String, why: String },
+    #[error("{what} is not available on this host: {why}")]
+    NotSupported { what: String, why: String },
+    #[error("container {container:?}: {why}")]
+    Container {
+        container: String,
+        why: String,
+        kind: Kind,
+    },
 }
 
 impl Classify for OpsError {
@@ -65,6 +93,11 @@ impl Classify for OpsError {
             // Same class as the image store's per-uid limits.
             OpsError::Limit(_) | OpsError::Invalid(_) => Kind::InvalidArgs,
             OpsError::Task(_) => Kind::Failed,
+            OpsError::Instance(e) => e.kind(),
+            OpsError::Teardown { errors, .. } => errors.first().map_or(Kind::Failed, |e| e.kind()),
+            OpsError::Conflict { .. } => Kind::Conflict,
+            OpsError::NotSupported { .. } => Kind::NotSupported,
+            OpsError::Container { kind, .. } => *kind,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Test fixture: a real dockerd isolated in its own network namespace, plus a client
 //! namespace joined to it by a veth pair (TESTBED.md recipe).
 //!
-//! Names (helper tag `dhp`, or another with `start_tagged`): netns `dhp-<pid>-<n>-d` (dockerd) and `dhp-<pid>-<n>-c`
+//! Names (helper tag `dhp`, or another via [`Dockerd::start_tagged`]): netns `dhp-<pid>-<n>-d` (dockerd) and `dhp-<pid>-<n>-c`
 //! (client), data under `/var/tmp/dhp-<pid>-<n>`, exec root `/run/dhp-<pid>-<n>` (short:
 //! containerd socket paths must fit in sun_path). Client 10.99.0.2/24 <-> dockerd netns
 //! 10.99.0.1/24.
@@ -88,7 +88,7 @@ impl Dockerd {
         Dockerd::start_tagged("dhp", legacy)
     }
 
-    /// The same with names under another helper tag (`<tag>-<pid>-<n>`).
+    /// The same with another helper tag in every name (`<tag>-<pid>-<n>-d`, …).
     pub fn start_tagged(tag: &str, legacy: bool) -> Dockerd {
         require_root_and_tools();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);

@@ -199,6 +199,8 @@ pub struct Bed {
     /// Where start_daemon runs the daemon: None = this process's network namespace;
     /// Some = inside that netns file, with that `--docker-host` (ports tests).
     daemon_place: RefCell<Option<(PathBuf, String)>>,
+    /// Extra daemon arguments (e.g. `--docker-host`), used by every (re)start.
+    daemon_args: RefCell<Vec<String>>,
     shared: RefCell<Option<Shared>>,
     torn_down: RefCell<bool>,
 }
@@ -221,6 +223,7 @@ impl Bed {
             polkitd: RefCell::new(None),
             daemon: RefCell::new(None),
             daemon_place: RefCell::new(None),
+            daemon_args: RefCell::new(Vec::new()),
             shared: RefCell::new(None),
             torn_down: RefCell::new(false),
         };
@@ -429,6 +432,7 @@ impl Bed {
             .arg("--state-dir")
             .arg(&self.state_dir)
             .args(["--log-level", "debug"])
+            .args(self.daemon_args.borrow().iter())
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)
@@ -452,6 +456,12 @@ impl Bed {
     /// it inside that network namespace (dockerd's, for the ports tests); None = here.
     pub fn set_daemon_place(&self, place: Option<(PathBuf, String)>) {
         *self.daemon_place.borrow_mut() = place;
+    }
+
+    /// Extra arguments for every later (re)start of the daemon; takes effect at the next
+    /// [`Bed::restart_daemon`].
+    pub fn set_daemon_args(&self, args: &[String]) {
+        *self.daemon_args.borrow_mut() = args.to_vec();
     }
 
     /// SIGTERM the daemon and wait (10 s, then SIGKILL). Returns its exit status.

@@ -10,10 +10,15 @@
 //! - `DHT_KEEP=1` keeps the run and state dirs (daemon.log, polkitd.log);
 //! - the last line is always `N passed, N failed` (CI reads it); exit 1 on any failure.
 
+mod api_doc_tests;
 mod auth_tests;
 mod bed;
+mod capture_tests;
+// The dockerd fixture of tests/common (dockerd in its own netns, image bb:latest), shared
+// by the modules that need Docker.
 #[path = "../common/dockerd.rs"]
 mod dockerd;
+mod instance_tests;
 mod loop_tests;
 mod partition_tests;
 mod ports_tests;
@@ -42,8 +47,11 @@ extern "C" fn on_signal(_: libc::c_int) {
 fn all_tests() -> Vec<Test> {
     let mut v = Vec::new();
     v.extend(auth_tests::tests());
+    v.extend(api_doc_tests::tests());
     v.extend(loop_tests::tests());
     v.extend(partition_tests::tests());
+    v.extend(instance_tests::tests());
+    v.extend(capture_tests::tests());
     v.extend(ports_tests::tests());
     v
 }

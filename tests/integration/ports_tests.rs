@@ -78,6 +78,7 @@ impl<'b> PortsEnv<'b> {
         let d = Dockerd::start_tagged("dhr", false);
         let env = PortsEnv { bed, d: Some(d) };
         bed.stop_daemon();
+        bed.set_daemon_args(&[]); // the place gives --docker-host
         bed.set_daemon_place(Some((
             env.d().ns_path(),
             format!("unix://{}", env.d().socket.display()),
@@ -377,7 +378,7 @@ fn publish_as_member_reaches_container_and_unpublish_cuts_it(bed: &Bed) {
     let id = path.rsplit('/').next().unwrap().to_owned();
     assert_eq!(env.persisted_ids(), vec![id.clone()], "mapping persisted");
 
-    // host_ip + instance options, and Unpublish by bare id
+    // host_ip option, and Unpublish by bare id
     let out = env
         .publish(
             MEMBER,
@@ -385,7 +386,7 @@ fn publish_as_member_reaches_container_and_unpublish_cuts_it(bed: &Bed) {
             "tcp",
             8081,
             80,
-            &["host_ip", "s", "10.99.0.1", "instance", "s", "lab-1"],
+            &["host_ip", "s", "10.99.0.1"],
         )
         .expect_ok("Publish with host_ip");
     let p2 = out.json_data()[0].as_str().unwrap().to_owned();
@@ -393,12 +394,57 @@ fn publish_as_member_reaches_container_and_unpublish_cuts_it(bed: &Bed) {
         env.prop(&p2, "HostIp"),
         Some(serde_json::json!("10.99.0.1"))
     );
-    assert_eq!(env.prop(&p2, "Instance"), Some(serde_json::json!("lab-1")));
     assert_eq!(d.curl(8081).as_deref(), Some("hello"));
     let id2 = p2.rsplit('/').next().unwrap();
     env.call(MEMBER, "Unpublish", "sa{sv}", &[id2, "0"])
         .expect_ok("Unpublish by id");
     assert_eq!(d.curl(8081), None);
+
+    // instance option: the instance must exist; DestroyInstance unpublishes its ports
+    let inst = format!("dhr-{}", std::process::id() % 100000);
+    env.expect_error(
+        MEMBER,
+        "Publish",
+        &[
+            &gv_str("web"),
+            &gv_str("tcp"),
+            &gv_q(8082),
+            &gv_q(80),
+            &format!("{{'instance': <'{inst}'>}}"),
+        ],
+        "NotFound",
+    );
+    let instances = |method: &str, args: &[&str]| {
+        let mut v = vec![
+            "call",
+            BUS_NAME,
+            MANAGER_PATH,
+            "org.dindhelper1.Instances",
+            method,
+            "sa{sv}",
+        ];
+        v.extend_from_slice(args);
+        bed.busctl_as(MEMBER, &v)
+    };
+    instances("CreateInstance", &[&inst, "0"]).expect_ok("CreateInstance");
+    let out = env
+        .publish(MEMBER, "web", "tcp", 8082, 80, &["instance", "s", &inst])
+        .expect_ok("Publish into an instance");
+    let p3 = out.json_data()[0].as_str().unwrap().to_owned();
+    assert_eq!(env.prop(&p3, "Instance"), Some(serde_json::json!(inst)));
+    assert_eq!(d.curl(8082).as_deref(), Some("hello"));
+    let out = instances("DestroyInstance", &[&inst, "0"]).expect_ok("DestroyInstance");
+    assert!(
+        out.stdout.contains("unpublished port mapping"),
+        "DestroyInstance did not report the mapping: {}",
+        out.stdout
+    );
+    assert_eq!(
+        d.curl(8082),
+        None,
+        "port of a destroyed instance still answers"
+    );
+    assert_eq!(env.prop(&p3, "State"), None);
 
     env.call(MEMBER, "Unpublish", "sa{sv}", &[&path, "0"])
         .expect_ok("Unpublish by path");

@@ -1,0 +1,233 @@
+//! Real ExposeToContainer domain test: its own dockerd in netns `dhc-dkt` (TESTBED.md recipe,
+//! busybox-static image), a partitioned loop device, nodes made inside the container.
+//! Needs root, docker.io, busybox-static, sfdisk, partx, losetup. Fails when one is missing.
+
+use std::process::Command;
+use std::time::Duration;
+
+use dindhelper::error::{Classify, Kind};
+use dindhelper::expose::{self, CgroupOutcome};
+use dindhelper::netns::Target;
+
+const NS: &str = "dhc-dkt";
+const DIR: &str = "/run/dhc-dkt";
+const DATA: &str = "/var/tmp/dhc-dkt-data";
+const IMG: &str = "/var/tmp/dhc-dkt.img";
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+    assert!(
+        out.status.success(),
+        "{cmd}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn docker(args: &str) -> String {
+    sh(&format!("docker -H unix://{DIR}/docker.sock {args}"))
+}
+
+struct Fixture {
+    dockerd: Option<std::process::Child>,
+    loopdev: Option<String>,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        assert!(nix::unistd::geteuid().is_root(), "expose_real needs root");
+        for tool in [
+            "dockerd", "docker", "busybox", "sfdisk", "partx", "losetup", "nsenter",
+        ] {
+            assert!(
+                Command::new("sh")
+                    .arg("-c")
+                    .arg(format!("command -v {tool}"))
+                    .status()
+                    .unwrap()
+                    .success(),
+                "{tool} is required"
+            );
+        }
+        let _ = Command::new("ip").args(["netns", "del", NS]).status();
+        sh(&format!(
+            "rm -rf {DIR} && mkdir -p {DIR}/r/bin {DIR}/r/dev && cp $(command -v busybox) {DIR}/r/bin/ && \
+             mkdir -p {DIR}/r/www && echo hello > {DIR}/r/www/index.html && \
+             for a in sh sleep dd cat ls httpd; do ln -sf busybox {DIR}/r/bin/$a; done && \
+             ip netns add {NS} && ip -n {NS} link set lo up"
+        ));
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{NS}"))
+            .args(["dockerd", "--data-root", DATA, "--exec-root"])
+            .arg(format!("{DIR}/x"))
+            .arg("--pidfile")
+            .arg(format!("{DIR}/pid"))
+            .arg("-H")
+            .arg(format!("unix://{DIR}/docker.sock"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(format!("{DIR}/log")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut f = Fixture {
+            dockerd: Some(child),
+            loopdev: None,
+        };
+        for i in 0..100 {
+            let ok = Command::new("docker")
+                .args(["-H", &format!("unix://{DIR}/docker.sock"), "info"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                break;
+            }
+            assert!(
+                i < 99,
+                "dockerd did not come up: {}",
+                std::fs::read_to_string(format!("{DIR}/log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        sh(&format!(
+            "tar -C {DIR}/r -c . | docker -H unix://{DIR}/docker.sock import - dhcbb:latest"
+        ));
+        f.loopdev = None;
+        f
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "docker -H unix://{DIR}/docker.sock rm -f dhc-exp >/dev/null 2>&1"
+            ))
+            .status();
+        if let Some(mut child) = self.dockerd.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM);
+            let _ = child.wait();
+        }
+        if let Some(l) = self.loopdev.take() {
+            let _ = Command::new("partx").args(["-d", &l]).status();
+            let _ = Command::new("losetup").args(["-d", &l]).status();
+        }
+        let _ = Command::new("ip").args(["netns", "del", NS]).status();
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "umount {DIR}/x/netns/* 2>/dev/null; rm -rf {DIR} {DATA} {IMG}"
+            ))
+            .status();
+    }
+}
+
+static DOCKER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+#[test]
+fn capture_in_a_container_survives_its_death() {
+    let _g = DOCKER.lock().unwrap_or_else(|e| e.into_inner());
+    let _fx = Fixture::new();
+    docker("run -d --name dhc-exp dhcbb:latest /bin/httpd -f -p 80 -h /www");
+    let pid: i32 = docker("inspect -f '{{.State.Pid}}' dhc-exp")
+        .parse()
+        .unwrap();
+    let ip = docker("inspect -f '{{.NetworkSettings.IPAddress}}' dhc-exp");
+    let file = format!("{DIR}/c.pcap");
+    let h = dindhelper::capture::start(
+        Target::of_pid(pid).unwrap(),
+        dindhelper::capture::CaptureOptions {
+            filter: Some("tcp port 80".into()),
+            ..Default::default()
+        },
+        std::fs::File::create(&file).unwrap(),
+    )
+    .unwrap();
+    for _ in 0..5 {
+        sh(&format!(
+            "nsenter --net=/run/netns/{NS} curl -sf -m 3 http://{ip}/ >/dev/null"
+        ));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    docker("kill dhc-exp");
+    let fin = h.wait();
+    assert_eq!(fin.reason, dindhelper::capture::Reason::TargetExited);
+    let out = sh(&format!("tcpdump -nn -r {file} 2>/dev/null"));
+    assert_eq!(out.matches("HTTP: GET / HTTP/1.1").count(), 5, "{out}");
+    assert_eq!(out.lines().count() as u64, fin.stats.packets);
+}
+
+#[test]
+fn expose_creates_partition_nodes_usable_inside_and_removes_stale_ones() {
+    let _g = DOCKER.lock().unwrap_or_else(|e| e.into_inner());
+    let mut fx = Fixture::new();
+    docker("run -d --name dhc-exp dhcbb:latest /bin/sleep 100000");
+    let pid: i32 = docker("inspect -f '{{.State.Pid}}' dhc-exp")
+        .parse()
+        .unwrap();
+    let target = Target::of_pid(pid).unwrap();
+
+    sh(&format!(
+        "rm -f {IMG} && truncate -s 48M {IMG} && printf 'label: dos\\n,8M\\n,8M\\n' | sfdisk -q {IMG}"
+    ));
+    let l = sh(&format!("losetup -f --show {IMG}"));
+    fx.loopdev = Some(l.clone());
+    sh(&format!("partx -a {l}"));
+    let disk = l.trim_start_matches("/dev/").to_owned();
+
+    let (d, parts) = expose::host_nodes(&disk).unwrap();
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    assert_eq!(d.major, 7);
+    let rep = expose::expose(target, &d, &parts, false).unwrap();
+    eprintln!("{rep:?}");
+    assert_eq!(rep.created.len(), 3);
+    match &rep.cgroup {
+        CgroupOutcome::V1 { allowed, .. } => {
+            assert!(allowed.contains(&format!("b 7:{} rwm", d.minor)))
+        }
+        other => panic!("this machine runs containers on cgroup v1: {other:?}"),
+    }
+    // inside: the node exists with 0660 and the container can write a marker to p2
+    let ls = docker(&format!("exec dhc-exp ls -l /dev/{disk}p2"));
+    assert!(ls.starts_with("brw-rw----"), "{ls}");
+    docker(&format!(
+        "exec dhc-exp sh -c 'echo DHC-MARKER-42 | dd of=/dev/{disk}p2 bs=512 count=1 conv=sync 2>/dev/null'"
+    ));
+    let back = sh(&format!(
+        "dd if={l}p2 bs=512 count=1 2>/dev/null | tr -d '\\0'"
+    ));
+    assert!(back.contains("DHC-MARKER-42"), "{back:?}");
+
+    // again: idempotent
+    let rep = expose::expose(target, &d, &parts, false).unwrap();
+    assert_eq!(rep.unchanged.len(), 3, "{rep:?}");
+
+    // delete partition 2 on the host, expose again -> the node is gone inside and denied
+    sh(&format!("partx -d --nr 2 {l}"));
+    let (d, parts) = expose::host_nodes(&disk).unwrap();
+    assert_eq!(parts.len(), 1);
+    let rep = expose::expose(target, &d, &parts, false).unwrap();
+    assert_eq!(rep.removed, vec![format!("{disk}p2")]);
+    match &rep.cgroup {
+        CgroupOutcome::V1 { denied, .. } => assert_eq!(denied.len(), 1, "{denied:?}"),
+        other => panic!("{other:?}"),
+    }
+    let out = Command::new("docker")
+        .args([
+            "-H",
+            &format!("unix://{DIR}/docker.sock"),
+            "exec",
+            "dhc-exp",
+            "ls",
+            &format!("/dev/{disk}p2"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "node still there");
+
+    // a container that exited: NotFound
+    docker("rm -f dhc-exp");
+    let e = expose::expose(target, &d, &parts, false).unwrap_err();
+    assert_eq!(e.kind(), Kind::NotFound, "{e}");
+}
