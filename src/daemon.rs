@@ -20,8 +20,8 @@ pub struct DaemonOptions {
     pub bus_address: Option<String>,
     pub state_dir: PathBuf,
     pub config: Config,
-    /// `--docker-host` (unix:///path): where AdoptContainer resolves container names
-    /// and captures and ExposeToContainer resolve containers.
+    /// `--docker-host` (unix:///path): where AdoptContainer resolves container names,
+    /// captures and ExposeToContainer resolve containers, and ports follow dockerd.
     pub docker_host: String,
 }
 
@@ -41,6 +41,8 @@ pub enum DaemonError {
     NameTaken { owner: String },
     #[error("cannot request the name {BUS_NAME}: {0}")]
     RequestName(zbus::Error),
+    #[error("{0}")]
+    Ports(ops::OpsError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -75,12 +77,14 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         opts.config.docker_cgroup_driver,
         Arc::new(ops::instances::DockerSocketResolver::new(&opts.docker_host)),
     );
+    let ports = ops::ports::manager_for(&opts.docker_host).map_err(DaemonError::Ports)?;
     let core = Arc::new(Core {
         cfg: opts.config.clone(),
         store,
         state: tokio::sync::Mutex::new(state),
         images,
         instances,
+        ports,
     });
 
     let bus = opts
@@ -125,8 +129,15 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         tracing::info!("reconcile: {d:?}");
     }
 
+    let ports_tasks = ops::ports::start(&core).await;
+
     let gate = Arc::new(tokio::sync::RwLock::new(()));
     let auth = Arc::new(Authorizer::new(conn.clone()));
+    let ports_iface = crate::bus::ports::Ports {
+        core: core.clone(),
+        auth: auth.clone(),
+        gate: gate.clone(),
+    };
     let manager = Manager {
         core: core.clone(),
         auth: auth.clone(),
@@ -180,6 +191,17 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         .at(MANAGER_PATH, devices_iface)
         .await
         .map_err(DaemonError::Export)?;
+    let port_changes = core.ports.subscribe();
+    crate::bus::ports::publish_all(server, &core).await;
+    server
+        .at(MANAGER_PATH, ports_iface)
+        .await
+        .map_err(DaemonError::Export)?;
+    let port_signals = tokio::spawn(crate::bus::ports::follow(
+        conn.clone(),
+        core.clone(),
+        port_changes,
+    ));
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(DaemonError::Signals)?;
@@ -215,11 +237,15 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         tracing::warn!(error = %e, "cannot release the bus name");
     }
     let _all = gate.write().await;
+    ports_tasks.watch.abort();
+    ports_tasks.persist.abort();
+    port_signals.abort();
     let ended = captures.stop_all().await;
     if ended > 0 {
         tracing::info!("stopped {ended} running captures (their files are complete)");
     }
-    let st = core.state.lock().await;
+    let mut st = core.state.lock().await;
+    st.mappings = core.ports.mappings();
     core.store.save_all(&st)?;
     tracing::info!("state saved; exiting");
     Ok(())

@@ -17,8 +17,9 @@
 //! this machine kind, several ms under I/O load, against 2.7 ms for a whole
 //! `losetup -f --show` + `losetup -d` round trip). Everything that must survive a reboot
 //! stays in `state.json`.
-//! Only intent is stored (image ↔ loop, owners, instances); effects are re-read from the
-//! kernel at start and reconciled (see `ops::loops::reconcile`).
+//! Only intent is stored (image ↔ loop, owners, instances, published ports); effects are
+//! re-read from the kernel at start and reconciled (see `ops::loops::reconcile`,
+//! `ops::ports::start`).
 
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
@@ -47,6 +48,9 @@ pub struct State {
     /// DinD instances (see `ops::instances`).
     #[serde(default)]
     pub instances: Vec<InstanceRecord>,
+    /// Published ports (intent + last known state), see `ops::ports`.
+    #[serde(default)]
+    pub mappings: Vec<crate::ports::Mapping>,
 }
 
 impl Default for State {
@@ -57,6 +61,7 @@ impl Default for State {
             images: Vec::new(),
             loops: Vec::new(),
             instances: Vec::new(),
+            mappings: Vec::new(),
         }
     }
 }

@@ -57,6 +57,8 @@ async fn adopt_by_name_and_reapply_on_container_start() {
                 d.socket.display()
             ))),
         ),
+        ports: dindhelper::ops::ports::manager_for(&format!("unix://{}", d.socket.display()))
+            .unwrap(),
     });
 
     let rec = instances::create(

@@ -9,6 +9,7 @@ pub mod instances;
 pub mod manager;
 pub mod objects;
 pub mod options;
+pub mod ports;
 
 pub const BUS_NAME: &str = "org.dindhelper1";
 pub const MANAGER_PATH: &str = "/org/dindhelper1";

@@ -406,8 +406,8 @@ pub struct DestroyOptions {
     pub force: bool,
 }
 
-/// The capabilities with managers of their own that DestroyInstance also clears (each
-/// `None` where that capability is not running).
+/// Capabilities with managers of their own (outside `Core`) that DestroyInstance also
+/// clears (`None` where that capability is not running).
 #[derive(Clone, Default)]
 pub struct Teardown {
     pub captures: Option<super::capture::Captures>,
@@ -442,6 +442,13 @@ pub async fn destroy(
         for s in c.stop_instance(name).await {
             done.push(format!("stopped capture {}", s.id));
         }
+    }
+    match super::ports::unpublish_instance(core, name).await {
+        Ok(ids) => done.extend(
+            ids.into_iter()
+                .map(|id| format!("unpublished port mapping {id}")),
+        ),
+        Err(e) => errors.push(e),
     }
 
     for l in loops {

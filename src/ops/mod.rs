@@ -6,6 +6,7 @@ pub mod capture;
 pub mod devices;
 pub mod instances;
 pub mod loops;
+pub mod ports;
 
 use crate::config::Config;
 use crate::error::{Classify, Kind};
@@ -19,6 +20,8 @@ pub struct Core {
     pub images: crate::loopdev::images::ImageStore,
     /// Slice backend, dockerd's cgroup driver and the container resolver.
     pub instances: instances::InstanceCtx,
+    /// Published ports (Docker client + iptables); see `ops::ports`.
+    pub ports: std::sync::Arc<crate::ports::PortsManager>,
 }
 
 impl Core {
@@ -41,6 +44,8 @@ pub enum OpsError {
     Partitions(#[from] crate::partitions::PartError),
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Ports(#[from] crate::ports::PortsError),
     #[error(transparent)]
     Name(#[from] crate::names::NameError),
     #[error("{what} {name:?} does not exist")]
@@ -81,6 +86,7 @@ impl Classify for OpsError {
             OpsError::Loop(e) => e.kind(),
             OpsError::Partitions(e) => e.kind(),
             OpsError::State(e) => e.kind(),
+            OpsError::Ports(e) => e.kind(),
             OpsError::Name(e) => e.kind(),
             OpsError::NotFound { .. } | OpsError::Unmanaged { .. } => Kind::NotFound,
             OpsError::Busy { .. } => Kind::Busy,

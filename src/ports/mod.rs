@@ -4,7 +4,8 @@
 //! - [`rules`]: pure builders of the `iptables-restore` batches (what dockerd writes for
 //!   `-p`, tagged `dindhelper:<id>`) and the parser of `iptables-save` output.
 //! - [`backend`]: which iptables (nft/legacy) holds Docker's chains; save/restore.
-//! - [`sockets`]: sockets bound in the daemon's network namespace (port conflicts).
+//! - [`sockets`]: sockets bound in the daemon's network namespace (port conflicts), read
+//!   through sock_diag netlink ([`diag`]) or procfs.
 //! - [`PortsManager`]: publish / unpublish / reconcile / on_event, and [`watch`], the task
 //!   that follows Docker events and re-applies everything after a dockerd restart.
 //!
@@ -26,6 +27,7 @@
 //! then [`PortsManager::reconcile`] at start.
 
 pub mod backend;
+pub mod diag;
 pub mod rules;
 pub mod sockets;
 
@@ -549,13 +551,21 @@ impl PortsManager {
             .ok_or_else(|| PortsError::Internal("unpublish returned nothing".into()))
     }
 
-    /// Remove every mapping of a container (by name, id or id prefix; the container may be
-    /// gone already).
-    pub async fn unpublish_container(
+    /// Remove several mappings and their rules in one batch (all or nothing).
+    pub async fn unpublish_many(
         self: &Arc<Self>,
-        container: &str,
+        ids: Vec<String>,
     ) -> Result<Vec<Mapping>, PortsError> {
-        let find = |c: &str| -> Vec<String> {
+        if ids.is_empty() {
+            return Ok(vec![]);
+        }
+        self.submit(JobKind::Remove(ids)).await
+    }
+
+    /// The mappings of a container, by name, id or id prefix (≥ 12 characters); when none
+    /// matches, Docker is asked for the container's id (a renamed container).
+    pub async fn mappings_of_container(&self, container: &str) -> Vec<Mapping> {
+        let find = |c: &str| -> Vec<Mapping> {
             self.mappings
                 .lock()
                 .unwrap()
@@ -565,15 +575,30 @@ impl PortsManager {
                         || m.container_id == c
                         || (c.len() >= 12 && m.container_id.starts_with(c))
                 })
-                .map(|m| m.id.clone())
+                .cloned()
                 .collect()
         };
-        let mut ids = find(container);
-        if ids.is_empty() {
+        let mut found = find(container);
+        if found.is_empty() {
             if let Ok(info) = self.docker.inspect(container).await {
-                ids = find(&info.id);
+                found = find(&info.id);
             }
         }
+        found
+    }
+
+    /// Remove every mapping of a container (by name, id or id prefix; the container may be
+    /// gone already).
+    pub async fn unpublish_container(
+        self: &Arc<Self>,
+        container: &str,
+    ) -> Result<Vec<Mapping>, PortsError> {
+        let ids: Vec<String> = self
+            .mappings_of_container(container)
+            .await
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
         if ids.is_empty() {
             return Err(PortsError::MappingNotFound {
                 id: format!("(any mapping of container {container})"),
@@ -639,7 +664,14 @@ impl PortsManager {
             let _g = me.write_lock.lock().await;
             let jobs = std::mem::take(&mut *me.pending.lock().unwrap());
             if !jobs.is_empty() {
+                let t = std::time::Instant::now();
+                let n = jobs.len();
                 me.run_jobs(jobs).await;
+                tracing::debug!(
+                    jobs = n,
+                    ms = t.elapsed().as_millis() as u64,
+                    "ports write round"
+                );
             }
         });
         rx.await

@@ -1,4 +1,5 @@
-//! Sockets bound in a network namespace, from `/proc/thread-self/net/{tcp,tcp6,udp,udp6}`.
+//! Sockets bound in a network namespace: through sock_diag netlink (`diag.rs`), else from
+//! `/proc/thread-self/net/{tcp,tcp6,udp,udp6}`.
 //!
 //! Interface: procfs. `/proc/net` is a link to `/proc/self/net`, which shows the netns of
 //! the *thread group leader*; a thread that has `setns()`ed must read
@@ -78,8 +79,20 @@ pub fn parse_proc_net(text: &str, protocol: Protocol) -> Vec<Bound> {
     out
 }
 
-/// Reads the bound sockets of the calling thread's network namespace.
+/// Reads the bound sockets of the calling thread's network namespace: through sock_diag
+/// netlink (cheap, see `diag.rs`), or from procfs when that fails (e.g. no `udp_diag`).
 pub fn read_bound() -> std::io::Result<Vec<Bound>> {
+    match super::diag::read_bound() {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            tracing::debug!(error = %e, "sock_diag dump failed; reading /proc/thread-self/net");
+            read_bound_procfs()
+        }
+    }
+}
+
+/// The same from `/proc/thread-self/net/{tcp,tcp6,udp,udp6}`.
+pub fn read_bound_procfs() -> std::io::Result<Vec<Bound>> {
     let mut out = Vec::new();
     for (file, proto) in [
         ("tcp", Protocol::Tcp),

@@ -196,6 +196,9 @@ pub struct Bed {
     bus: RefCell<Option<Child>>,
     polkitd: RefCell<Option<Child>>,
     daemon: RefCell<Option<Child>>,
+    /// Where start_daemon runs the daemon: None = this process's network namespace;
+    /// Some = inside that netns file, with that `--docker-host` (ports tests).
+    daemon_place: RefCell<Option<(PathBuf, String)>>,
     /// Extra daemon arguments (e.g. `--docker-host`), used by every (re)start.
     daemon_args: RefCell<Vec<String>>,
     shared: RefCell<Option<Shared>>,
@@ -219,6 +222,7 @@ impl Bed {
             bus: RefCell::new(None),
             polkitd: RefCell::new(None),
             daemon: RefCell::new(None),
+            daemon_place: RefCell::new(None),
             daemon_args: RefCell::new(Vec::new()),
             shared: RefCell::new(None),
             torn_down: RefCell::new(false),
@@ -403,7 +407,26 @@ impl Bed {
     pub fn start_daemon(&self) -> Result<(), String> {
         let log = self.log_file("daemon.log")?;
         writeln!(&log, "==== dindhelperd starting (bed) ====").ok();
-        let child = Command::new(Self::daemon_bin())
+        // In another netns: `nsenter --net=NS dindhelperd …` (nsenter execs, so the child
+        // pid is the daemon's and kill9_daemon/stop_daemon work unchanged).
+        let place = self.daemon_place.borrow().clone();
+        let mut cmd = match &place {
+            None => Command::new(Self::daemon_bin()),
+            Some((netns, docker_host)) => {
+                writeln!(
+                    &log,
+                    "(in {}; --docker-host {docker_host})",
+                    netns.display()
+                )
+                .ok();
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", netns.display()))
+                    .arg(Self::daemon_bin())
+                    .args(["--docker-host", docker_host]);
+                c
+            }
+        };
+        let child = cmd
             .arg("--bus-address")
             .arg(&self.address)
             .arg("--state-dir")
@@ -427,6 +450,12 @@ impl Bed {
             }
         })
         .map_err(|e| format!("{e}\ndaemon log:\n{}", self.daemon_log()))
+    }
+
+    /// Where the next start_daemon runs the daemon: `Some((netns file, docker host))` runs
+    /// it inside that network namespace (dockerd's, for the ports tests); None = here.
+    pub fn set_daemon_place(&self, place: Option<(PathBuf, String)>) {
+        *self.daemon_place.borrow_mut() = place;
     }
 
     /// Extra arguments for every later (re)start of the daemon; takes effect at the next

@@ -21,6 +21,7 @@ mod dockerd;
 mod instance_tests;
 mod loop_tests;
 mod partition_tests;
+mod ports_tests;
 
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -51,6 +52,7 @@ fn all_tests() -> Vec<Test> {
     v.extend(partition_tests::tests());
     v.extend(instance_tests::tests());
     v.extend(capture_tests::tests());
+    v.extend(ports_tests::tests());
     v
 }
 
@@ -79,6 +81,14 @@ fn missing_prerequisites() -> Vec<String> {
         "groupadd",
         "groupdel",
         "getent",
+        // ports tests: dockerd in a netns, a client netns, iptables in it
+        "dockerd",
+        "docker",
+        "nsenter",
+        "ip",
+        "curl",
+        "iptables-nft-save",
+        "iptables-nft",
     ];
     let path = std::env::var("PATH").unwrap_or_default();
     let dirs: Vec<&str> = path

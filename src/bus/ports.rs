@@ -1,0 +1,621 @@
+//! `org.dindhelper1.Ports` at `/org/dindhelper1` (next to the Manager interface) and one
+//! object per mapping, `/org/dindhelper1/port/<id>` with interface `org.dindhelper1.Port`.
+//!
+//! Methods authorize with polkit action `org.dindhelper1.ports`; acting on a mapping that
+//! belongs to another uid also needs `org.dindhelper1.ports-others`. The owner of a
+//! mapping is the uid that published it.
+//!
+//! Ports are `q` (uint16): the type already rules out values above 65535; 0 is refused
+//! with InvalidArgs. (D-Bus signatures are fixed per method, so accepting `u` as well
+//! would need a variant; busctl writes `q` as easily as `u`.)
+//!
+//! Objects and signals follow [`crate::ports::PortsManager::subscribe`]: a mapping added,
+//! changed (container restarted with a new IP, stopped → waiting, …) or removed (Unpublish,
+//! `docker rm`) updates its object (PropertiesChanged) and emits `MappingChanged(o, s)` or
+//! `MappingRemoved(o)` on this interface.
+
+use super::auth::{Action, Authorizer, Caller};
+use super::error::BusError;
+use super::options::{describe, interactive, Options, Opts};
+use crate::ops::{self, Core};
+use crate::ports::{Mapping, MappingChange, MappingState, PublishRequest};
+use std::collections::HashSet;
+use std::sync::Arc;
+use tokio::sync::broadcast::error::RecvError;
+use zbus::interface;
+use zbus::message::Header;
+use zbus::object_server::{ObjectServer, SignalEmitter};
+use zbus::zvariant::OwnedObjectPath;
+
+pub struct Ports {
+    pub core: Arc<Core>,
+    pub auth: Arc<Authorizer>,
+    /// Shared with the Manager: shutdown takes it exclusively.
+    pub gate: Arc<tokio::sync::RwLock<()>>,
+}
+
+pub const PORT_PREFIX: &str = "/org/dindhelper1/port/";
+
+pub fn port_path(id: &str) -> OwnedObjectPath {
+    OwnedObjectPath::try_from(format!("{PORT_PREFIX}{}", super::objects::escape_label(id)))
+        .expect("valid path")
+}
+
+/// `/org/dindhelper1/port/<id>` or a bare id → the id.
+pub fn mapping_id(arg: &str) -> Result<String, BusError> {
+    let id = arg.strip_prefix(PORT_PREFIX).unwrap_or(arg);
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(BusError::InvalidArgs(format!(
+            "{arg:?} is neither a mapping object path ({PORT_PREFIX}<id>) nor a mapping id"
+        )));
+    }
+    Ok(id.to_owned())
+}
+
+/// `active`, `waiting` or `error`.
+pub fn state_name(s: &MappingState) -> &'static str {
+    match s {
+        MappingState::Active { .. } => "active",
+        MappingState::Waiting => "waiting",
+        MappingState::Error(_) => "error",
+    }
+}
+
+/// One row of ListMappings: object, id, container name, container id, protocol, host ip
+/// ("" = every address), host port, container port, container ip ("" unless active),
+/// network, owner uid, instance, state.
+pub type MappingTuple = (
+    OwnedObjectPath,
+    String,
+    String,
+    String,
+    String,
+    String,
+    u16,
+    u16,
+    String,
+    String,
+    u32,
+    String,
+    String,
+);
+
+pub fn mapping_tuple(m: &Mapping) -> MappingTuple {
+    let o = PortObject { m: m.clone() };
+    (
+        port_path(&m.id),
+        m.id.clone(),
+        m.container_name.clone(),
+        m.container_id.clone(),
+        m.protocol.to_string(),
+        o.host_ip(),
+        m.host_port,
+        m.container_port,
+        o.container_ip(),
+        m.network.clone(),
+        m.owner_uid,
+        o.instance(),
+        state_name(&m.state).to_owned(),
+    )
+}
+
+fn audit<T>(caller: &Caller, method: &str, args: &str, r: &Result<T, BusError>) {
+    match r {
+        Ok(_) => tracing::info!(uid = caller.uid, caller = %caller.name, method, args, "ok"),
+        Err(e) => tracing::info!(uid = caller.uid, caller = %caller.name, method, args,
+            error = e.kind_name(), message = %e, "refused or failed"),
+    }
+}
+
+/// Options of Publish / PublishMany: host_ip s, network s, instance s.
+struct PublishOpts {
+    host_ip: Option<String>,
+    network: Option<String>,
+    instance: Option<String>,
+}
+
+fn publish_opts(options: &Options) -> Result<PublishOpts, BusError> {
+    let mut o = Opts::new(options);
+    let host_ip = o.string("host_ip")?;
+    let network = o.string("network")?;
+    let instance = o.string("instance")?.filter(|i| !i.is_empty());
+    if let Some(i) = &instance {
+        crate::names::check_instance_name(i).map_err(BusError::map)?;
+    }
+    o.finish()?;
+    Ok(PublishOpts {
+        host_ip,
+        network,
+        instance,
+    })
+}
+
+fn request(
+    o: &PublishOpts,
+    uid: u32,
+    container: String,
+    protocol: String,
+    host_port: u16,
+    container_port: u16,
+) -> PublishRequest {
+    PublishRequest {
+        container,
+        protocol,
+        host_port: host_port.into(),
+        container_port: container_port.into(),
+        host_ip: o.host_ip.clone(),
+        network: o.network.clone(),
+        owner_uid: uid,
+        instance: o.instance.clone(),
+    }
+}
+
+/// Export (or refresh) the object of `m`.
+async fn export(server: &ObjectServer, m: &Mapping) {
+    let path = port_path(&m.id);
+    if let Ok(iface) = server.interface::<_, PortObject>(&path).await {
+        update(&iface, m).await;
+        return;
+    }
+    if let Err(e) = server.at(&path, PortObject { m: m.clone() }).await {
+        tracing::error!(error = %e, %path, "cannot export port object");
+    }
+}
+
+/// Replace an object's snapshot and emit PropertiesChanged for what changed.
+async fn update(iface: &zbus::object_server::InterfaceRef<PortObject>, m: &Mapping) {
+    let mut g = iface.get_mut().await;
+    if g.m == *m {
+        return;
+    }
+    let old = std::mem::replace(&mut g.m, m.clone());
+    let em = iface.signal_emitter();
+    let r = async {
+        if old.state != m.state {
+            g.state_changed(em).await?;
+            g.error_changed(em).await?;
+            g.container_ip_changed(em).await?;
+            g.bridge_changed(em).await?;
+        }
+        if old.container_name != m.container_name {
+            g.container_changed(em).await?;
+        }
+        zbus::Result::Ok(())
+    }
+    .await;
+    if let Err(e) = r {
+        tracing::warn!(error = %e, mapping = %m.id, "cannot emit PropertiesChanged");
+    }
+}
+
+/// Export every mapping (at start).
+pub async fn publish_all(server: &ObjectServer, core: &Core) {
+    for m in ops::ports::list(core) {
+        export(server, &m).await;
+    }
+}
+
+/// Follow the manager's changes: objects, PropertiesChanged, MappingChanged/Removed.
+/// After a lag (more than the channel holds), resynchronise from the table.
+pub async fn follow(
+    conn: zbus::Connection,
+    core: Arc<Core>,
+    mut rx: tokio::sync::broadcast::Receiver<MappingChange>,
+) {
+    let server = conn.object_server();
+    let emitter = match SignalEmitter::new(&conn, super::MANAGER_PATH) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the Ports signal emitter");
+            return;
+        }
+    };
+    let mut known: HashSet<String> = ops::ports::list(&core).into_iter().map(|m| m.id).collect();
+    loop {
+        let change = match rx.recv().await {
+            Ok(c) => c,
+            Err(RecvError::Closed) => return,
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    missed = n,
+                    "port change signals lagged; resynchronising objects"
+                );
+                let now = ops::ports::list(&core);
+                let ids: HashSet<String> = now.iter().map(|m| m.id.clone()).collect();
+                for gone in known.difference(&ids) {
+                    let path = port_path(gone);
+                    let _ = server.remove::<PortObject, _>(&path).await;
+                    let _ = Ports::mapping_removed(&emitter, path).await;
+                }
+                for m in &now {
+                    export(server, m).await;
+                    let _ =
+                        Ports::mapping_changed(&emitter, port_path(&m.id), state_name(&m.state))
+                            .await;
+                }
+                known = ids;
+                continue;
+            }
+        };
+        let r = match change {
+            MappingChange::Added(m) | MappingChange::Updated(m) => {
+                known.insert(m.id.clone());
+                export(server, &m).await;
+                Ports::mapping_changed(&emitter, port_path(&m.id), state_name(&m.state)).await
+            }
+            MappingChange::Removed(m) => {
+                known.remove(&m.id);
+                let path = port_path(&m.id);
+                let _ = server.remove::<PortObject, _>(&path).await;
+                Ports::mapping_removed(&emitter, path).await
+            }
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "cannot emit a Ports signal");
+        }
+    }
+}
+
+impl Ports {
+    /// Authorize acting on mappings: the base action, plus `-others` when any of them
+    /// belongs to another uid.
+    async fn authorize_mappings(
+        &self,
+        hdr: &Header<'_>,
+        caller: &Caller,
+        ms: &[Mapping],
+        inter: bool,
+    ) -> Result<(), BusError> {
+        self.auth
+            .check_caller(hdr, caller, Action::Ports, false, inter)
+            .await?;
+        if ms.iter().any(|m| m.owner_uid != caller.uid) {
+            self.auth
+                .check_caller(hdr, caller, Action::Ports, true, inter)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Export the new objects before answering (so the caller can read them at once),
+    /// unless they were removed meanwhile.
+    async fn export_new(&self, server: &ObjectServer, ms: &[Mapping]) {
+        for m in ms {
+            if let Some(cur) = self.core.ports.get(&m.id) {
+                export(server, &cur).await;
+                if self.core.ports.get(&m.id).is_none() {
+                    let _ = server.remove::<PortObject, _>(&port_path(&m.id)).await;
+                }
+            }
+        }
+    }
+}
+
+#[interface(name = "org.dindhelper1.Ports")]
+impl Ports {
+    /// Publish `host_port` of the daemon's network namespace to `container_port` of a
+    /// running container (DNAT in Docker's chains). Options: host_ip s, network s,
+    /// instance s, interactive b.
+    #[allow(clippy::too_many_arguments)] // the D-Bus signature plus header and server
+    async fn publish(
+        &self,
+        container: String,
+        protocol: String,
+        host_port: u16,
+        container_port: u16,
+        options: Options,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> Result<OwnedObjectPath, BusError> {
+        let _g = self.gate.read().await;
+        let caller = self.auth.caller(&hdr).await?;
+        let args = format!(
+            "{container} {protocol} {host_port}:{container_port} {}",
+            describe(&options)
+        );
+        let r = async {
+            let o = publish_opts(&options)?;
+            let inter = interactive(&options)?;
+            self.auth
+                .check_caller(&hdr, &caller, Action::Ports, false, inter)
+                .await?;
+            super::authorize_instance_tag(
+                &self.auth,
+                &self.core,
+                &hdr,
+                &caller,
+                o.instance.as_deref(),
+                inter,
+            )
+            .await?;
+            let req = request(
+                &o,
+                caller.uid,
+                container,
+                protocol,
+                host_port,
+                container_port,
+            );
+            let m = ops::ports::publish(&self.core, req)
+                .await
+                .map_err(BusError::map)?;
+            self.export_new(server, std::slice::from_ref(&m)).await;
+            Ok(port_path(&m.id))
+        }
+        .await;
+        audit(&caller, "Publish", &args, &r);
+        r
+    }
+
+    /// Publish many ports at once, all or nothing, as one iptables batch: entries are
+    /// (container, protocol, host port, container port); the options apply to every
+    /// entry. Returns the mapping objects in the order of the entries.
+    async fn publish_many(
+        &self,
+        ports: Vec<(String, String, u16, u16)>,
+        options: Options,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> Result<Vec<OwnedObjectPath>, BusError> {
+        let _g = self.gate.read().await;
+        let caller = self.auth.caller(&hdr).await?;
+        let args = format!("{} ports {}", ports.len(), describe(&options));
+        let r = async {
+            let o = publish_opts(&options)?;
+            let inter = interactive(&options)?;
+            self.auth
+                .check_caller(&hdr, &caller, Action::Ports, false, inter)
+                .await?;
+            super::authorize_instance_tag(
+                &self.auth,
+                &self.core,
+                &hdr,
+                &caller,
+                o.instance.as_deref(),
+                inter,
+            )
+            .await?;
+            let reqs = ports
+                .into_iter()
+                .map(|(c, p, h, cp)| request(&o, caller.uid, c, p, h, cp))
+                .collect();
+            let ms = ops::ports::publish_many(&self.core, reqs)
+                .await
+                .map_err(BusError::map)?;
+            self.export_new(server, &ms).await;
+            Ok(ms.iter().map(|m| port_path(&m.id)).collect())
+        }
+        .await;
+        audit(&caller, "PublishMany", &args, &r);
+        r
+    }
+
+    /// Remove a mapping and its rules: `mapping` is its object path or its id.
+    async fn unpublish(
+        &self,
+        mapping: String,
+        options: Options,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> Result<(), BusError> {
+        let _g = self.gate.read().await;
+        let caller = self.auth.caller(&hdr).await?;
+        let r = async {
+            Opts::new(&options).finish()?;
+            let inter = interactive(&options)?;
+            let id = mapping_id(&mapping)?;
+            // The base action first: a caller without it learns nothing about mappings.
+            self.auth
+                .check_caller(&hdr, &caller, Action::Ports, false, inter)
+                .await?;
+            let m = ops::ports::get(&self.core, &id).map_err(BusError::map)?;
+            self.authorize_mappings(&hdr, &caller, std::slice::from_ref(&m), inter)
+                .await?;
+            ops::ports::unpublish(&self.core, &id)
+                .await
+                .map_err(BusError::map)?;
+            let _ = server.remove::<PortObject, _>(&port_path(&id)).await;
+            Ok(())
+        }
+        .await;
+        audit(&caller, "Unpublish", &mapping, &r);
+        r
+    }
+
+    /// Remove every mapping of a container (name, id or id prefix; the container may be
+    /// gone). Returns how many were removed. Mappings of other uids need `-others`.
+    async fn unpublish_container(
+        &self,
+        container: String,
+        options: Options,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> Result<u32, BusError> {
+        let _g = self.gate.read().await;
+        let caller = self.auth.caller(&hdr).await?;
+        let r = async {
+            Opts::new(&options).finish()?;
+            let inter = interactive(&options)?;
+            self.auth
+                .check_caller(&hdr, &caller, Action::Ports, false, inter)
+                .await?;
+            let ms = ops::ports::of_container(&self.core, &container).await;
+            if ms.is_empty() {
+                return Err(BusError::NotFound(format!(
+                    "container {container:?} has no published port"
+                )));
+            }
+            self.authorize_mappings(&hdr, &caller, &ms, inter).await?;
+            let removed =
+                ops::ports::unpublish_ids(&self.core, ms.iter().map(|m| m.id.clone()).collect())
+                    .await
+                    .map_err(BusError::map)?;
+            for m in &removed {
+                let _ = server.remove::<PortObject, _>(&port_path(&m.id)).await;
+            }
+            Ok(removed.len() as u32)
+        }
+        .await;
+        audit(&caller, "UnpublishContainer", &container, &r);
+        r
+    }
+
+    /// Every mapping: object, id, container, container id, protocol, host ip, host port,
+    /// container port, container ip, network, owner uid, instance, state.
+    async fn list_mappings(&self) -> Vec<MappingTuple> {
+        ops::ports::list(&self.core)
+            .iter()
+            .map(mapping_tuple)
+            .collect()
+    }
+
+    /// A mapping was added or its state changed (`active`, `waiting`, `error`).
+    #[zbus(signal)]
+    async fn mapping_changed(
+        emitter: &SignalEmitter<'_>,
+        mapping: OwnedObjectPath,
+        state: &str,
+    ) -> zbus::Result<()>;
+
+    /// A mapping is gone (Unpublish, UnpublishContainer, container destroyed).
+    #[zbus(signal)]
+    async fn mapping_removed(
+        emitter: &SignalEmitter<'_>,
+        mapping: OwnedObjectPath,
+    ) -> zbus::Result<()>;
+}
+
+/// A mapping object (snapshot; replaced on change).
+pub struct PortObject {
+    pub m: Mapping,
+}
+
+#[interface(name = "org.dindhelper1.Port")]
+impl PortObject {
+    #[zbus(property)]
+    fn id(&self) -> String {
+        self.m.id.clone()
+    }
+    /// Container name (without the leading /).
+    #[zbus(property)]
+    fn container(&self) -> String {
+        self.m.container_name.clone()
+    }
+    #[zbus(property)]
+    fn container_id(&self) -> String {
+        self.m.container_id.clone()
+    }
+    /// "tcp" or "udp".
+    #[zbus(property)]
+    fn protocol(&self) -> String {
+        self.m.protocol.to_string()
+    }
+    /// Host address the DNAT is restricted to ("" = every address).
+    #[zbus(property)]
+    fn host_ip(&self) -> String {
+        self.m.host_ip.map(|i| i.to_string()).unwrap_or_default()
+    }
+    #[zbus(property)]
+    fn host_port(&self) -> u16 {
+        self.m.host_port
+    }
+    #[zbus(property)]
+    fn container_port(&self) -> u16 {
+        self.m.container_port
+    }
+    /// The container's address the rules point at ("" unless active).
+    #[zbus(property)]
+    fn container_ip(&self) -> String {
+        match &self.m.state {
+            MappingState::Active { ip, .. } => ip.to_string(),
+            _ => String::new(),
+        }
+    }
+    /// The Linux bridge of the network ("" unless active).
+    #[zbus(property)]
+    fn bridge(&self) -> String {
+        match &self.m.state {
+            MappingState::Active { bridge, .. } => bridge.clone(),
+            _ => String::new(),
+        }
+    }
+    /// Docker network name.
+    #[zbus(property)]
+    fn network(&self) -> String {
+        self.m.network.clone()
+    }
+    #[zbus(property)]
+    fn owner_uid(&self) -> u32 {
+        self.m.owner_uid
+    }
+    /// DinD instance this mapping belongs to ("" for none).
+    #[zbus(property)]
+    fn instance(&self) -> String {
+        self.m.instance.clone().unwrap_or_default()
+    }
+    /// "active" (rules written), "waiting" (container stopped) or "error" (see Error).
+    #[zbus(property)]
+    fn state(&self) -> String {
+        state_name(&self.m.state).to_owned()
+    }
+    /// Why the mapping is in state "error" ("" otherwise).
+    #[zbus(property)]
+    fn error(&self) -> String {
+        match &self.m.state {
+            MappingState::Error(e) => e.clone(),
+            _ => String::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapping_ids_from_paths_or_ids() {
+        assert_eq!(mapping_id("0011aabb").unwrap(), "0011aabb");
+        assert_eq!(
+            mapping_id("/org/dindhelper1/port/0011aabb").unwrap(),
+            "0011aabb"
+        );
+        for bad in [
+            "",
+            "/org/dindhelper1/port/",
+            "../x",
+            "/org/dindhelper1/loop/loop0",
+        ] {
+            assert!(mapping_id(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(port_path("ab12").as_str(), "/org/dindhelper1/port/ab12");
+    }
+
+    #[test]
+    fn tuple_and_state_names() {
+        let m = Mapping {
+            id: "ab".into(),
+            container_id: "c1".into(),
+            container_name: "web".into(),
+            protocol: crate::ports::Protocol::Tcp,
+            host_ip: None,
+            host_port: 8080,
+            container_port: 80,
+            network: "bridge".into(),
+            owner_uid: 1000,
+            instance: None,
+            state: MappingState::Active {
+                ip: "172.17.0.2".parse().unwrap(),
+                bridge: "docker0".into(),
+            },
+        };
+        let t = mapping_tuple(&m);
+        assert_eq!(t.0.as_str(), "/org/dindhelper1/port/ab");
+        assert_eq!(
+            (t.4.as_str(), t.5.as_str(), t.6, t.7),
+            ("tcp", "", 8080, 80)
+        );
+        assert_eq!((t.8.as_str(), t.12.as_str()), ("172.17.0.2", "active"));
+        assert_eq!(state_name(&MappingState::Waiting), "waiting");
+        assert_eq!(state_name(&MappingState::Error("x".into())), "error");
+    }
+}

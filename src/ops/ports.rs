@@ -1,0 +1,218 @@
+//! Published ports: the bookkeeping around [`crate::ports::PortsManager`].
+//!
+//! The manager holds the mappings in memory and writes iptables; this module makes that
+//! intent durable in `state.json` (`State::mappings`) through the same `StateStore` and
+//! state lock as every other write, so writes stay atomic and serialized:
+//! - a call that changes mappings (publish / unpublish) persists before it answers: a
+//!   caller that was told "published" finds the mapping again after `kill -9`;
+//! - changes the daemon makes on its own (Docker events, reconcile after a dockerd restart)
+//!   are persisted by a task that follows [`PortsManager::subscribe`];
+//! - each write stores the manager's snapshot taken under the state lock, so the last
+//!   write always holds the newest table (two writers can never reorder).
+//!
+//! At start ([`start`]): load the persisted mappings, reconcile them against the live
+//! chains and Docker (each decision logged), then follow Docker events
+//! ([`crate::ports::watch`], reconnecting with backoff). None of this needs dockerd to be
+//! up: without it the daemon still starts, the ports calls answer NotSupported (no Docker
+//! chain) or Failed (dockerd not reachable) with the reason, and the watch task retries.
+
+use super::{Core, OpsError};
+use crate::ports::{Mapping, PortsManager, PublishRequest};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast::error::RecvError;
+
+/// How long the start-up reconcile may take before the daemon goes on without it (the
+/// watch task reconciles again as soon as dockerd answers).
+const START_RECONCILE_LIMIT: Duration = Duration::from_secs(15);
+
+/// Background tasks of the ports domain (aborted on drop of the daemon's runtime).
+pub struct PortsTasks {
+    pub watch: tokio::task::JoinHandle<()>,
+    pub persist: tokio::task::JoinHandle<()>,
+}
+
+/// Load → reconcile (logged) → follow Docker events and persist every change.
+pub async fn start(core: &Arc<Core>) -> PortsTasks {
+    let rx = core.ports.subscribe();
+    let persisted = core.state.lock().await.mappings.clone();
+    let n = persisted.len();
+    core.ports.load(persisted).await;
+    match tokio::time::timeout(START_RECONCILE_LIMIT, core.ports.reconcile()).await {
+        Ok(Ok(ds)) => {
+            for d in &ds {
+                tracing::info!(mapping = %d.mapping_id, action = ?d.action, "ports reconcile");
+            }
+            tracing::info!(mappings = n, decisions = ds.len(), "ports reconcile done");
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, mappings = n,
+            "ports reconcile at start failed; mappings kept, retried when dockerd answers"),
+        Err(_) => tracing::warn!(
+            mappings = n,
+            "ports reconcile at start took longer than {START_RECONCILE_LIMIT:?}; \
+             going on, retried by the event watch"
+        ),
+    }
+    if let Err(e) = persist(core).await {
+        tracing::error!(error = %e, "cannot persist mappings after the start-up reconcile");
+    }
+    let persist_task = tokio::spawn(follow_changes(core.clone(), rx));
+    let watch = tokio::spawn(crate::ports::watch(core.ports.clone()));
+    PortsTasks {
+        watch,
+        persist: persist_task,
+    }
+}
+
+/// Persist after every change the manager reports (coalescing bursts into one write).
+async fn follow_changes(
+    core: Arc<Core>,
+    mut rx: tokio::sync::broadcast::Receiver<crate::ports::MappingChange>,
+) {
+    loop {
+        match rx.recv().await {
+            Ok(_) | Err(RecvError::Lagged(_)) => {
+                while !matches!(
+                    rx.try_recv(),
+                    Err(tokio::sync::broadcast::error::TryRecvError::Empty
+                        | tokio::sync::broadcast::error::TryRecvError::Closed)
+                ) {}
+                if let Err(e) = persist(&core).await {
+                    tracing::error!(error = %e, "cannot persist port mappings");
+                }
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Store the manager's current table in state (only when it differs).
+pub async fn persist(core: &Core) -> Result<(), OpsError> {
+    let mut st = core.state.lock().await;
+    let now = core.ports.mappings();
+    if st.mappings == now {
+        return Ok(());
+    }
+    let old = std::mem::replace(&mut st.mappings, now);
+    if let Err(e) = core.persist(&st) {
+        st.mappings = old;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Publish one port (see [`publish_many`]).
+pub async fn publish(core: &Arc<Core>, req: PublishRequest) -> Result<Mapping, OpsError> {
+    let mut v = publish_many(core, vec![req]).await?;
+    v.pop()
+        .ok_or_else(|| OpsError::Task("publish returned nothing".into()))
+}
+
+/// Publish several ports: all or nothing, one iptables batch (concurrent calls are
+/// coalesced into one batch too), then persisted. If the state cannot be written, the
+/// rules are removed again and the write error is returned.
+pub async fn publish_many(
+    core: &Arc<Core>,
+    reqs: Vec<PublishRequest>,
+) -> Result<Vec<Mapping>, OpsError> {
+    let added = core.ports.publish_many(reqs).await?;
+    if let Err(e) = persist(core).await {
+        let ids = added.iter().map(|m| m.id.clone()).collect();
+        if let Err(e2) = core.ports.unpublish_many(ids).await {
+            tracing::error!(error = %e2, "rollback of a publish whose state write failed");
+        }
+        return Err(e);
+    }
+    Ok(added)
+}
+
+/// The mapping with this id.
+pub fn get(core: &Core, id: &str) -> Result<Mapping, OpsError> {
+    core.ports.get(id).ok_or_else(|| OpsError::NotFound {
+        what: "port mapping",
+        name: id.to_owned(),
+    })
+}
+
+/// Every mapping.
+pub fn list(core: &Core) -> Vec<Mapping> {
+    core.ports.mappings()
+}
+
+/// The mappings of a container (name, id or id prefix).
+pub async fn of_container(core: &Core, container: &str) -> Vec<Mapping> {
+    core.ports.mappings_of_container(container).await
+}
+
+/// Remove mappings by id (one batch), then persist.
+pub async fn unpublish_ids(core: &Arc<Core>, ids: Vec<String>) -> Result<Vec<Mapping>, OpsError> {
+    let removed = core.ports.unpublish_many(ids).await?;
+    persist(core).await?;
+    Ok(removed)
+}
+
+/// Remove one mapping, then persist.
+pub async fn unpublish(core: &Arc<Core>, id: &str) -> Result<Mapping, OpsError> {
+    let mut v = unpublish_ids(core, vec![id.to_owned()]).await?;
+    v.pop()
+        .ok_or_else(|| OpsError::Task("unpublish returned nothing".into()))
+}
+
+/// Remove every mapping of an instance (for DestroyInstance). Returns the ids removed
+/// (empty when the instance had none).
+pub async fn unpublish_instance(core: &Arc<Core>, instance: &str) -> Result<Vec<String>, OpsError> {
+    let ids: Vec<String> = core
+        .ports
+        .mappings()
+        .into_iter()
+        .filter(|m| m.instance.as_deref() == Some(instance))
+        .map(|m| m.id)
+        .collect();
+    if ids.is_empty() {
+        return Ok(vec![]);
+    }
+    Ok(unpublish_ids(core, ids)
+        .await?
+        .into_iter()
+        .map(|m| m.id)
+        .collect())
+}
+
+/// The daemon's ports manager for `--docker-host` (`unix:///path` or `/path`), acting in
+/// the daemon's own network namespace.
+pub fn manager_for(docker_host: &str) -> Result<Arc<PortsManager>, OpsError> {
+    let docker = if let Some(d) = crate::docker::Docker::from_host_url(docker_host) {
+        d
+    } else if docker_host.starts_with('/') {
+        crate::docker::Docker::new(docker_host)
+    } else {
+        return Err(OpsError::Invalid(format!(
+            "--docker-host {docker_host:?}: only unix:///path (or /path) is supported"
+        )));
+    };
+    Ok(PortsManager::new(
+        docker,
+        crate::ports::NetnsContext::current(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_host_forms() {
+        assert!(manager_for("unix:///var/run/docker.sock").is_ok());
+        assert!(manager_for("/run/x/docker.sock").is_ok());
+        let e = manager_for("tcp://127.0.0.1:2375").err().unwrap();
+        assert!(e.to_string().contains("unix://"));
+        assert_eq!(
+            manager_for("unix:///a/b.sock")
+                .unwrap()
+                .docker()
+                .socket()
+                .to_str(),
+            Some("/a/b.sock")
+        );
+    }
+}

@@ -1,0 +1,883 @@
+//! Published ports through the real daemon, over the private bus with polkit, against a
+//! real dockerd in its own network namespace (fixture `tests/common/dockerd.rs`, names
+//! under helper tag `dhr`).
+//!
+//! Each test builds a [`PortsEnv`]: a fresh dockerd (netns `dhr-<pid>-<n>-d`) and client
+//! netns joined by a veth (client 10.99.0.2 → dockerd netns 10.99.0.1); the bed's daemon is
+//! stopped and started again INSIDE dockerd's netns (`nsenter --net=…`) with
+//! `--docker-host`, as in production where it runs in the netns that holds Docker's
+//! chains. On drop the env unpublishes what is left, stops that daemon, stops dockerd,
+//! deletes the namespaces and starts the bed's normal daemon again (the bus name is
+//! unique, so two daemons cannot share the bus). Nothing touches the host netns firewall.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use crate::bed::{gv_str, Bed, Out, BUS_NAME, MANAGER_PATH, MEMBER, OWN, PLAIN};
+use crate::dockerd::Dockerd;
+use crate::Test;
+
+const PORTS_IFACE: &str = "org.dindhelper1.Ports";
+const PORT_IFACE: &str = "org.dindhelper1.Port";
+
+pub fn tests() -> Vec<Test> {
+    let t = |name, run| Test {
+        name,
+        needs_daemon: true,
+        run,
+    };
+    vec![
+        t(
+            "ports_without_dockerd_answer_clearly_and_daemon_serves",
+            without_dockerd_answer_clearly_and_daemon_serves,
+        ),
+        t(
+            "ports_publish_as_member_reaches_container_and_unpublish_cuts_it",
+            publish_as_member_reaches_container_and_unpublish_cuts_it,
+        ),
+        t(
+            "ports_refusals_are_named_and_write_nothing",
+            refusals_are_named_and_write_nothing,
+        ),
+        t(
+            "ports_published_port_survives_dockerd_restart",
+            published_port_survives_dockerd_restart,
+        ),
+        t(
+            "ports_daemon_started_while_dockerd_is_down_catches_up",
+            daemon_started_while_dockerd_is_down_catches_up,
+        ),
+        t(
+            "ports_rule_follows_container_restart_to_new_ip",
+            rule_follows_container_restart_to_new_ip,
+        ),
+        t(
+            "ports_docker_rm_removes_rules_and_mapping_object",
+            docker_rm_removes_rules_and_mapping_object,
+        ),
+        t(
+            "ports_kill9_restart_keeps_rules_without_duplicates",
+            kill9_restart_keeps_rules_without_duplicates,
+        ),
+        t(
+            "ports_ten_concurrent_callers_publish_200_ports",
+            ten_concurrent_callers_publish_200_ports,
+        ),
+    ]
+}
+
+/// dockerd + the bed's daemon moved into dockerd's netns; undone on drop.
+struct PortsEnv<'b> {
+    bed: &'b Bed,
+    d: Option<Dockerd>,
+}
+
+impl<'b> PortsEnv<'b> {
+    #[track_caller]
+    fn new(bed: &'b Bed) -> PortsEnv<'b> {
+        let d = Dockerd::start_tagged("dhr", false);
+        let env = PortsEnv { bed, d: Some(d) };
+        bed.stop_daemon();
+        bed.set_daemon_args(&[]); // the place gives --docker-host
+        bed.set_daemon_place(Some((
+            env.d().ns_path(),
+            format!("unix://{}", env.d().socket.display()),
+        )));
+        bed.start_daemon()
+            .unwrap_or_else(|e| panic!("daemon in dockerd's netns: {e}"));
+        env
+    }
+
+    fn d(&self) -> &Dockerd {
+        self.d.as_ref().expect("dockerd")
+    }
+
+    /// Publish through the bus as `user`; `opts` are busctl a{sv} triples.
+    fn publish(
+        &self,
+        user: &str,
+        container: &str,
+        proto: &str,
+        h: u16,
+        c: u16,
+        opts: &[&str],
+    ) -> Out {
+        let n = (opts.len() / 3).to_string();
+        let (hs, cs) = (h.to_string(), c.to_string());
+        let mut args = vec![
+            "call",
+            BUS_NAME,
+            MANAGER_PATH,
+            PORTS_IFACE,
+            "Publish",
+            "ssqqa{sv}",
+            container,
+            proto,
+            &hs,
+            &cs,
+            &n,
+        ];
+        args.extend_from_slice(opts);
+        self.bed.busctl_as(user, &args)
+    }
+
+    #[track_caller]
+    fn publish_ok(&self, user: &str, container: &str, h: u16, c: u16) -> String {
+        let out = self
+            .publish(user, container, "tcp", h, c, &[])
+            .expect_ok(&format!("{user}: Publish {container} {h}:{c}"));
+        out.json_data()[0].as_str().expect("o").to_owned()
+    }
+
+    fn call(&self, user: &str, method: &str, sig: &str, args: &[&str]) -> Out {
+        let mut v = vec!["call", BUS_NAME, MANAGER_PATH, PORTS_IFACE, method];
+        if !sig.is_empty() {
+            v.push(sig);
+        }
+        v.extend_from_slice(args);
+        self.bed.busctl_as(user, &v)
+    }
+
+    /// gdbus call of a Ports method (reports the D-Bus error name).
+    #[track_caller]
+    fn expect_error(&self, user: &str, method: &str, args: &[&str], kind: &str) {
+        let out = self.bed.gdbus_raw(
+            user,
+            &self.bed.address,
+            BUS_NAME,
+            MANAGER_PATH,
+            &format!("{PORTS_IFACE}.{method}"),
+            args,
+        );
+        let want = format!("org.dindhelper1.Error.{kind}");
+        assert_eq!(
+            out.dbus_error().as_deref(),
+            Some(want.as_str()),
+            "{user}: {method}({}) should fail with {want}; exit {}, stdout {:?}, stderr {:?}",
+            args.join(", "),
+            out.status,
+            out.stdout,
+            out.stderr
+        );
+    }
+
+    /// ListMappings rows.
+    #[track_caller]
+    fn list(&self) -> Vec<serde_json::Value> {
+        let out = self
+            .call("root", "ListMappings", "", &[])
+            .expect_ok("ListMappings");
+        out.json_data()[0].as_array().expect("a(...)").clone()
+    }
+
+    /// A property of a mapping object; None when the object does not exist.
+    fn prop(&self, path: &str, name: &str) -> Option<serde_json::Value> {
+        let out = self
+            .bed
+            .busctl(&["get-property", BUS_NAME, path, PORT_IFACE, name]);
+        out.ok().then(|| out.json_data())
+    }
+
+    /// Every rule line tagged `dindhelper:` in dockerd's netns (nat + filter).
+    fn tagged(&self) -> Vec<String> {
+        let out = self.d().in_ns(&["iptables-nft-save"]);
+        assert!(out.status.success(), "iptables-nft-save: {out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("dindhelper:"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The tagged rules, asserting there are `n` and no line twice.
+    #[track_caller]
+    fn assert_tagged(&self, n: usize) -> Vec<String> {
+        let t = self.tagged();
+        let uniq: HashSet<&String> = t.iter().collect();
+        assert_eq!(
+            uniq.len(),
+            t.len(),
+            "duplicate tagged rules:\n{}",
+            t.join("\n")
+        );
+        assert_eq!(t.len(), n, "tagged rules:\n{}", t.join("\n"));
+        t
+    }
+
+    fn state_json(&self) -> String {
+        std::fs::read_to_string(self.bed.state_dir.join("state.json")).unwrap_or_default()
+    }
+
+    fn persisted_ids(&self) -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(&self.state_json()).expect("state.json");
+        v["mappings"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|m| m["id"].as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for PortsEnv<'_> {
+    fn drop(&mut self) {
+        // Unpublish what is left, per container, so the state holds nothing of this dockerd.
+        let out = self.call("root", "ListMappings", "", &[]);
+        if out.ok() {
+            let rows = out.json_data()[0].as_array().cloned().unwrap_or_default();
+            let ids: HashSet<String> = rows
+                .iter()
+                .filter_map(|r| r[3].as_str().map(str::to_owned))
+                .collect();
+            for cid in ids {
+                self.call("root", "UnpublishContainer", "sa{sv}", &[&cid, "0"]);
+            }
+        }
+        self.bed.stop_daemon();
+        self.bed.set_daemon_place(None);
+        drop(self.d.take());
+        if let Err(e) = self.bed.start_daemon() {
+            eprintln!("PortsEnv: the bed's daemon did not come back: {e}");
+        }
+    }
+}
+
+/// `busctl monitor` on the bed's bus (root); `finish` stops it and returns what it saw.
+struct Monitor(Option<std::process::Child>);
+
+impl Monitor {
+    fn start(bed: &Bed) -> Monitor {
+        let child = std::process::Command::new("busctl")
+            .arg(format!("--address={}", bed.address))
+            .arg("monitor")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("busctl monitor");
+        std::thread::sleep(Duration::from_millis(300));
+        Monitor(Some(child))
+    }
+
+    fn finish(mut self) -> String {
+        std::thread::sleep(Duration::from_millis(200));
+        let child = self.0.take().unwrap();
+        // SAFETY: kill(2) on the busctl we started.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let out = child.wait_with_output().expect("monitor output");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[track_caller]
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    loop {
+        if f() {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn gv_q(n: u16) -> String {
+    format!("uint16 {n}")
+}
+
+/// The bed's normal daemon runs in this (host) netns with no dockerd: it started, and the
+/// ports calls answer with a named error and a reason instead of hanging or crashing.
+fn without_dockerd_answer_clearly_and_daemon_serves(bed: &Bed) {
+    let out = bed.gdbus_raw(
+        MEMBER,
+        &bed.address,
+        BUS_NAME,
+        MANAGER_PATH,
+        &format!("{PORTS_IFACE}.Publish"),
+        &[
+            &gv_str("web"),
+            &gv_str("tcp"),
+            &gv_q(8080),
+            &gv_q(80),
+            "@a{sv} {}",
+        ],
+    );
+    let name = out.dbus_error();
+    assert!(
+        matches!(
+            name.as_deref(),
+            Some("org.dindhelper1.Error.NotSupported" | "org.dindhelper1.Error.Failed")
+        ),
+        "Publish without dockerd: {out:?}"
+    );
+    assert!(
+        out.stderr.contains("DOCKER chain") || out.stderr.contains("dockerd"),
+        "the message should say why: {}",
+        out.stderr
+    );
+    let out = bed
+        .busctl(&["call", BUS_NAME, MANAGER_PATH, PORTS_IFACE, "ListMappings"])
+        .expect_ok("ListMappings");
+    assert_eq!(out.json_data(), serde_json::json!([[]]));
+    // the Manager still serves
+    bed.busctl(&[
+        "call",
+        BUS_NAME,
+        MANAGER_PATH,
+        "org.dindhelper1.Manager",
+        "ListLoops",
+    ])
+    .expect_ok("ListLoops");
+}
+
+fn publish_as_member_reaches_container_and_unpublish_cuts_it(bed: &Bed) {
+    let env = PortsEnv::new(bed);
+    let d = env.d();
+    d.run_web("web", "/www", &[]);
+    assert_eq!(d.curl(8080), None, "nothing published yet");
+
+    let path = env.publish_ok(MEMBER, "web", 8080, 80);
+    assert!(path.starts_with("/org/dindhelper1/port/"), "{path}");
+    assert_eq!(d.curl(8080).as_deref(), Some("hello"), "published port");
+    env.assert_tagged(3);
+
+    // the object and the list tell the same story
+    let ip = d.ip_of("web");
+    for (p, want) in [
+        ("State", serde_json::json!("active")),
+        ("Container", serde_json::json!("web")),
+        ("Protocol", serde_json::json!("tcp")),
+        ("HostPort", serde_json::json!(8080)),
+        ("ContainerPort", serde_json::json!(80)),
+        ("ContainerIp", serde_json::json!(ip)),
+        ("Network", serde_json::json!("bridge")),
+        ("OwnerUid", serde_json::json!(bed.uid(MEMBER))),
+        ("HostIp", serde_json::json!("")),
+    ] {
+        assert_eq!(env.prop(&path, p), Some(want), "property {p}");
+    }
+    let rows = env.list();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0][0], serde_json::json!(path));
+    assert_eq!(rows[0][12], serde_json::json!("active"));
+    let id = path.rsplit('/').next().unwrap().to_owned();
+    assert_eq!(env.persisted_ids(), vec![id.clone()], "mapping persisted");
+
+    // host_ip option, and Unpublish by bare id
+    let out = env
+        .publish(
+            MEMBER,
+            "web",
+            "tcp",
+            8081,
+            80,
+            &["host_ip", "s", "10.99.0.1"],
+        )
+        .expect_ok("Publish with host_ip");
+    let p2 = out.json_data()[0].as_str().unwrap().to_owned();
+    assert_eq!(
+        env.prop(&p2, "HostIp"),
+        Some(serde_json::json!("10.99.0.1"))
+    );
+    assert_eq!(d.curl(8081).as_deref(), Some("hello"));
+    let id2 = p2.rsplit('/').next().unwrap();
+    env.call(MEMBER, "Unpublish", "sa{sv}", &[id2, "0"])
+        .expect_ok("Unpublish by id");
+    assert_eq!(d.curl(8081), None);
+
+    // instance option: the instance must exist; DestroyInstance unpublishes its ports
+    let inst = format!("dhr-{}", std::process::id() % 100000);
+    env.expect_error(
+        MEMBER,
+        "Publish",
+        &[
+            &gv_str("web"),
+            &gv_str("tcp"),
+            &gv_q(8082),
+            &gv_q(80),
+            &format!("{{'instance': <'{inst}'>}}"),
+        ],
+        "NotFound",
+    );
+    let instances = |method: &str, args: &[&str]| {
+        let mut v = vec![
+            "call",
+            BUS_NAME,
+            MANAGER_PATH,
+            "org.dindhelper1.Instances",
+            method,
+            "sa{sv}",
+        ];
+        v.extend_from_slice(args);
+        bed.busctl_as(MEMBER, &v)
+    };
+    instances("CreateInstance", &[&inst, "0"]).expect_ok("CreateInstance");
+    let out = env
+        .publish(MEMBER, "web", "tcp", 8082, 80, &["instance", "s", &inst])
+        .expect_ok("Publish into an instance");
+    let p3 = out.json_data()[0].as_str().unwrap().to_owned();
+    assert_eq!(env.prop(&p3, "Instance"), Some(serde_json::json!(inst)));
+    assert_eq!(d.curl(8082).as_deref(), Some("hello"));
+    let out = instances("DestroyInstance", &[&inst, "0"]).expect_ok("DestroyInstance");
+    assert!(
+        out.stdout.contains("unpublished port mapping"),
+        "DestroyInstance did not report the mapping: {}",
+        out.stdout
+    );
+    assert_eq!(
+        d.curl(8082),
+        None,
+        "port of a destroyed instance still answers"
+    );
+    assert_eq!(env.prop(&p3, "State"), None);
+
+    env.call(MEMBER, "Unpublish", "sa{sv}", &[&path, "0"])
+        .expect_ok("Unpublish by path");
+    assert_eq!(d.curl(8080), None, "unpublished port still answers");
+    env.assert_tagged(0);
+    assert_eq!(
+        env.prop(&path, "State"),
+        None,
+        "mapping object still exported"
+    );
+    assert!(env.list().is_empty());
+    assert!(env.persisted_ids().is_empty());
+    env.expect_error(
+        MEMBER,
+        "Unpublish",
+        &[&gv_str(&path), "@a{sv} {}"],
+        "NotFound",
+    );
+}
+
+fn refusals_are_named_and_write_nothing(bed: &Bed) {
+    let env = PortsEnv::new(bed);
+    let d = env.d();
+    d.run_web("web", "/www", &[]);
+    d.run_web("pub", "/www", &["-p", "9090:80"]);
+    d.run_web("hostnet", "/www", &["--network", "host"]);
+    d.run_web("stopped", "/www", &[]);
+    d.docker_ok(&["stop", "-t", "1", "stopped"]);
+    let first = env.publish_ok(MEMBER, "web", 8080, 80);
+    let rules = env.tagged();
+    let state = env.state_json();
+    let no = "@a{sv} {}";
+    let publish = |user: &str, c: &str, proto: &str, h: u16, p: u16, kind: &str| {
+        env.expect_error(
+            user,
+            "Publish",
+            &[&gv_str(c), &gv_str(proto), &gv_q(h), &gv_q(p), no],
+            kind,
+        )
+    };
+    publish(MEMBER, "nosuch", "tcp", 8090, 80, "NotFound");
+    publish(MEMBER, "stopped", "tcp", 8090, 80, "Conflict");
+    publish(MEMBER, "hostnet", "tcp", 8090, 80, "InvalidArgs");
+    publish(MEMBER, "web", "sctp", 8090, 80, "InvalidArgs");
+    publish(MEMBER, "web", "TCP", 8090, 80, "InvalidArgs");
+    publish(MEMBER, "web", "tcp", 0, 80, "InvalidArgs");
+    publish(MEMBER, "web", "tcp", 8090, 0, "InvalidArgs");
+    publish(MEMBER, "web", "tcp", 8080, 80, "Conflict"); // ours already
+    publish(MEMBER, "web", "tcp", 9090, 80, "Conflict"); // docker -p
+    publish(MEMBER, "web", "tcp", 80, 80, "Conflict"); // bound by hostnet's httpd
+    publish(PLAIN, "web", "tcp", 8090, 80, "NotAuthorized");
+    env.expect_error(
+        MEMBER,
+        "Publish",
+        &[
+            &gv_str("web"),
+            &gv_str("tcp"),
+            &gv_q(8090),
+            &gv_q(80),
+            "{'hostip': <'10.99.0.1'>}",
+        ],
+        "InvalidArgs",
+    );
+    env.expect_error(
+        MEMBER,
+        "Publish",
+        &[
+            &gv_str("web"),
+            &gv_str("tcp"),
+            &gv_q(8090),
+            &gv_q(80),
+            "{'instance': <'Bad_Name'>}",
+        ],
+        "InvalidArgs",
+    );
+    // someone else's mapping: base action only is not enough; plain users get nothing
+    env.expect_error(OWN, "Unpublish", &[&gv_str(&first), no], "NotAuthorized");
+    env.expect_error(PLAIN, "Unpublish", &[&gv_str(&first), no], "NotAuthorized");
+    env.expect_error(
+        OWN,
+        "UnpublishContainer",
+        &[&gv_str("web"), no],
+        "NotAuthorized",
+    );
+    env.expect_error(MEMBER, "Unpublish", &[&gv_str("nosuchid"), no], "NotFound");
+    env.expect_error(MEMBER, "Unpublish", &[&gv_str("../x"), no], "InvalidArgs");
+    env.expect_error(
+        MEMBER,
+        "UnpublishContainer",
+        &[&gv_str("pub"), no],
+        "NotFound",
+    );
+
+    assert_eq!(env.tagged(), rules, "a refused call changed the rules");
+    assert_eq!(env.state_json(), state, "a refused call changed the state");
+    assert_eq!(env.list().len(), 1);
+    assert_eq!(d.curl(8090), None);
+    // the owner's peer with -others (member is in the group) may; so may root
+    env.call("root", "UnpublishContainer", "sa{sv}", &["web", "0"])
+        .expect_ok("root UnpublishContainer");
+    env.assert_tagged(0);
+}
+
+fn published_port_survives_dockerd_restart(bed: &Bed) {
+    let mut env = PortsEnv::new(bed);
+    env.d().run_web("web", "/www", &["--restart", "always"]);
+    let path = env.publish_ok(MEMBER, "web", 8080, 80);
+    assert_eq!(env.d().curl(8080).as_deref(), Some("hello"));
+    env.assert_tagged(3);
+
+    let d = env.d.as_mut().unwrap();
+    d.stop_daemon();
+    // dockerd down: a Publish says so (Failed, naming dockerd), nothing hangs
+    env.expect_error(
+        MEMBER,
+        "Publish",
+        &[
+            &gv_str("web"),
+            &gv_str("tcp"),
+            &gv_q(8081),
+            &gv_q(80),
+            "@a{sv} {}",
+        ],
+        "Failed",
+    );
+    let d = env.d.as_mut().unwrap();
+    d.start_daemon(); // returns once `docker version` answers
+    let t0 = Instant::now();
+    let d = env.d();
+    let took = wait_until(
+        "the published port after a dockerd restart",
+        Duration::from_secs(15),
+        || d.curl(8080).as_deref() == Some("hello"),
+    );
+    println!(
+        "(port answered again {:.0} ms after dockerd answered; {:.0} ms in all) ",
+        took.as_secs_f64() * 1000.0,
+        t0.elapsed().as_secs_f64() * 1000.0
+    );
+    assert!(
+        took <= Duration::from_secs(2),
+        "goal: within 2 s after dockerd answers; took {took:?}"
+    );
+    env.assert_tagged(3);
+    assert_eq!(env.prop(&path, "State"), Some(serde_json::json!("active")));
+}
+
+/// The daemon restarts while dockerd is down: it starts anyway (mappings kept), answers
+/// Failed meanwhile, and once dockerd is back (and has flushed its chains) the port works
+/// again without any call.
+fn daemon_started_while_dockerd_is_down_catches_up(bed: &Bed) {
+    let mut env = PortsEnv::new(bed);
+    env.d().run_web("web", "/www", &["--restart", "always"]);
+    let path = env.publish_ok(MEMBER, "web", 8080, 80);
+    assert_eq!(env.d().curl(8080).as_deref(), Some("hello"));
+    bed.stop_daemon();
+    env.d.as_mut().unwrap().stop_daemon();
+    bed.start_daemon()
+        .expect("the daemon must start without a reachable dockerd");
+    assert_eq!(env.list().len(), 1, "mapping kept while dockerd is away");
+    env.expect_error(
+        MEMBER,
+        "Publish",
+        &[
+            &gv_str("web"),
+            &gv_str("tcp"),
+            &gv_q(8081),
+            &gv_q(80),
+            "@a{sv} {}",
+        ],
+        "Failed",
+    );
+    env.d.as_mut().unwrap().start_daemon();
+    let d = env.d();
+    let took = wait_until(
+        "the port after dockerd came back",
+        Duration::from_secs(15),
+        || d.curl(8080).as_deref() == Some("hello"),
+    );
+    println!(
+        "({:.0} ms after dockerd answered) ",
+        took.as_secs_f64() * 1000.0
+    );
+    env.assert_tagged(3);
+    assert_eq!(env.prop(&path, "State"), Some(serde_json::json!("active")));
+}
+
+fn rule_follows_container_restart_to_new_ip(bed: &Bed) {
+    let env = PortsEnv::new(bed);
+    let d = env.d();
+    d.docker_ok(&["network", "create", "--subnet", "10.77.0.0/24", "labnet"]);
+    d.run_web("web", "/www", &["--network", "labnet"]);
+    let old_ip = d.ip_of("web");
+    let path = env.publish_ok(MEMBER, "web", 8080, 80);
+    assert_eq!(
+        env.prop(&path, "Network"),
+        Some(serde_json::json!("labnet"))
+    );
+    assert!(env
+        .prop(&path, "Bridge")
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .is_some_and(|b| b.starts_with("br-")));
+    assert_eq!(d.curl(8080).as_deref(), Some("hello"));
+
+    let monitor = Monitor::start(bed);
+    d.docker_ok(&["stop", "-t", "1", "web"]);
+    wait_until("mapping waiting", Duration::from_secs(5), || {
+        env.prop(&path, "State") == Some(serde_json::json!("waiting"))
+    });
+    env.assert_tagged(0);
+    // another container takes the old address (serving other content)
+    d.run_web("thief", "/www2", &["--network", "labnet", "--ip", &old_ip]);
+    assert_eq!(d.ip_of("thief"), old_ip);
+    assert_eq!(d.curl(8080), None, "a waiting mapping must not forward");
+    d.docker_ok(&["start", "web"]);
+    let new_ip = d.ip_of("web");
+    assert_ne!(new_ip, old_ip);
+    wait_until("rule follows the new IP", Duration::from_secs(5), || {
+        d.curl(8080).as_deref() == Some("hello")
+    });
+    let rules = env.assert_tagged(3);
+    assert!(
+        rules
+            .iter()
+            .all(|r| !r.contains(&format!("{old_ip}:")) && !r.contains(&format!("{old_ip}/32"))),
+        "a rule still names the old IP {old_ip}:\n{}",
+        rules.join("\n")
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            d.curl(8080).as_deref(),
+            Some("hello"),
+            "traffic reached the old IP"
+        );
+    }
+    assert_eq!(
+        env.prop(&path, "ContainerIp"),
+        Some(serde_json::json!(new_ip))
+    );
+    assert_eq!(env.prop(&path, "State"), Some(serde_json::json!("active")));
+    // signals: MappingChanged waiting → active, and PropertiesChanged on the object
+    let text = monitor.finish();
+    let changed: Vec<&str> = text
+        .split("Member=")
+        .skip(1)
+        .filter(|m| m.starts_with("MappingChanged"))
+        .collect();
+    assert!(
+        changed.iter().any(|m| m.contains("\"waiting\""))
+            && changed.iter().any(|m| m.contains("\"active\"")),
+        "MappingChanged waiting/active not seen:\n{text}"
+    );
+    assert!(
+        text.split("Type=signal")
+            .any(|m| m.contains("PropertiesChanged")
+                && m.contains(path.as_str())
+                && m.contains(&new_ip)),
+        "no PropertiesChanged with the new IP on {path}:\n{text}"
+    );
+}
+
+fn docker_rm_removes_rules_and_mapping_object(bed: &Bed) {
+    let env = PortsEnv::new(bed);
+    let d = env.d();
+    d.run_web("web", "/www", &[]);
+    d.run_web("keep", "/www2", &[]);
+    let p1 = env.publish_ok(MEMBER, "web", 8080, 80);
+    let p2 = env.publish_ok(MEMBER, "web", 8081, 80);
+    let p3 = env.publish_ok(MEMBER, "keep", 8082, 80);
+    env.assert_tagged(9);
+    // watch the signals while docker removes the container
+    let monitor = Monitor::start(bed);
+    d.docker_ok(&["rm", "-f", "web"]);
+    wait_until(
+        "mappings of the removed container gone",
+        Duration::from_secs(5),
+        || env.prop(&p1, "State").is_none() && env.prop(&p2, "State").is_none(),
+    );
+    let rules = env.assert_tagged(3);
+    let id3 = p3.rsplit('/').next().unwrap();
+    assert!(rules.iter().all(|r| r.contains(id3)), "{rules:?}");
+    assert_eq!(d.curl(8080), None);
+    assert_eq!(d.curl(8082).as_deref(), Some("other"));
+    assert_eq!(env.list().len(), 1);
+    wait_until("state persisted", Duration::from_secs(3), || {
+        env.persisted_ids() == vec![id3.to_owned()]
+    });
+    let text = monitor.finish();
+    for p in [&p1, &p2] {
+        assert!(
+            text.contains("MappingRemoved") && text.contains(p.as_str()),
+            "no MappingRemoved signal for {p}:\n{text}"
+        );
+    }
+}
+
+fn kill9_restart_keeps_rules_without_duplicates(bed: &Bed) {
+    let env = PortsEnv::new(bed);
+    let d = env.d();
+    d.run_web("web", "/www", &[]);
+    let paths: Vec<String> = (0..3)
+        .map(|i| env.publish_ok(MEMBER, "web", 8080 + i, 80))
+        .collect();
+    let before = env.assert_tagged(9);
+    bed.kill9_daemon();
+    // while it is down: one rule of ours vanishes, an orphan with our tag appears
+    let dnat = before
+        .iter()
+        .find(|r| r.contains("--dport 8081") && r.contains("DNAT"))
+        .expect("DNAT of 8081")
+        .clone();
+    let del = dnat.replacen("-A ", "-D ", 1);
+    let mut args: Vec<String> = vec!["iptables-nft".into(), "-t".into(), "nat".into()];
+    args.extend(shell_words(&del));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = d.in_ns(&a);
+    assert!(out.status.success(), "delete one rule: {out:?}");
+    let out = d.in_ns(&[
+        "iptables-nft",
+        "-t",
+        "nat",
+        "-A",
+        "DOCKER",
+        "-p",
+        "tcp",
+        "-m",
+        "tcp",
+        "--dport",
+        "8999",
+        "-m",
+        "comment",
+        "--comment",
+        "dindhelper:deadbeefdeadbeef",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        "172.17.0.99:80",
+    ]);
+    assert!(out.status.success(), "add an orphan: {out:?}");
+    assert_eq!(env.tagged().len(), 9);
+
+    bed.start_daemon().expect("restart after kill -9");
+    let after = env.assert_tagged(9);
+    let (mut b, mut a) = (before.clone(), after.clone());
+    b.sort();
+    a.sort();
+    assert_eq!(a, b, "rules after the restart differ");
+    for (i, p) in paths.iter().enumerate() {
+        assert_eq!(env.prop(p, "State"), Some(serde_json::json!("active")));
+        assert_eq!(d.curl(8080 + i as u16).as_deref(), Some("hello"));
+    }
+    assert_eq!(env.list().len(), 3);
+    // a second restart changes nothing
+    bed.kill9_daemon();
+    bed.start_daemon().expect("second restart");
+    env.assert_tagged(9);
+}
+
+/// Split an iptables-save line into words (quotes removed).
+fn shell_words(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut q = false;
+    for c in s.chars() {
+        match c {
+            '"' => q = !q,
+            ' ' if !q => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+fn ten_concurrent_callers_publish_200_ports(bed: &Bed) {
+    let env = PortsEnv::new(bed);
+    let d = env.d();
+    d.run_web("web", "/www", &[]);
+    // 10 caller processes (shells run as the member), each 20 busctl Publish calls in a row
+    let t0 = Instant::now();
+    let callers: Vec<std::process::Child> = (0..10u16)
+        .map(|caller| {
+            let ports: Vec<String> = (0..20u16)
+                .map(|j| (10000 + caller * 20 + j).to_string())
+                .collect();
+            let script = format!(
+                "for p in {}; do busctl --address='{}' --timeout=60 call {BUS_NAME} {MANAGER_PATH} \
+                 {PORTS_IFACE} Publish ssqqa{{sv}} web tcp $p 80 0 >/dev/null 2>/tmp/dhr-err.$$ \
+                 || echo \"FAIL $p $(cat /tmp/dhr-err.$$)\"; done; rm -f /tmp/dhr-err.$$",
+                ports.join(" "),
+                bed.address
+            );
+            std::process::Command::new("runuser")
+                .args(["-u", MEMBER, "--", "sh", "-c", &script])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn caller")
+        })
+        .collect();
+    let failures: Vec<String> = callers
+        .into_iter()
+        .flat_map(|c| {
+            let out = c.wait_with_output().expect("caller");
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let took = t0.elapsed();
+    assert!(failures.is_empty(), "failed publishes: {failures:?}");
+    println!(
+        "(200 publishes by 10 concurrent busctl callers in {:.2} s) ",
+        took.as_secs_f64()
+    );
+    env.assert_tagged(600);
+    assert_eq!(env.list().len(), 200);
+    wait_until("200 mappings persisted", Duration::from_secs(3), || {
+        env.persisted_ids().len() == 200
+    });
+    let bad: Vec<u16> = (10000..10200u16)
+        .filter(|p| d.curl(*p).as_deref() != Some("hello"))
+        .collect();
+    assert!(bad.is_empty(), "ports that do not answer: {bad:?}");
+    let out = env
+        .call(MEMBER, "UnpublishContainer", "sa{sv}", &["web", "0"])
+        .expect_ok("UnpublishContainer");
+    assert_eq!(out.json_data(), serde_json::json!([200]));
+    env.assert_tagged(0);
+}
