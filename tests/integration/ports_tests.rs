@@ -433,11 +433,76 @@ fn publish_as_member_reaches_container_and_unpublish_cuts_it(bed: &Bed) {
     let p3 = out.json_data()[0].as_str().unwrap().to_owned();
     assert_eq!(env.prop(&p3, "Instance"), Some(serde_json::json!(inst)));
     assert_eq!(d.curl(8082).as_deref(), Some("hello"));
-    let out = instances("DestroyInstance", &[&inst, "0"]).expect_ok("DestroyInstance");
+    // The same instance also gets a loop device and a running capture: one
+    // DestroyInstance must leave nothing (losetup, tagged rules, sessions, cgroups).
+    let img = format!("{inst}.img");
+    bed.create_image(MEMBER, &img, 4 << 20);
+    let (_, dev) = bed.attach_image(MEMBER, &img, &["instance", "s", &inst]);
+    let out = bed
+        .busctl_as(
+            MEMBER,
+            &[
+                "call",
+                BUS_NAME,
+                MANAGER_PATH,
+                "org.dindhelper1.Captures",
+                "StartCapture",
+                "sa{sv}",
+                "web",
+                "2",
+                "instance",
+                "s",
+                &inst,
+                "duration",
+                "u",
+                "600",
+            ],
+        )
+        .expect_ok("StartCapture into the instance");
+    let session = out.json_data()[0].as_str().unwrap().to_owned();
+    let out = instances(
+        "DestroyInstance",
+        &[&inst, "1", "delete_images", "b", "true"],
+    )
+    .expect_ok("DestroyInstance");
     assert!(
         out.stdout.contains("unpublished port mapping"),
         "DestroyInstance did not report the mapping: {}",
         out.stdout
+    );
+    for what in [
+        "stopped capture",
+        &format!("detached {dev}"),
+        "deleted image",
+    ] {
+        assert!(
+            out.stdout.contains(what),
+            "DestroyInstance did not report {what:?}: {}",
+            out.stdout
+        );
+    }
+    let short = dev.trim_start_matches("/dev/");
+    assert!(
+        !std::path::Path::new(&format!("/sys/block/{short}/loop/backing_file")).exists(),
+        "{dev} still attached after DestroyInstance"
+    );
+    let state = bed
+        .busctl(&[
+            "get-property",
+            BUS_NAME,
+            &session,
+            "org.dindhelper1.Capture",
+            "State",
+        ])
+        .expect_ok("capture State");
+    assert!(
+        !state.stdout.contains("running"),
+        "capture still running: {}",
+        state.stdout
+    );
+    assert!(
+        !std::path::Path::new(&format!("/sys/fs/cgroup/pids/dind/{inst}")).exists(),
+        "the instance's cgroup is still there"
     );
     assert_eq!(
         d.curl(8082),
