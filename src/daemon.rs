@@ -129,7 +129,29 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         tracing::info!("reconcile: {d:?}");
     }
 
-    let ports_tasks = ops::ports::start(&core).await;
+    // One Docker event stream: the ports watch follows it and forwards every event here,
+    // where a container start re-applies its instance's oom_score_adj.
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let ports_tasks = ops::ports::start(&core, Some(events_tx)).await;
+    let instance_events = {
+        let core = core.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = events_rx.recv().await {
+                if ev.action != "start" {
+                    continue;
+                }
+                match ops::instances::on_container_start(&core, &ev.container_id).await {
+                    Ok(Some(inst)) => {
+                        tracing::info!(container = %ev.container_id, instance = %inst,
+                        "container restarted: oom_score_adj re-applied")
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(container = %ev.container_id, error = %e,
+                        "cannot re-apply oom_score_adj after a container start"),
+                }
+            }
+        })
+    };
 
     let gate = Arc::new(tokio::sync::RwLock::new(()));
     let auth = Arc::new(Authorizer::new(conn.clone()));
@@ -239,6 +261,7 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     let _all = gate.write().await;
     ports_tasks.watch.abort();
     ports_tasks.persist.abort();
+    instance_events.abort();
     port_signals.abort();
     let ended = captures.stop_all().await;
     if ended > 0 {

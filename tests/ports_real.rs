@@ -175,7 +175,7 @@ async fn publish_survives_dockerd_restart() {
     let m = manager(&d);
     m.publish(req("web", 8080, 80)).await.unwrap();
     assert_eq!(d.curl(8080).as_deref(), Some("hello"));
-    let w = tokio::spawn(ports::watch(m.clone()));
+    let w = tokio::spawn(ports::watch(m.clone(), None));
 
     d.stop_daemon();
     let t0 = Instant::now();
@@ -201,7 +201,7 @@ async fn rule_follows_new_ip_after_container_restart() {
     let old_ip = d.ip_of("web");
     let m = manager(&d);
     let map = m.publish(req("web", 8080, 80)).await.unwrap();
-    let w = tokio::spawn(ports::watch(m.clone()));
+    let w = tokio::spawn(ports::watch(m.clone(), None));
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     d.docker_ok(&["stop", "-t", "1", "web"]);
@@ -250,7 +250,7 @@ async fn rm_f_leaves_no_tagged_rule() {
     .await
     .unwrap();
     assert_eq!(tagged(&m).await.len(), 6);
-    let w = tokio::spawn(ports::watch(m.clone()));
+    let w = tokio::spawn(ports::watch(m.clone(), None));
     tokio::time::sleep(Duration::from_millis(300)).await;
     d.docker_ok(&["rm", "-f", "web"]);
     {

@@ -33,7 +33,11 @@ pub struct PortsTasks {
 }
 
 /// Load → reconcile (logged) → follow Docker events and persist every change.
-pub async fn start(core: &Arc<Core>) -> PortsTasks {
+/// `forward` receives every Docker container event the watch sees.
+pub async fn start(
+    core: &Arc<Core>,
+    forward: Option<tokio::sync::mpsc::UnboundedSender<crate::docker::ContainerEvent>>,
+) -> PortsTasks {
     let rx = core.ports.subscribe();
     let persisted = core.state.lock().await.mappings.clone();
     let n = persisted.len();
@@ -57,7 +61,7 @@ pub async fn start(core: &Arc<Core>) -> PortsTasks {
         tracing::error!(error = %e, "cannot persist mappings after the start-up reconcile");
     }
     let persist_task = tokio::spawn(follow_changes(core.clone(), rx));
-    let watch = tokio::spawn(crate::ports::watch(core.ports.clone()));
+    let watch = tokio::spawn(crate::ports::watch(core.ports.clone(), forward));
     PortsTasks {
         watch,
         persist: persist_task,

@@ -991,8 +991,12 @@ impl PortsManager {
 /// what re-applies the rules after dockerd restarted and flushed its chains), then
 /// reconcile each container that has a lifecycle event. Reconnects with a short backoff
 /// (50 ms doubling to 500 ms) so a restarted dockerd is caught within about a second.
-/// Runs until the task is aborted.
-pub async fn watch(manager: Arc<PortsManager>) {
+/// Runs until the task is aborted. Every event is also sent to `forward` (when given),
+/// so other capabilities (instances re-applying oom_score_adj) share this one stream.
+pub async fn watch(
+    manager: Arc<PortsManager>,
+    forward: Option<tokio::sync::mpsc::UnboundedSender<crate::docker::ContainerEvent>>,
+) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let mut stream = match manager.docker.events().await {
@@ -1005,23 +1009,42 @@ pub async fn watch(manager: Arc<PortsManager>) {
             }
         };
         backoff = Duration::from_millis(50);
+        let mut retry: Option<tokio::task::JoinHandle<()>> = None;
         match manager.reconcile().await {
             Ok(d) => log_decisions("reconcile after (re)connecting to dockerd", &d),
             Err(e) => {
-                // e.g. dockerd answers but has not written its chains yet: try again
-                tracing::warn!(error = %e, "ports reconcile failed; retrying in 1 s");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+                // e.g. dockerd answers but has not written its chains yet (or the daemon
+                // runs where Docker has no chains): retry beside the event loop, so the
+                // events are still followed and forwarded meanwhile.
+                tracing::warn!(error = %e, "ports reconcile failed; retrying every 1 s");
+                let m = manager.clone();
+                retry = Some(tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        match m.reconcile().await {
+                            Ok(d) => {
+                                log_decisions("reconcile after (re)connecting to dockerd", &d);
+                                break;
+                            }
+                            Err(e) => tracing::debug!(error = %e, "ports reconcile still failing"),
+                        }
+                    }
+                }));
             }
         }
         loop {
             match stream.next().await {
-                Ok(Some(ev)) => match manager.on_event(&ev).await {
-                    Ok(d) => log_decisions(&format!("docker event {}", ev.action), &d),
-                    Err(e) => {
-                        tracing::warn!(error = %e, container = %ev.container_id, "ports: event handling failed")
+                Ok(Some(ev)) => {
+                    match manager.on_event(&ev).await {
+                        Ok(d) => log_decisions(&format!("docker event {}", ev.action), &d),
+                        Err(e) => {
+                            tracing::warn!(error = %e, container = %ev.container_id, "ports: event handling failed")
+                        }
                     }
-                },
+                    if let Some(f) = &forward {
+                        let _ = f.send(ev);
+                    }
+                }
                 Ok(None) => {
                     tracing::info!("docker event stream ended; reconnecting");
                     break;
@@ -1031,6 +1054,9 @@ pub async fn watch(manager: Arc<PortsManager>) {
                     break;
                 }
             }
+        }
+        if let Some(r) = retry {
+            r.abort();
         }
     }
 }

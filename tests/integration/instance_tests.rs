@@ -888,26 +888,29 @@ fn adopt_docker_container_by_name_with_a_real_dockerd(bed: &Bed) {
         );
     }
 
-    // After `docker restart` the new processes are adopted again (re-apply on Docker
-    // events is not wired yet: the call is repeated here).
+    // After `docker restart` the new processes get the instance's oom_score_adj again
+    // without any call: the daemon follows Docker's events.
     d.docker_ok(&["restart", "-t", "0", "dhjc1"]);
-    let r = call(
-        bed,
-        MEMBER,
-        "AdoptContainer",
-        "ssa{sv}",
-        &[&name, &id[..12], "0"],
-    )
-    .expect_ok("AdoptContainer after restart")
-    .json_data();
-    assert_eq!(r[0], id.as_str());
-    for p in container_pids(&d, "dhjc1") {
-        assert_eq!(
-            read(Path::new(&format!("/proc/{p}/oom_score_adj"))),
-            "500",
-            "pid {p}"
+    let t = std::time::Instant::now();
+    loop {
+        let pids = container_pids(&d, "dhjc1");
+        let all = !pids.is_empty()
+            && pids
+                .iter()
+                .all(|p| read(Path::new(&format!("/proc/{p}/oom_score_adj"))) == "500");
+        if all {
+            break;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "oom_score_adj not re-applied after docker restart: {:?}",
+            pids.iter()
+                .map(|p| (p, read(Path::new(&format!("/proc/{p}/oom_score_adj")))))
+                .collect::<Vec<_>>()
         );
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    let _ = &id;
 
     // Outside the instance: Conflict naming the --cgroup-parent; stopped: Conflict;
     // unknown: NotFound.
