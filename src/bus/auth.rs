@@ -10,6 +10,15 @@ use zbus_polkit::policykit1::{AuthorityProxy, CheckAuthorizationFlags, Subject};
 
 const UID_CACHE_MAX: usize = 4096;
 
+/// How long a polkit "yes" for one (unique bus name, action) is reused. A unique name is one
+/// connection of one process and is never reused on a bus, so the subject cannot change;
+/// what can change is polkit's answer (rules, group membership, an expiring
+/// auth_admin_keep), and for that a one-second delay is accepted. Only positive answers
+/// are kept (a "no" is asked again every time), and interactive calls always ask. Measured:
+/// polkitd answers a CheckAuthorization in about 0.9 ms here, half of a loop
+/// attach+detach round trip's budget (losetup does one in about 2.7-4 ms).
+const GRANT_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A polkit action family; `others` selects the `-others` twin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -50,6 +59,9 @@ pub struct Caller {
 
 pub struct Authorizer {
     conn: zbus::Connection,
+    /// Positive polkit answers per (unique bus name, action id), kept for
+    /// [`GRANT_TTL`]. See `ask_polkit_cached`.
+    grants: std::sync::Mutex<HashMap<(String, String), std::time::Instant>>,
     /// uid per unique bus name. A unique name is never reused during a bus's lifetime, so
     /// the bus daemon's answer stays true; bounded by clearing when full.
     uids: std::sync::Mutex<HashMap<String, u32>>,
@@ -62,6 +74,7 @@ impl Authorizer {
         Authorizer {
             conn,
             uids: std::sync::Mutex::new(HashMap::new()),
+            grants: std::sync::Mutex::new(HashMap::new()),
             dbus: tokio::sync::OnceCell::new(),
             authority: tokio::sync::OnceCell::new(),
         }
@@ -148,7 +161,29 @@ impl Authorizer {
         interactive: bool,
     ) -> Result<(), BusError> {
         let id = action.id(others);
-        match self.ask_polkit(hdr, &id, interactive).await {
+        let key = (caller.name.clone(), id.clone());
+        if !interactive {
+            let mut g = self.grants.lock().expect("grant cache");
+            match g.get(&key) {
+                Some(t) if t.elapsed() < GRANT_TTL => return Ok(()),
+                Some(_) => {
+                    g.remove(&key);
+                }
+                None => {}
+            }
+        }
+        let answer = self.ask_polkit(hdr, &id, interactive).await;
+        if let Ok(true) = answer {
+            let mut g = self.grants.lock().expect("grant cache");
+            if g.len() >= UID_CACHE_MAX {
+                g.retain(|_, t| t.elapsed() < GRANT_TTL);
+                if g.len() >= UID_CACHE_MAX {
+                    g.clear();
+                }
+            }
+            g.insert(key, std::time::Instant::now());
+        }
+        match answer {
             Ok(true) => Ok(()),
             Ok(false) => {
                 tracing::info!(caller = %caller.name, uid = caller.uid, action = %id, "polkit denied");

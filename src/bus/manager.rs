@@ -138,9 +138,28 @@ impl Manager {
     ) -> (OwnedObjectPath, String) {
         self.publish_loop(server, rec).await;
         if let Some((uid, name)) = &rec.image {
-            self.publish_image(server, *uid, name).await;
+            self.set_image_device(server, *uid, name, rec.device())
+                .await;
         }
         (loop_path(rec.number), rec.device())
+    }
+
+    /// Update the Device property of an exported image in place (PropertiesChanged),
+    /// cheaper than re-exporting the object; re-export when it is not there.
+    async fn set_image_device(&self, server: &ObjectServer, uid: u32, name: &str, device: String) {
+        match server
+            .interface::<_, ImageObject>(&image_path(uid, name))
+            .await
+        {
+            Ok(iref) => {
+                iref.get_mut().await.device = device;
+                let obj = iref.get().await;
+                if let Err(e) = obj.device_changed(iref.signal_emitter()).await {
+                    tracing::debug!(error = %e, "cannot signal an image's Device change");
+                }
+            }
+            Err(_) => self.publish_image(server, uid, name).await,
+        }
     }
 
     /// After the method's own options are read from `o`: refuse unknown ones, then ask
@@ -362,7 +381,8 @@ impl Manager {
                 .map_err(BusError::map)?;
             let _ = server.remove::<LoopObject, _>(&loop_path(rec.number)).await;
             if let Some((uid, name)) = &rec.image {
-                self.publish_image(server, *uid, name).await;
+                self.set_image_device(server, *uid, name, String::new())
+                    .await;
             }
             Ok(())
         }

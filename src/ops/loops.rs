@@ -221,7 +221,9 @@ pub async fn detach(core: &Arc<Core>, number: u32) -> Result<LoopRecord, OpsErro
             device: format!("/dev/loop{number}"),
         })?;
     let (dev, ino) = (rec.backing_dev, rec.backing_inode);
+    let t0 = std::time::Instant::now();
     let how = blocking(move || Ok(loopdev::detach_checked(number, dev, ino)?)).await?;
+    tracing::debug!(kernel_us = t0.elapsed().as_micros() as u64, device = %rec.device(), "detach timings");
     if how == loopdev::Detached::Deferred {
         tracing::info!(device = %rec.device(), "device is still open (mounted?): the kernel detaches it at the last close");
     }
