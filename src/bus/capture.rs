@@ -8,6 +8,7 @@
 //! State/Reason/counters plus the Finished signal. A finished session stays exported for
 //! `ops::capture::FINISHED_KEEP`.
 
+use super::audit;
 use super::auth::{Action, Authorizer, Caller};
 use super::error::BusError;
 use super::options::{describe, interactive, Options, Opts};
@@ -33,14 +34,6 @@ pub struct CaptureManager {
     pub captures: Captures,
     pub auth: Arc<Authorizer>,
     pub gate: Arc<tokio::sync::RwLock<()>>,
-}
-
-fn audit<T>(caller: &Caller, method: &str, args: &str, r: &Result<T, BusError>) {
-    match r {
-        Ok(_) => tracing::info!(uid = caller.uid, caller = %caller.name, method, args, "ok"),
-        Err(e) => tracing::info!(uid = caller.uid, caller = %caller.name, method, args,
-            error = e.kind_name(), message = %e, "refused or failed"),
-    }
 }
 
 /// Parse the capture options shared by both start methods.

@@ -1,7 +1,8 @@
 //! `org.dindhelper1.Devices` at `/org/dindhelper1`: ExposeToContainer. Authorize (devices,
 //! plus devices-others for another uid's loop device), call `ops::devices`, map the error.
 
-use super::auth::{Action, Authorizer, Caller};
+use super::audit;
+use super::auth::{Action, Authorizer};
 use super::error::BusError;
 use super::options::{interactive, Options, Opts};
 use crate::docker::Docker;
@@ -15,14 +16,6 @@ pub struct Devices {
     pub docker: Option<Docker>,
     pub auth: Arc<Authorizer>,
     pub gate: Arc<tokio::sync::RwLock<()>>,
-}
-
-fn audit<T>(caller: &Caller, method: &str, args: &str, r: &Result<T, BusError>) {
-    match r {
-        Ok(_) => tracing::info!(uid = caller.uid, caller = %caller.name, method, args, "ok"),
-        Err(e) => tracing::info!(uid = caller.uid, caller = %caller.name, method, args,
-            error = e.kind_name(), message = %e, "refused or failed"),
-    }
 }
 
 #[interface(name = "org.dindhelper1.Devices")]

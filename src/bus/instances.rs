@@ -8,6 +8,7 @@
 //! type; a negative or out-of-range value is InvalidArgs naming the knob. In SetLimits a
 //! knob given as the string `"default"` is reset (no limit / kernel default).
 
+use super::audit;
 use super::auth::{Action, Authorizer, Caller};
 use super::error::BusError;
 use super::objects::{escape_label, image_path, loop_path, ImageObject, LoopObject};
@@ -35,14 +36,6 @@ pub struct Instances {
 pub fn instance_path(name: &str) -> OwnedObjectPath {
     OwnedObjectPath::try_from(format!("/org/dindhelper1/instance/{}", escape_label(name)))
         .expect("valid path")
-}
-
-fn audit<T>(caller: &Caller, method: &str, args: &str, r: &Result<T, BusError>) {
-    match r {
-        Ok(_) => tracing::info!(uid = caller.uid, caller = %caller.name, method, args, "ok"),
-        Err(e) => tracing::info!(uid = caller.uid, caller = %caller.name, method, args,
-            error = e.kind_name(), message = %e, "refused or failed"),
-    }
 }
 
 fn int_of(v: &Value<'_>) -> Option<i128> {

@@ -1,6 +1,7 @@
 //! `org.dindhelper1.Manager` at `/org/dindhelper1`. Each method: authorize, convert the
 //! arguments, call one `ops` function, publish the objects, map the error, audit-log.
 
+use super::audit;
 use super::auth::{Action, Authorizer, Caller};
 use super::error::BusError;
 use super::objects::{
@@ -22,14 +23,6 @@ pub struct Manager {
     /// Held shared by every mutating call; shutdown takes it exclusively to let calls in
     /// flight finish.
     pub gate: Arc<tokio::sync::RwLock<()>>,
-}
-
-fn audit<T>(caller: &Caller, method: &str, args: &str, r: &Result<T, BusError>) {
-    match r {
-        Ok(_) => tracing::info!(uid = caller.uid, caller = %caller.name, method, args, "ok"),
-        Err(e) => tracing::info!(uid = caller.uid, caller = %caller.name, method, args,
-            error = e.kind_name(), message = %e, "refused or failed"),
-    }
 }
 
 fn parse_loop_device(device: &str) -> Result<u32, BusError> {

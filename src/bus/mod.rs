@@ -38,3 +38,17 @@ pub async fn authorize_instance_tag(
     }
     Ok(())
 }
+
+/// The audit line of a mutating call: caller uid and bus name, method, arguments, outcome.
+pub(crate) fn audit<T>(
+    caller: &auth::Caller,
+    method: &str,
+    args: &str,
+    r: &Result<T, error::BusError>,
+) {
+    match r {
+        Ok(_) => tracing::info!(uid = caller.uid, caller = %caller.name, method, args, "ok"),
+        Err(e) => tracing::info!(uid = caller.uid, caller = %caller.name, method, args,
+            error = e.kind_name(), message = %e, "refused or failed"),
+    }
+}

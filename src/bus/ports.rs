@@ -14,6 +14,7 @@
 //! `docker rm`) updates its object (PropertiesChanged) and emits `MappingChanged(o, s)` or
 //! `MappingRemoved(o)` on this interface.
 
+use super::audit;
 use super::auth::{Action, Authorizer, Caller};
 use super::error::BusError;
 use super::options::{describe, interactive, Options, Opts};
@@ -97,14 +98,6 @@ pub fn mapping_tuple(m: &Mapping) -> MappingTuple {
         o.instance(),
         state_name(&m.state).to_owned(),
     )
-}
-
-fn audit<T>(caller: &Caller, method: &str, args: &str, r: &Result<T, BusError>) {
-    match r {
-        Ok(_) => tracing::info!(uid = caller.uid, caller = %caller.name, method, args, "ok"),
-        Err(e) => tracing::info!(uid = caller.uid, caller = %caller.name, method, args,
-            error = e.kind_name(), message = %e, "refused or failed"),
-    }
 }
 
 /// Options of Publish / PublishMany: host_ip s, network s, instance s.
