@@ -17,7 +17,54 @@ mod nspawn;
 
 use std::time::Instant;
 
+/// Client mode, run inside the booted container: one D-Bus connection (as a provisioning
+/// service holds it), N CreateInstance then N DestroyInstance; prints the two times in ms.
+fn client(n: usize) {
+    use std::collections::HashMap;
+    use zbus::zvariant::Value;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let conn = zbus::Connection::system().await.expect("system bus");
+        let p = zbus::Proxy::new(
+            &conn,
+            "org.dindhelper1",
+            "/org/dindhelper1",
+            "org.dindhelper1.Instances",
+        )
+        .await
+        .unwrap();
+        let mut limits: HashMap<&str, Value<'_>> = HashMap::new();
+        limits.insert("cpu_quota_percent", Value::U32(50));
+        limits.insert("memory_max", Value::U64(268435456));
+        limits.insert("tasks_max", Value::U64(100));
+        let none: HashMap<&str, Value<'_>> = HashMap::new();
+        let t = Instant::now();
+        for i in 1..=n {
+            let _: zbus::Message = p
+                .call_method("CreateInstance", &(format!("c{i}"), &limits))
+                .await
+                .expect("CreateInstance");
+        }
+        let c = t.elapsed();
+        let t = Instant::now();
+        for i in 1..=n {
+            let _: zbus::Message = p
+                .call_method("DestroyInstance", &(format!("c{i}"), &none))
+                .await
+                .expect("DestroyInstance");
+        }
+        let d = t.elapsed();
+        println!("{:.3} {:.3}", c.as_secs_f64() * 1e3, d.as_secs_f64() * 1e3);
+    });
+}
+
 fn main() {
+    if let Some(n) = std::env::var("DHJ_BENCH_CLIENT").ok().and_then(|v| v.parse().ok()) {
+        return client(n);
+    }
     let bench = std::env::args().any(|a| a == "--bench");
     let bin = env!("CARGO_BIN_EXE_dindhelperd");
     if !bench {
@@ -115,8 +162,22 @@ fn main() {
     let pk_floor = t.elapsed();
 
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    // The provisioning service's path: one persistent connection, no process per call.
+    // This bench binary, copied into the container, is the client.
+    let me = std::env::current_exe().unwrap();
+    let inside = b.scratch.join("merged/usr/local/bin/dh-instances-bench-client");
+    std::fs::copy(&me, &inside).expect("copy the bench client into the container");
+    let out = b.ok(&[
+        "env",
+        &format!("DHJ_BENCH_CLIENT={n}"),
+        "/usr/local/bin/dh-instances-bench-client",
+    ]);
+    let mut f = out.split_whitespace().map(|x| x.parse::<f64>().unwrap());
+    let (c_create, c_destroy) = (f.next().unwrap(), f.next().unwrap());
+
     let dt = ms(d_create) + ms(d_destroy);
     let st = ms(s_create) + ms(s_destroy);
+    let ct = c_create + c_destroy;
     println!("instances bench: {n} instances with limits (cpu 50%, 256 MiB, 100 tasks), systemd backend in nspawn");
     println!(
         "  dindhelperd over D-Bus (busctl):  create {:8.1} ms  destroy {:8.1} ms  total {:8.1} ms  ({:.2} ms/instance)",
@@ -142,7 +203,18 @@ fn main() {
         2 * n,
         ms(pk_floor)
     );
-    println!("  ratio daemon/systemctl: {:.2} (goal <= 1.0)", dt / st);
+    println!(
+        "  dindhelperd over one D-Bus connection (zbus client): create {:8.1} ms  destroy {:8.1} ms  total {:8.1} ms  ({:.2} ms/instance)",
+        c_create,
+        c_destroy,
+        ct,
+        ct / n as f64
+    );
+    println!(
+        "  ratio daemon/systemctl: {:.2} with one busctl process per call, {:.2} over one connection (goal <= 1.0)",
+        dt / st,
+        ct / st
+    );
     println!(
         "  daemon RSS with {n} instances: {rss} kB ({active} active dind-d* slices, ListInstances reply {listed} bytes)"
     );
