@@ -62,7 +62,10 @@ fn client(n: usize) {
 }
 
 fn main() {
-    if let Some(n) = std::env::var("DHJ_BENCH_CLIENT").ok().and_then(|v| v.parse().ok()) {
+    if let Some(n) = std::env::var("DHJ_BENCH_CLIENT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         return client(n);
     }
     let bench = std::env::args().any(|a| a == "--bench");
@@ -165,7 +168,9 @@ fn main() {
     // The provisioning service's path: one persistent connection, no process per call.
     // This bench binary, copied into the container, is the client.
     let me = std::env::current_exe().unwrap();
-    let inside = b.scratch.join("merged/usr/local/bin/dh-instances-bench-client");
+    let inside = b
+        .scratch
+        .join("merged/usr/local/bin/dh-instances-bench-client");
     std::fs::copy(&me, &inside).expect("copy the bench client into the container");
     let out = b.ok(&[
         "env",

@@ -331,14 +331,12 @@ impl Manager {
             let req = attach_request(&mut o)?;
             let inter = interactive(&options)?;
             o.finish()?;
-            self.auth
-                .check_caller(&hdr, &caller, Action::Loop, false, inter)
-                .await?;
-            super::authorize_instance_tag(
+            super::authorize_into_instance(
                 &self.auth,
                 &self.core,
                 &hdr,
                 &caller,
+                Action::Loop,
                 req.instance.as_deref(),
                 inter,
             )

@@ -14,6 +14,22 @@ pub mod ports;
 pub const BUS_NAME: &str = "org.dindhelper1";
 pub const MANAGER_PATH: &str = "/org/dindhelper1";
 
+/// Ask polkit for `action` on the caller's own resource, then check the `instance` tag
+/// (see [`authorize_instance_tag`]).
+pub async fn authorize_into_instance(
+    auth: &auth::Authorizer,
+    core: &crate::ops::Core,
+    hdr: &zbus::message::Header<'_>,
+    caller: &auth::Caller,
+    action: auth::Action,
+    instance: Option<&str>,
+    interactive: bool,
+) -> Result<(), error::BusError> {
+    auth.check_caller(hdr, caller, action, false, interactive)
+        .await?;
+    authorize_instance_tag(auth, core, hdr, caller, instance, interactive).await
+}
+
 /// A resource tagged with `instance` joins that instance: DestroyInstance will remove it.
 /// The instance must exist, and tagging into another uid's instance needs
 /// `org.dindhelper1.instances-others` (else a user could make another user's teardown

@@ -309,14 +309,12 @@ impl Ports {
         let r = async {
             let o = publish_opts(&options)?;
             let inter = interactive(&options)?;
-            self.auth
-                .check_caller(&hdr, &caller, Action::Ports, false, inter)
-                .await?;
-            super::authorize_instance_tag(
+            super::authorize_into_instance(
                 &self.auth,
                 &self.core,
                 &hdr,
                 &caller,
+                Action::Ports,
                 o.instance.as_deref(),
                 inter,
             )
@@ -356,14 +354,12 @@ impl Ports {
         let r = async {
             let o = publish_opts(&options)?;
             let inter = interactive(&options)?;
-            self.auth
-                .check_caller(&hdr, &caller, Action::Ports, false, inter)
-                .await?;
-            super::authorize_instance_tag(
+            super::authorize_into_instance(
                 &self.auth,
                 &self.core,
                 &hdr,
                 &caller,
+                Action::Ports,
                 o.instance.as_deref(),
                 inter,
             )
