@@ -1175,3 +1175,36 @@ impl ExpectOkOr for Out {
         }
     }
 }
+
+/// sfdisk that writes the table only (this kernel cannot parse tables; Rescan syncs it):
+/// `extra` before the device, `tail` after it (e.g. `--delete` … `2`), `script` on stdin.
+pub fn sfdisk(dev: &str, extra: &[&str], tail: &[&str], script: &str) -> Out {
+    let mut child = Command::new("sfdisk")
+        .args([
+            "--no-reread",
+            "--no-tell-kernel",
+            "--force",
+            "--quiet",
+            "--lock=no",
+        ])
+        .args(extra)
+        .arg(dev)
+        .args(tail)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sfdisk");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())
+        .expect("script");
+    let o = child.wait_with_output().expect("sfdisk");
+    Out {
+        status: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}

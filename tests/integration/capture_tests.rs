@@ -12,11 +12,10 @@
 //!
 //! Signals are observed with `gdbus monitor` (line-buffered through `stdbuf -oL`).
 
-use crate::bed::{gv_str, run, Bed, Out, BUS_NAME, MANAGER_PATH, MEMBER, OWN, PLAIN};
+use crate::bed::{gv_str, run, sfdisk, Bed, Out, BUS_NAME, MANAGER_PATH, MEMBER, OWN, PLAIN};
 use crate::dockerd::Dockerd;
 use crate::Test;
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -558,38 +557,6 @@ fn capture_bad_filter_and_plain_user_are_refused(bed: &Bed) {
             .join(bed.uid(PLAIN).to_string());
         assert!(!dir.exists(), "{} exists", dir.display());
     })
-}
-
-/// sfdisk that writes the table only (this kernel cannot parse tables; Rescan syncs it).
-fn sfdisk(dev: &str, extra: &[&str], tail: &[&str], script: &str) -> Out {
-    let mut child = Command::new("sfdisk")
-        .args([
-            "--no-reread",
-            "--no-tell-kernel",
-            "--force",
-            "--quiet",
-            "--lock=no",
-        ])
-        .args(extra)
-        .arg(dev)
-        .args(tail)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("sfdisk");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(script.as_bytes())
-        .expect("script");
-    let o = child.wait_with_output().expect("sfdisk");
-    Out {
-        status: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
 }
 
 fn expose(bed: &Bed, user: &str, device: &str, container: &str) -> (Vec<String>, Vec<String>) {

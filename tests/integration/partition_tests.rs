@@ -6,13 +6,12 @@
 //! daemon's userspace parser + BLKPG can make the partitions appear.
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
-use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use crate::bed::{
-    gv_str, kernel_partitions, run, sysfs_dev, Bed, DaemonLoop, MountGuard, Out, MEMBER,
+    gv_str, kernel_partitions, run, sfdisk, sysfs_dev, Bed, DaemonLoop, MountGuard, MEMBER,
 };
 use crate::Test;
 
@@ -42,37 +41,6 @@ pub fn tests() -> Vec<Test> {
             dos_with_logical_partitions_rescan_matches_table,
         ),
     ]
-}
-
-/// sfdisk that writes the table only; the kernel is not told.
-fn sfdisk(dev: &str, extra: &[&str], script: &str) -> Out {
-    let mut child = Command::new("sfdisk")
-        .args([
-            "--no-reread",
-            "--no-tell-kernel",
-            "--force",
-            "--quiet",
-            "--lock=no",
-        ])
-        .args(extra)
-        .arg(dev)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("sfdisk");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(script.as_bytes())
-        .expect("script");
-    let o = child.wait_with_output().expect("sfdisk");
-    Out {
-        status: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -239,7 +207,7 @@ size=16MiB, type=linux, name=delta
 fn setup_gpt<'b>(bed: &'b Bed, image: &str) -> DaemonLoop<'b> {
     bed.create_image(MEMBER, image, 64 * MIB);
     let lp = DaemonLoop::attach(bed, MEMBER, image, &["partscan", "b", "true"]);
-    sfdisk(&lp.device, &[], GPT4).expect_ok("sfdisk gpt");
+    sfdisk(&lp.device, &[], &[], GPT4).expect_ok("sfdisk gpt");
     lp
 }
 
@@ -333,7 +301,7 @@ fn gpt_delete_and_grow_while_another_is_mounted(bed: &Bed) {
         ],
     );
     out.expect_ok("sfdisk --delete 3");
-    sfdisk(&dev, &["-N", "4"], ",+\n").expect_ok("grow p4");
+    sfdisk(&dev, &["-N", "4"], &[], ",+\n").expect_ok("grow p4");
     let (_, parts) = table(&dev);
     assert!(parts.iter().all(|p| p.number != 3), "table still has p3");
     let p4 = parts.iter().find(|p| p.number == 4).expect("p4 in table");
@@ -376,7 +344,7 @@ fn changing_a_mounted_partition_is_busy(bed: &Bed) {
     let mnt = bed.scratch("mnt-gpt-busy");
     let m = MountGuard::mount(&p1, &mnt);
     let kernel_before = kernel_partitions(&dev);
-    sfdisk(&dev, &["-N", "1"], ",4MiB\n").expect_ok("shrink p1");
+    sfdisk(&dev, &["-N", "1"], &[], ",4MiB\n").expect_ok("shrink p1");
     bed.expect_error(MEMBER, "Rescan", &[&gv_str(&dev), "@a{sv} {}"], "Busy");
     assert_eq!(
         kernel_partitions(&dev),
@@ -407,7 +375,7 @@ fn dos_with_logical_partitions_rescan_matches_table(bed: &Bed) {
     bed.create_image(MEMBER, "dos", 64 * MIB);
     let lp = DaemonLoop::attach(bed, MEMBER, "dos", &["partscan", "b", "true"]);
     let dev = lp.device.clone();
-    sfdisk(&dev, &[], DOS).expect_ok("sfdisk dos");
+    sfdisk(&dev, &[], &[], DOS).expect_ok("sfdisk dos");
     let (label, parts) = table(&dev);
     assert_eq!(label, "dos");
     assert_eq!(
@@ -441,7 +409,7 @@ fn dos_with_logical_partitions_rescan_matches_table(bed: &Bed) {
         ],
     )
     .expect_ok("delete p2");
-    sfdisk(&dev, &["-N", "1"], ",+\n").expect_ok("grow p1");
+    sfdisk(&dev, &["-N", "1"], &[], ",+\n").expect_ok("grow p1");
     run(
         "sfdisk",
         &[
