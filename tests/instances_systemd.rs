@@ -11,114 +11,19 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-struct Booted {
-    scratch: PathBuf,
-    nspawn: Child,
-    systemd_pid: u32,
+#[path = "common/nspawn.rs"]
+mod nspawn;
+use nspawn::Booted;
+
+/// The slice example inside the booted container.
+trait SliceCtl {
+    fn ctl(&self, args: &[&str]) -> Result<String, String>;
 }
 
-fn sh(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
-}
-
-impl Booted {
-    /// `docker_v2`: boot with a unified cgroup hierarchy (docker 20.10 then uses its systemd
-    /// cgroup driver) and allow what runc needs inside nspawn: keyctl (session keyring)
-    /// and bpf (device cgroup programs), with all capabilities.
-    fn boot(docker_v2: bool) -> Self {
-        assert!(
-            nix::unistd::Uid::effective().is_root(),
-            "instances_systemd needs root (overlay mount, systemd-nspawn)"
-        );
-        assert!(
-            Path::new("/usr/bin/systemd-nspawn").exists(),
-            "apt-get install systemd-container"
-        );
-        let scratch = PathBuf::from(format!(
-            "/var/tmp/dhi-sdt-{}-{}",
-            std::process::id(),
-            u8::from(docker_v2)
-        ));
-        for d in ["upper", "work", "merged"] {
-            fs::create_dir_all(scratch.join(d)).unwrap();
-        }
-        let opts = format!(
-            "lowerdir=/,upperdir={0}/upper,workdir={0}/work",
-            scratch.display()
-        );
-        let o = sh(Command::new("mount")
-            .args(["-t", "overlay", "overlay", "-o", &opts])
-            .arg(scratch.join("merged")));
-        assert!(o.status.success(), "mount overlay: {o:?}");
-        let extra = if docker_v2 {
-            " --capability=all '--system-call-filter=@keyring bpf'"
-        } else {
-            ""
-        };
-        let script = format!(
-            "mkdir -p /run/systemd/nspawn && mount -t tmpfs tmpfs /run/systemd/nspawn && \
-             exec systemd-nspawn -D {}/merged --register=no --keep-unit --boot \
-             --machine=dhi-t{}{} --private-network{extra}",
-            scratch.display(),
-            std::process::id(),
-            u8::from(docker_v2)
-        );
-        let mut cmd = Command::new("unshare");
-        if docker_v2 {
-            cmd.env("SYSTEMD_NSPAWN_UNIFIED_HIERARCHY", "1");
-        }
-        let nspawn = cmd
-            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(scratch.join("nspawn.log")).unwrap())
-            .spawn()
-            .expect("unshare");
-        let mut b = Booted {
-            scratch,
-            nspawn,
-            systemd_pid: 0,
-        };
-        let t = Instant::now();
-        // The container's systemd is the child of the systemd-nspawn process.
-        while b.systemd_pid == 0 {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "no systemd in nspawn"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-            let kids = fs::read_to_string(format!("/proc/{0}/task/{0}/children", b.nspawn.id()))
-                .unwrap_or_default();
-            b.systemd_pid = kids
-                .split_whitespace()
-                .next()
-                .and_then(|p| p.parse().ok())
-                .unwrap_or(0);
-        }
-        loop {
-            let o = b.run(&["systemctl", "is-system-running"]);
-            let s = String::from_utf8_lossy(&o.stdout).trim().to_owned();
-            if s == "running" || s == "degraded" {
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "systemd in the container did not come up: {s}"
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        b
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        sh(Command::new("nsenter")
-            .args(["-t", &self.systemd_pid.to_string(), "-a"])
-            .args(args))
-    }
-
+impl SliceCtl for Booted {
     /// Run the example inside; Ok(stdout) or Err(stderr).
     fn ctl(&self, args: &[&str]) -> Result<String, String> {
         let mut a = vec!["/usr/local/bin/dhi-dind-slice"];
@@ -132,49 +37,6 @@ impl Booted {
         } else {
             Err(err)
         }
-    }
-
-    fn show(&self, unit: &str, props: &[&str]) -> Vec<(String, String)> {
-        let mut a = vec!["systemctl", "show", unit];
-        for p in props {
-            a.push("-p");
-            a.push(p);
-        }
-        let o = self.run(&a);
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect()
-    }
-
-    fn prop(&self, unit: &str, p: &str) -> String {
-        self.show(unit, &[p])
-            .into_iter()
-            .next()
-            .map(|(_, v)| v)
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Booted {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.nspawn.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let t = Instant::now();
-        while self.nspawn.try_wait().ok().flatten().is_none()
-            && t.elapsed() < Duration::from_secs(30)
-        {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let _ = self.nspawn.kill();
-        let _ = self.nspawn.wait();
-        let _ = Command::new("umount")
-            .arg(self.scratch.join("merged"))
-            .status();
-        let _ = fs::remove_dir_all(&self.scratch);
     }
 }
 
@@ -197,7 +59,7 @@ fn build_example() -> PathBuf {
 #[test]
 fn systemd_slices_create_set_adopt_destroy() {
     let bin = build_example();
-    let b = Booted::boot(false);
+    let b = Booted::boot_with("sdt0", false);
     fs::copy(&bin, b.scratch.join("merged/usr/local/bin/dhi-dind-slice")).unwrap();
     assert_eq!(b.ctl(&["backend"]).unwrap(), "Systemd");
 
@@ -318,7 +180,7 @@ fn systemd_slices_create_set_adopt_destroy() {
 #[test]
 fn systemd_slice_holds_docker_containers_with_the_systemd_driver() {
     let bin = build_example();
-    let b = Booted::boot(true);
+    let b = Booted::boot_with("sdt1", true);
     fs::copy(&bin, b.scratch.join("merged/usr/local/bin/dhi-dind-slice")).unwrap();
     let t = Instant::now();
     let driver = loop {

@@ -2,7 +2,8 @@
 //! TESTBED.md; never systemd on the root) with dindhelperd installed as a real system
 //! service: binary, unit, D-Bus policy + activation file, polkit action + rules, group
 //! `dindhelper` with a member user and a plain user made inside. Shared by
-//! tests/instances_systemd_daemon.rs and benches/instances.rs (`#[path]` include).
+//! tests/instances_systemd_daemon.rs, tests/instances_systemd.rs and benches/instances.rs
+//! (`#[path]` include).
 //!
 //! Files are written through the overlay's merged dir (what the container sees as `/`);
 //! the group exists before the D-Bus policy lands, then the bus reloads its config.
@@ -30,6 +31,13 @@ fn sh(cmd: &mut Command) -> Output {
 impl Booted {
     /// Boot systemd in nspawn (cgroup layout of the host) under `/var/tmp/dhj-<tag>-<pid>`.
     pub fn boot(tag: &str) -> Self {
+        Self::boot_with(tag, false)
+    }
+
+    /// `docker_v2`: boot with a unified cgroup hierarchy (docker 20.10 then uses its systemd
+    /// cgroup driver) and allow what runc needs inside nspawn: keyctl (session keyring)
+    /// and bpf (device cgroup programs), with all capabilities.
+    pub fn boot_with(tag: &str, docker_v2: bool) -> Self {
         assert!(
             nix::unistd::Uid::effective().is_root(),
             "needs root (overlay mount, systemd-nspawn)"
@@ -50,14 +58,23 @@ impl Booted {
             .args(["-t", "overlay", "overlay", "-o", &opts])
             .arg(scratch.join("merged")));
         assert!(o.status.success(), "mount overlay: {o:?}");
+        let extra = if docker_v2 {
+            " --capability=all '--system-call-filter=@keyring bpf'"
+        } else {
+            ""
+        };
         let script = format!(
             "mkdir -p /run/systemd/nspawn && mount -t tmpfs tmpfs /run/systemd/nspawn && \
              exec systemd-nspawn -D {}/merged --register=no --keep-unit --boot \
-             --machine=dhj-{tag}{} --private-network",
+             --machine=dhj-{tag}{} --private-network{extra}",
             scratch.display(),
             std::process::id(),
         );
-        let nspawn = Command::new("unshare")
+        let mut cmd = Command::new("unshare");
+        if docker_v2 {
+            cmd.env("SYSTEMD_NSPAWN_UNIFIED_HIERARCHY", "1");
+        }
+        let nspawn = cmd
             .args(["--mount", "--propagation", "private", "sh", "-c", &script])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
