@@ -21,8 +21,9 @@ impl Devices {
     /// Make a managed loop device (`/dev/loopN` or `loopN`) and the partitions of its last
     /// Rescan appear in `container`'s /dev (mode 0660), remove partition nodes that no
     /// longer exist, and allow them in its devices cgroup (v1). On cgroup v2 the container
-    /// must have been started with `--device-cgroup-rule 'b 7:* rmw'` and
-    /// `'b 259:* rmw'`, else NotSupported. Returns the nodes created (or replaced) and
+    /// must have been started with the docker run options `device-cgroup-rule='b 7:* rmw'`
+    /// and `device-cgroup-rule='b 259:* rmw'`, else NotSupported. (No double dash in these
+    /// doc comments: zbus puts them in XML comments, where it is not allowed.) Returns the nodes created (or replaced) and
     /// removed, as names under /dev.
     #[zbus(out_args("created", "removed"))]
     async fn expose_to_container(

@@ -193,7 +193,8 @@ impl Instances {
 impl Instances {
     /// Create instance `name` (`[a-z0-9-]{1,48}`) with the limits in `limits_and_options`
     /// (plus options `docker_cgroup_driver` s, `interactive` b). Returns the instance
-    /// object, its slice unit and the value for `docker run --cgroup-parent`.
+    /// object, its slice unit and the value for the docker run option `cgroup-parent`.
+    /// (No double dash in these doc comments: zbus puts them in XML comments.)
     #[zbus(out_args("instance", "slice_unit", "cgroup_parent"))]
     async fn create_instance(
         &self,
@@ -286,7 +287,7 @@ impl Instances {
     }
 
     /// Check that `container` (Docker name or id, or `pid:N`) runs inside the instance
-    /// (else Conflict naming the `--cgroup-parent` to use) and give every process of it
+    /// (else Conflict naming the docker run option `cgroup-parent` to use) and give every process of it
     /// the instance's oom_score_adj. Returns the container id, its cgroup, the adjusted
     /// pids and the value.
     #[zbus(out_args("container_id", "cgroup", "pids", "oom_score_adj"))]
@@ -409,7 +410,7 @@ impl InstanceObject {
     fn slice_unit(&self) -> String {
         self.rec.instance.slice_unit.clone()
     }
-    /// The value for `docker run --cgroup-parent`.
+    /// The value for the docker run option `cgroup-parent`.
     #[zbus(property)]
     fn cgroup_parent(&self) -> String {
         self.rec.instance.cgroup_parent.clone()

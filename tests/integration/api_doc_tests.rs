@@ -2,6 +2,12 @@
 //! signatures), property and signal that `dbus/org.dindhelper1.xml` documents is what the
 //! running daemon exports, and the daemon exports nothing undocumented, for every
 //! org.dindhelper1.* interface on the manager object and on live Loop and Image objects.
+//!
+//! Clients of other ecosystems parse the live introspection strictly: every object path's
+//! XML goes through Python's xml.etree and a dbus-fast proxy is built from it
+//! (`introspect_client.py`; zbus writes doc comments as XML comments, where `--` is
+//! forbidden — busctl and GDBus do not mind, xml.etree does). The documented XML file is
+//! parsed strictly as well.
 
 use crate::bed::{Bed, BUS_NAME, MANAGER_PATH};
 use crate::Test;
@@ -15,11 +21,157 @@ pub fn tests() -> Vec<Test> {
             run: dbus_xml_documents_exactly_what_the_daemon_exports,
         },
         Test {
+            name: "live_introspection_is_strict_xml_and_builds_a_python_dbus_fast_client",
+            needs_daemon: true,
+            run: live_introspection_is_strict_xml_and_builds_a_python_dbus_fast_client,
+        },
+        Test {
             name: "docker_host_other_than_a_unix_socket_is_a_startup_error",
             needs_daemon: false,
             run: docker_host_other_than_a_unix_socket_is_a_startup_error,
         },
     ]
+}
+
+/// Debian's interpreter: python3-dbus-fast is installed for it (a pyenv `python3` earlier
+/// in PATH would not see the package).
+const PYTHON: &str = "/usr/bin/python3";
+
+/// Parse `xml` with xml.etree (strict); Err(message with line and text) when it is not
+/// well-formed.
+fn strict_parse(xml: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(PYTHON)
+        .args([
+            "-c",
+            "import sys, xml.etree.ElementTree as ET\n\
+             d = sys.stdin.read()\n\
+             try:\n    ET.fromstring(d)\n\
+             except ET.ParseError as e:\n\
+             \x20   l = e.position[0]\n\
+             \x20   sys.exit(f'{e}: {d.splitlines()[l-1].strip()!r}')\n",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{PYTHON}: {e} (package python3)"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(xml.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
+fn live_introspection_is_strict_xml_and_builds_a_python_dbus_fast_client(bed: &Bed) {
+    let doc_path = concat!(env!("CARGO_MANIFEST_DIR"), "/dbus/org.dindhelper1.xml");
+    if let Err(e) = strict_parse(&std::fs::read_to_string(doc_path).unwrap()) {
+        panic!("{doc_path} is not well-formed XML: {e}");
+    }
+    // One object of each kind the bed can make without dockerd.
+    bed.create_image("root", "apistrict.img", 4 << 20);
+    let (loop_obj, dev) = bed.attach_image("root", "apistrict.img", &[]);
+    let image_obj = format!("{MANAGER_PATH}/image/u0/apistrict_2eimg");
+    let inst = format!("dhapi{}", std::process::id());
+    let inst_obj = bed
+        .busctl(&[
+            "call",
+            BUS_NAME,
+            MANAGER_PATH,
+            "org.dindhelper1.Instances",
+            "CreateInstance",
+            "sa{sv}",
+            &inst,
+            "1",
+            "tasks_max",
+            "t",
+            "64",
+        ])
+        .expect_ok("CreateInstance")
+        .json_data()[0]
+        .as_str()
+        .map(str::to_owned);
+
+    // Each path's XML as busctl gets it, through the strict parser, for a precise report.
+    let mut bad = Vec::new();
+    for path in [MANAGER_PATH, &loop_obj, &image_obj]
+        .into_iter()
+        .chain(inst_obj.as_deref())
+    {
+        let xml = bed
+            .busctl(&["introspect", "--xml-interface", BUS_NAME, path])
+            .expect_ok(&format!("introspect {path}"))
+            .stdout;
+        if let Err(e) = strict_parse(&xml) {
+            bad.push(format!("{path}: {e}"));
+        }
+    }
+    // The whole tree, walked and bound by the Python client.
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/integration/introspect_client.py"
+    );
+    let client = crate::bed::run(PYTHON, &[script, &bed.address, BUS_NAME]);
+
+    bed.detach("root", &dev);
+    bed.delete_image("root", "apistrict.img");
+    if inst_obj.is_some() {
+        bed.busctl(&[
+            "call",
+            BUS_NAME,
+            MANAGER_PATH,
+            "org.dindhelper1.Instances",
+            "DestroyInstance",
+            "sa{sv}",
+            &inst,
+            "0",
+        ])
+        .expect_ok("DestroyInstance");
+    }
+
+    assert!(
+        bad.is_empty(),
+        "live introspection is not well-formed XML:\n{}",
+        bad.join("\n")
+    );
+    assert!(
+        client.ok(),
+        "the dbus-fast client failed (python3-dbus-fast installed?): {}",
+        client.stderr
+    );
+    let report: serde_json::Value = serde_json::from_str(&client.stdout)
+        .unwrap_or_else(|e| panic!("client output {:?}: {e}", client.stdout));
+    let paths = report["paths"].as_object().expect("paths");
+    for p in [MANAGER_PATH, &loop_obj, &image_obj]
+        .into_iter()
+        .chain(inst_obj.as_deref())
+    {
+        assert!(paths.contains_key(p), "client did not bind {p}: {paths:?}");
+    }
+    let manager = &paths[MANAGER_PATH];
+    for iface in [
+        "org.dindhelper1.Manager",
+        "org.dindhelper1.Instances",
+        "org.dindhelper1.Captures",
+        "org.dindhelper1.Devices",
+        "org.dindhelper1.Ports",
+    ] {
+        assert!(
+            manager[iface].as_array().is_some_and(|m| !m.is_empty()),
+            "{iface} not bound on {MANAGER_PATH}: {manager}"
+        );
+    }
+    assert!(
+        report["calls"]["ListLoops"].as_u64().unwrap_or(0) >= 1,
+        "{report}"
+    );
 }
 
 /// `--docker-host` has one parser: anything but `unix:///path` or `/path` stops the daemon
