@@ -164,22 +164,33 @@ pub async fn unpublish(core: &Arc<Core>, id: &str) -> Result<Mapping, OpsError> 
 
 /// Remove every mapping of an instance (for DestroyInstance). Returns the ids removed
 /// (empty when the instance had none).
+///
+/// A mapping can vanish between the listing and the (all-or-nothing) unpublish: its
+/// container was removed and the event watch dropped it (a provisioning service's
+/// `docker rm -f` right before DestroyInstance). Then the list is taken again (3 tries),
+/// instead of failing the teardown and keeping the instance's record.
 pub async fn unpublish_instance(core: &Arc<Core>, instance: &str) -> Result<Vec<String>, OpsError> {
-    let ids: Vec<String> = core
-        .ports
-        .mappings()
-        .into_iter()
-        .filter(|m| m.instance.as_deref() == Some(instance))
-        .map(|m| m.id)
-        .collect();
-    if ids.is_empty() {
-        return Ok(vec![]);
+    let mut last = None;
+    for _ in 0..3 {
+        let ids: Vec<String> = core
+            .ports
+            .mappings()
+            .into_iter()
+            .filter(|m| m.instance.as_deref() == Some(instance))
+            .map(|m| m.id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(vec![]);
+        }
+        match unpublish_ids(core, ids).await {
+            Ok(v) => return Ok(v.into_iter().map(|m| m.id).collect()),
+            Err(e) if crate::error::Classify::kind(&e) == crate::error::Kind::NotFound => {
+                last = Some(e)
+            }
+            Err(e) => return Err(e),
+        }
     }
-    Ok(unpublish_ids(core, ids)
-        .await?
-        .into_iter()
-        .map(|m| m.id)
-        .collect())
+    Err(last.expect("three NotFound tries"))
 }
 
 /// The daemon's ports manager on the daemon's one Docker client (`--docker-host`, parsed

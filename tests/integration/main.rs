@@ -22,6 +22,7 @@ mod instance_tests;
 mod loop_tests;
 mod partition_tests;
 mod ports_tests;
+mod provision_tests;
 
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -53,6 +54,7 @@ fn all_tests() -> Vec<Test> {
     v.extend(instance_tests::tests());
     v.extend(capture_tests::tests());
     v.extend(ports_tests::tests());
+    v.extend(provision_tests::tests());
     v
 }
 
