@@ -30,6 +30,11 @@ pub fn tests() -> Vec<Test> {
             needs_daemon: false,
             run: docker_host_other_than_a_unix_socket_is_a_startup_error,
         },
+        Test {
+            name: "second_daemon_on_the_bus_refuses_naming_the_owner",
+            needs_daemon: true,
+            run: second_daemon_on_the_bus_refuses_naming_the_owner,
+        },
     ]
 }
 
@@ -332,4 +337,25 @@ fn dbus_xml_documents_exactly_what_the_daemon_exports(bed: &Bed) {
             "{iface}: exported but undocumented {missing:#?}; documented but not exported (or different) {stale:#?}"
         );
     }
+}
+
+/// The connect step refuses before touching the kernel when the name has an owner.
+fn second_daemon_on_the_bus_refuses_naming_the_owner(bed: &Bed) {
+    let dir = bed.scratch("second-daemon");
+    let out = std::process::Command::new(Bed::daemon_bin())
+        .args(["--bus-address", &bed.address])
+        .args(["--state-dir", &dir.display().to_string()])
+        .output()
+        .expect("run dindhelperd");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second daemon started");
+    assert!(
+        err.contains("already owned") && err.contains(":1."),
+        "no owner named: {err}"
+    );
+    assert!(
+        bed.name_has_owner(BUS_NAME),
+        "the first daemon lost its name"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
