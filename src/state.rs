@@ -66,6 +66,36 @@ impl Default for State {
     }
 }
 
+/// One row of ListImages: an image and the device it is attached to ("" when none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRow<'a> {
+    pub image: &'a ImageRecord,
+    pub device: String,
+}
+
+impl State {
+    /// Every image with its attached device, in O(images + loops): one map from
+    /// (uid, name) to device first. (Searching the loop records for every image cost
+    /// O(images × loops) with a String clone per comparison: ~30 ms at 1000 × 1000.)
+    pub fn image_rows(&self) -> Vec<ImageRow<'_>> {
+        let attached: std::collections::HashMap<(u32, &str), u32> = self
+            .loops
+            .iter()
+            .filter_map(|l| l.image.as_ref().map(|(u, n)| ((*u, n.as_str()), l.number)))
+            .collect();
+        self.images
+            .iter()
+            .map(|i| ImageRow {
+                image: i,
+                device: attached
+                    .get(&(i.owner_uid, i.name.as_str()))
+                    .map(|n| format!("/dev/loop{n}"))
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
 /// An instance: the domain's [`crate::instances::Instance`] (flattened into the same JSON
 /// object) plus who made it and which containers were adopted into it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -410,6 +440,40 @@ mod tests {
         ));
         drop(store);
         assert!(StateStore::open(d.path()).is_ok());
+    }
+
+    #[test]
+    fn image_rows_join_images_and_loops() {
+        let img = |uid, name: &str| ImageRecord {
+            name: name.into(),
+            owner_uid: uid,
+            size: 1,
+        };
+        let lp = |n, uid, name: &str| LoopRecord {
+            number: n,
+            image: Some((uid, name.into())),
+            backing_file: "/x".into(),
+            backing_dev: 0,
+            backing_inode: 0,
+            owner_uid: uid,
+            instance: None,
+            read_only: false,
+            partscan: true,
+            offset: 0,
+            size_limit: 0,
+            partitions: Vec::new(),
+        };
+        let st = State {
+            images: vec![img(1, "a"), img(2, "a"), img(1, "b")],
+            loops: vec![lp(5, 2, "a"), lp(6, 1, "b")],
+            ..State::default()
+        };
+        let rows: Vec<String> = st
+            .image_rows()
+            .iter()
+            .map(|r| format!("{} {} {}", r.image.owner_uid, r.image.name, r.device))
+            .collect();
+        assert_eq!(rows, ["1 a ", "2 a /dev/loop5", "1 b /dev/loop6"]);
     }
 
     #[test]

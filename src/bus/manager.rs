@@ -253,21 +253,16 @@ impl Manager {
     /// Images: object, name, size, owner uid, attached device ("" if none).
     async fn list_images(&self) -> Vec<(OwnedObjectPath, String, u64, u32, String)> {
         let st = self.core.state.lock().await;
-        st.images
-            .iter()
-            .map(|i| {
-                let dev = st
-                    .loops
-                    .iter()
-                    .find(|l| l.image.as_ref() == Some(&(i.owner_uid, i.name.clone())))
-                    .map(|l| l.device())
-                    .unwrap_or_default();
+        st.image_rows()
+            .into_iter()
+            .map(|r| {
+                let i = r.image;
                 (
                     image_path(i.owner_uid, &i.name),
                     i.name.clone(),
                     i.size,
                     i.owner_uid,
-                    dev,
+                    r.device,
                 )
             })
             .collect()
