@@ -220,6 +220,7 @@ mod tests {
             manager_for("unix:///a/b.sock")
                 .unwrap()
                 .docker()
+                .unwrap()
                 .socket()
                 .to_str(),
             Some("/a/b.sock")

@@ -46,7 +46,7 @@ impl PortsManager {
                 .collect()
         };
         for cid in stale {
-            let info = match self.docker.inspect(&cid).await {
+            let info = match self.resolver.inspect(&cid).await {
                 Ok(i) => i,
                 Err(DockerError::NotFound { .. }) => {
                     return Err(PortsError::ContainerNotFound { container: cid })
@@ -70,7 +70,7 @@ impl PortsManager {
     async fn external_state(
         &self,
     ) -> Result<(Vec<PublishedPort>, Vec<sockets::Bound>), PortsError> {
-        let dp = self.docker.published_ports().await?;
+        let dp = self.resolver.published_ports().await?;
         let bound = self
             .netns
             .run(sockets::read_bound)?

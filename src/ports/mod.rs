@@ -29,8 +29,10 @@
 pub mod commit;
 pub mod diag;
 pub mod firewall;
+pub mod hairpin;
 pub mod iptables;
 pub mod reconcile;
+pub mod resolver;
 pub mod rules;
 pub mod sockets;
 pub mod types;
@@ -47,6 +49,7 @@ use crate::docker::{ContainerInfo, Docker, DockerError};
 pub use firewall::{Change, Detected, Firewall, Tagged};
 pub use iptables::{Flavor, Iptables, NetnsContext};
 pub use reconcile::watch;
+pub use resolver::Resolver;
 pub use rules::{Batch, Protocol, Rule, RuleKey, RuleSpec};
 pub use types::{
     Action, Decision, Mapping, MappingChange, MappingState, PortsError, PublishRequest,
@@ -57,7 +60,10 @@ use validate::{resolve_network, validate};
 
 /// The ports domain: mappings in memory, the firewall through one lock.
 pub struct PortsManager {
-    docker: Docker,
+    /// Container facts (dockerd, or a table in layout tests).
+    resolver: Arc<dyn Resolver>,
+    /// The dockerd whose events [`watch`] follows (None: no events to follow).
+    docker: Option<Docker>,
     netns: NetnsContext,
     /// State id written into every rule tag.
     owner: std::sync::OnceLock<String>,
@@ -72,6 +78,8 @@ pub struct PortsManager {
     /// publish whose container had an event after it was inspected is re-resolved.
     event_seq: AtomicU64,
     last_event: Mutex<HashMap<String, u64>>,
+    /// (container id, pid) whose bridge port has hairpin mode (see [`hairpin`]).
+    hairpin_done: Mutex<std::collections::HashSet<(String, u32)>>,
 }
 
 fn new_id() -> String {
@@ -88,7 +96,27 @@ impl PortsManager {
     /// The daemon sets the owner (its state id) with [`PortsManager::set_owner`] before the
     /// first firewall use; [`PortsManager::with_owner`] does both.
     pub fn new(docker: Docker, netns: NetnsContext) -> Arc<PortsManager> {
+        Self::build(Arc::new(docker.clone()), Some(docker), netns)
+    }
+
+    /// A manager that learns about containers from `resolver` and follows no events.
+    pub fn with_resolver(
+        resolver: Arc<dyn Resolver>,
+        netns: NetnsContext,
+        owner: &str,
+    ) -> Arc<PortsManager> {
+        let m = Self::build(resolver, None, netns);
+        m.set_owner(owner);
+        m
+    }
+
+    fn build(
+        resolver: Arc<dyn Resolver>,
+        docker: Option<Docker>,
+        netns: NetnsContext,
+    ) -> Arc<PortsManager> {
         Arc::new(PortsManager {
+            resolver,
             docker,
             netns,
             owner: std::sync::OnceLock::new(),
@@ -100,6 +128,7 @@ impl PortsManager {
             changes: broadcast::channel(4096).0,
             event_seq: AtomicU64::new(0),
             last_event: Mutex::new(HashMap::new()),
+            hairpin_done: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -120,8 +149,9 @@ impl PortsManager {
         }
     }
 
-    pub fn docker(&self) -> &Docker {
-        &self.docker
+    /// The dockerd this manager follows (None for a resolver-only manager).
+    pub fn docker(&self) -> Option<&Docker> {
+        self.docker.as_ref()
     }
 
     /// The detected firewall (detected once, on first use; retried while detection
@@ -184,6 +214,28 @@ impl PortsManager {
         *self.mappings.lock().unwrap() = mappings.into_iter().map(|m| (m.id.clone(), m)).collect();
     }
 
+    /// Let the container reach its own published ports (once per container start; best
+    /// effort, see [`hairpin`]).
+    pub(crate) async fn ensure_hairpin(
+        &self,
+        info: &ContainerInfo,
+        ip: std::net::Ipv4Addr,
+        bridge: &str,
+    ) {
+        let key = (info.id.clone(), info.pid);
+        if self.hairpin_done.lock().unwrap().contains(&key) {
+            return;
+        }
+        match hairpin::ensure(&self.netns, info.pid, ip, bridge).await {
+            Ok(port) => {
+                tracing::debug!(container = %info.name, port = %port, "hairpin mode on");
+                self.hairpin_done.lock().unwrap().insert(key);
+            }
+            Err(e) => tracing::warn!(container = %info.name, error = %e,
+                "cannot set hairpin mode: the container will not reach its own published ports"),
+        }
+    }
+
     fn emit(&self, c: MappingChange) {
         let _ = self.changes.send(c);
     }
@@ -211,7 +263,7 @@ impl PortsManager {
         let mut infos: HashMap<String, ContainerInfo> = HashMap::new();
         for v in &vals {
             if !infos.contains_key(&v.container) {
-                let info = match self.docker.inspect(&v.container).await {
+                let info = match self.resolver.inspect(&v.container).await {
                     Ok(i) => i,
                     Err(DockerError::NotFound { .. }) => {
                         return Err(PortsError::ContainerNotFound {
@@ -263,6 +315,15 @@ impl PortsManager {
                 });
             }
         }
+        for info in infos.values() {
+            if let Some(MappingState::Active { ip, bridge }) = mappings
+                .iter()
+                .find(|m| m.container_id == info.id)
+                .map(|m| &m.state)
+            {
+                self.ensure_hairpin(info, *ip, bridge).await;
+            }
+        }
         self.submit(JobKind::Add(mappings, seen)).await
     }
 
@@ -302,7 +363,7 @@ impl PortsManager {
         };
         let mut found = find(container);
         if found.is_empty() {
-            if let Ok(info) = self.docker.inspect(container).await {
+            if let Ok(info) = self.resolver.inspect(container).await {
                 found = find(&info.id);
             }
         }

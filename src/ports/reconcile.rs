@@ -70,11 +70,12 @@ impl PortsManager {
         let mut untouched: HashMap<String, String> = HashMap::new();
         let mut desired: Vec<RuleSpec> = Vec::new();
         for (cid, ms) in by_container {
-            match self.docker.inspect(cid).await {
+            match self.resolver.inspect(cid).await {
                 Ok(info) if info.running => {
                     for m in ms {
                         match resolve_network(&info, Some(&m.network)) {
                             Ok((_, ip, bridge)) => {
+                                self.ensure_hairpin(&info, ip, &bridge).await;
                                 let mut m2 = m.clone();
                                 m2.state = MappingState::Active { ip, bridge };
                                 desired.extend(m2.spec());
@@ -174,9 +175,13 @@ pub async fn watch(
     manager: Arc<PortsManager>,
     forward: Option<tokio::sync::mpsc::UnboundedSender<crate::docker::ContainerEvent>>,
 ) {
+    let Some(docker) = manager.docker.clone() else {
+        tracing::warn!("ports watch: this manager has no dockerd to follow");
+        return;
+    };
     let mut backoff = Duration::from_millis(50);
     loop {
-        let mut stream = match manager.docker.events().await {
+        let mut stream = match docker.events().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(error = %e, "docker events: not reachable, retrying");
