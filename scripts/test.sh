@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "scripts/test.sh: run as root (real loop devices, polkit users)"; exit 1; }
-PKGS=(dbus polkitd fdisk util-linux e2fsprogs libxml2-utils docker.io iptables nftables
+PKGS=(dbus polkitd fdisk util-linux e2fsprogs libxml2-utils docker.io iptables nftables ipset
       tcpdump busybox-static systemd-container strace libpcap-dev curl iproute2 procps
       libglib2.0-bin make systemd python3-dbus-fast)
 missing=()

@@ -21,10 +21,18 @@ use dindhelper::ports::{self, MappingState, NetnsContext, PortsManager, PublishR
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The state id the test managers tag their rules with.
+const OWNER: &str = "5eed0001";
+
 fn manager(d: &Dockerd) -> Arc<PortsManager> {
-    PortsManager::new(
+    manager_owned(d, OWNER)
+}
+
+fn manager_owned(d: &Dockerd, owner: &str) -> Arc<PortsManager> {
+    PortsManager::with_owner(
         Docker::new(&d.socket),
         NetnsContext::open(&d.ns_path()).expect("open dockerd netns"),
+        owner,
     )
 }
 
@@ -39,7 +47,7 @@ fn req(container: &str, host_port: u32, container_port: u32) -> PublishRequest {
     }
 }
 
-async fn tagged(m: &PortsManager) -> Vec<ports::Rule> {
+async fn tagged(m: &PortsManager) -> Vec<ports::Tagged> {
     m.backend().await.unwrap().list_tagged().await.unwrap()
 }
 
@@ -81,7 +89,9 @@ async fn legacy_backend_and_host_ip() {
     let d = Dockerd::start_with(true);
     d.run_web("web", "/www", &[]);
     let m = manager(&d);
-    assert_eq!(m.backend().await.unwrap().flavor, ports::Flavor::Legacy);
+    let fw = m.firewall().await.unwrap();
+    println!("backend {}: {}", fw.name, fw.reason);
+    assert_eq!(fw.name, "iptables-legacy");
     let map = m
         .publish(PublishRequest {
             host_ip: Some("10.99.0.1".into()),
@@ -92,7 +102,7 @@ async fn legacy_backend_and_host_ip() {
     assert_eq!(d.curl(8080).as_deref(), Some("hello"));
     let t = tagged(&m).await;
     assert_eq!(t.len(), 3);
-    assert!(t.iter().any(|r| r.body.contains("-d 10.99.0.1/32")));
+    assert!(t.iter().any(|r| r.text.contains("-d 10.99.0.1/32")));
     // legacy-save output round-trips: a second manager's reconcile sees them as right
     let m2 = manager(&d);
     m2.load(m.mappings()).await;
@@ -228,7 +238,7 @@ async fn rule_follows_new_ip_after_container_restart() {
     let t = tagged(&m).await;
     assert_eq!(t.len(), 3);
     assert!(t.iter().all(
-        |r| !r.body.contains(&format!("{old_ip}:")) && !r.body.contains(&format!("{old_ip}/"))
+        |r| !r.text.contains(&format!("{old_ip}:")) && !r.text.contains(&format!("{old_ip}/"))
     ));
     for _ in 0..5 {
         assert_eq!(d.curl(8080).as_deref(), Some("hello"));
@@ -272,10 +282,13 @@ async fn reconcile_at_start_keeps_rules_and_removes_orphans() {
     let m = manager(&d);
     m.publish(req("web", 8080, 80)).await.unwrap();
     let saved = serde_json::to_string(&m.mappings()).unwrap();
-    // an orphan: tagged with an id no state knows
-    let backend = m.backend().await.unwrap().clone();
-    backend
-        .restore("*nat\n-A DOCKER ! -i docker0 -p tcp -m tcp --dport 7777 -m comment --comment dindhelper:deadbeef -j DNAT --to-destination 172.17.0.9:80\nCOMMIT\n")
+    // an orphan: tagged with this state's id and a mapping id the state does not know;
+    // another state's rule and a legacy-tagged rule of an unknown id stay untouched
+    let ctx = NetnsContext::open(&d.ns_path()).unwrap();
+    let raw = ports::Iptables::detect(&ctx, OWNER, &mut vec![])
+        .await
+        .unwrap();
+    raw.restore(&format!("*nat\n-A DOCKER ! -i docker0 -p tcp -m tcp --dport 7777 -m comment --comment dindhelper:{OWNER}:deadbeef -j DNAT --to-destination 172.17.0.9:80\n-A DOCKER -p tcp -m tcp --dport 7778 -m comment --comment dindhelper:0other0:cafe -j DNAT --to-destination 172.17.0.9:80\n-A DOCKER -p tcp -m tcp --dport 7779 -m comment --comment dindhelper:beefbeef -j DNAT --to-destination 172.17.0.9:80\nCOMMIT\n"))
         .await
         .unwrap();
     drop(m); // "kill -9": nothing cleaned up
@@ -289,7 +302,18 @@ async fn reconcile_at_start_keeps_rules_and_removes_orphans() {
         .any(|x| x.mapping_id == "deadbeef"
             && x.action == ports::Action::OrphanRemoved { removed: 1 }));
     assert!(ds.iter().any(|x| x.action == ports::Action::Unchanged));
-    assert_eq!(tagged(&m2).await.len(), 3, "no duplicates, orphan gone");
+    // ours (3) + the legacy-tagged rule of an unknown id (listed, never deleted)
+    let t = tagged(&m2).await;
+    assert_eq!(t.len(), 4, "no duplicates, orphan gone: {t:#?}");
+    assert!(t
+        .iter()
+        .any(|r| r.mapping_id == "beefbeef" && r.owner.is_none()));
+    let save =
+        String::from_utf8_lossy(&d.in_ns(&["iptables-nft-save", "-t", "nat"]).stdout).into_owned();
+    assert!(
+        save.contains("dindhelper:0other0:cafe"),
+        "another state's rule was touched"
+    );
     assert_eq!(d.curl(8080).as_deref(), Some("hello"));
     // a second reconcile changes nothing
     let ds = m2.reconcile().await.unwrap();
@@ -331,9 +355,9 @@ async fn concurrent_publishes_write_each_rule_once() {
     assert_eq!(ok, 200);
     let t = tagged(&m).await;
     assert_eq!(t.len(), 600);
-    let keys: HashSet<_> = t.iter().map(|r| (r.id.clone(), r.key())).collect();
+    let keys: HashSet<_> = t.iter().map(|r| r.text.clone()).collect();
     assert_eq!(keys.len(), 600, "duplicate rules");
-    let ids: HashSet<_> = t.iter().map(|r| r.id.clone()).collect();
+    let ids: HashSet<_> = t.iter().map(|r| r.mapping_id.clone()).collect();
     assert_eq!(ids.len(), 200);
     tokio::task::block_in_place(|| {
         for p in 10000..10200u16 {
@@ -355,11 +379,45 @@ async fn no_docker_chain_is_not_supported() {
         .expect("ip netns add");
     assert!(st.success(), "ip netns add {ns}");
     let ctx = NetnsContext::open(std::path::Path::new(&format!("/run/netns/{ns}"))).unwrap();
-    let r = ports::Iptables::detect(&ctx).await;
+    let r = ports::firewall::detect(&ctx, OWNER).await;
     let _ = std::process::Command::new("ip")
         .args(["netns", "del", &ns])
         .status();
-    let e = r.expect_err("detected a backend without dockerd");
+    let e = r.err().expect("detected a backend without dockerd");
     println!("{e}");
     assert_eq!(e.kind(), Kind::NotSupported);
+}
+
+/// Two daemons (different state dirs, so different state ids) publish in one netns: each
+/// one's reconcile, unpublish and orphan removal leaves the other's rules alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_states_in_one_netns_never_touch_each_others_rules() {
+    let _s = SERIAL.lock().await;
+    let d = Dockerd::start();
+    d.run_web("web", "/www", &[]);
+    let a = manager_owned(&d, "aaaa0001");
+    let b = manager_owned(&d, "bbbb0002");
+    let ma = a.publish(req("web", 8080, 80)).await.unwrap();
+    let mb = b.publish(req("web", 8081, 80)).await.unwrap();
+    assert_eq!(tagged(&a).await.len(), 3);
+    assert_eq!(tagged(&b).await.len(), 3);
+    // A's full reconcile: B's rules are not orphans of A
+    let ds = a.reconcile().await.unwrap();
+    assert!(
+        ds.iter().all(|x| x.action == ports::Action::Unchanged),
+        "{ds:?}"
+    );
+    assert_eq!(tagged(&b).await.len(), 3, "A's reconcile touched B's rules");
+    // a state that lost its mappings (empty table) removes only its own orphans
+    let a2 = manager_owned(&d, "aaaa0001");
+    let ds = a2.reconcile().await.unwrap();
+    assert!(ds
+        .iter()
+        .any(|x| x.mapping_id == ma.id && x.action == ports::Action::OrphanRemoved { removed: 3 }));
+    assert_eq!(tagged(&a).await.len(), 0);
+    assert_eq!(tagged(&b).await.len(), 3);
+    assert_eq!(d.curl(8081).as_deref(), Some("hello"));
+    assert_eq!(d.curl(8080), None);
+    b.unpublish(&mb.id).await.unwrap();
+    assert_eq!(tagged(&b).await.len(), 0);
 }

@@ -449,6 +449,27 @@ impl Ports {
         r
     }
 
+    /// The firewall backend ports go to (`iptables-nft`, `iptables-legacy`); "" while none
+    /// is detected. Reading it never starts a detection (the first Publish or reconcile
+    /// does).
+    #[zbus(property)]
+    async fn firewall_backend(&self) -> String {
+        self.core
+            .ports
+            .detected_now()
+            .map(|d| d.name.to_owned())
+            .unwrap_or_default()
+    }
+
+    /// Why that backend was chosen, or why none could be (the last detection error).
+    #[zbus(property)]
+    async fn firewall_backend_reason(&self) -> String {
+        match self.core.ports.detected_now() {
+            Some(d) => d.reason,
+            None => self.core.ports.detection_error().unwrap_or_default(),
+        }
+    }
+
     /// Every mapping: object, id, container, container id, protocol, host ip, host port,
     /// container port, container ip, network, owner uid, instance, state.
     async fn list_mappings(&self) -> Vec<MappingTuple> {

@@ -10,7 +10,8 @@
 //! - each write stores the manager's snapshot taken under the state lock, so the last
 //!   write always holds the newest table (two writers can never reorder).
 //!
-//! At start ([`start`]): load the persisted mappings, reconcile them against the live
+//! At start ([`start`]): bind the manager to the state id (its rule tags carry it), load
+//! the persisted mappings, reconcile them against the live
 //! chains and Docker (each decision logged), then follow Docker events
 //! ([`crate::ports::watch`], reconnecting with backoff). None of this needs dockerd to be
 //! up: without it the daemon still starts, the ports calls answer NotSupported (no Docker
@@ -39,7 +40,12 @@ pub async fn start(
     forward: Option<tokio::sync::mpsc::UnboundedSender<crate::docker::ContainerEvent>>,
 ) -> PortsTasks {
     let rx = core.ports.subscribe();
-    let persisted = core.state.lock().await.mappings.clone();
+    let (persisted, state_id) = {
+        let st = core.state.lock().await;
+        (st.mappings.clone(), st.state_id.clone())
+    };
+    // rule tags carry the state id: another daemon's rules in this netns are never ours
+    core.ports.set_owner(&state_id);
     let n = persisted.len();
     core.ports.load(persisted).await;
     match tokio::time::timeout(START_RECONCILE_LIMIT, core.ports.reconcile()).await {

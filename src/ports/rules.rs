@@ -1,16 +1,18 @@
-//! Pure builders of the `iptables-restore --noflush` batches for port mappings, and the
-//! parser of `iptables-save` output that finds the rules we tagged.
+//! Pure builders of the `iptables-restore --noflush` batches for port mappings, the parser
+//! of `iptables-save` output that finds the rules we tagged, and the repair diff.
 //!
-//! The rules are exactly what dockerd writes for `docker run -p`, plus a comment
-//! `dindhelper:<mapping id>` so reconcile can find its own:
+//! The rules are what dockerd writes for `docker run -p` with `--userland-proxy=false`
+//! (there is no proxy behind our ports), plus a comment `dindhelper:<state id>:<mapping id>`
+//! so reconcile finds its own and two daemons with different state dirs in one netns never
+//! touch each other's rules:
 //!
 //! ```text
 //! *nat
-//! -A DOCKER [-d HOST_IP/32] ! -i BR -p tcp -m tcp --dport H -m comment --comment dindhelper:ID -j DNAT --to-destination C:P
-//! -A POSTROUTING -s C/32 -d C/32 -p tcp -m tcp --dport P -m comment --comment dindhelper:ID -j MASQUERADE
+//! -I DOCKER 1 [-d HOST_IP/32] -p tcp -m tcp --dport H -m comment --comment dindhelper:S:ID -j DNAT --to-destination C:P
+//! -A POSTROUTING -s C/32 -d C/32 -p tcp -m tcp --dport P -m comment --comment dindhelper:S:ID -j MASQUERADE
 //! COMMIT
 //! *filter
-//! -I DOCKER 1 -d C/32 ! -i BR -o BR -p tcp -m tcp --dport P -m comment --comment dindhelper:ID -j ACCEPT
+//! -I DOCKER 1 -d C/32 -o BR -p tcp -m tcp --dport P -m conntrack --ctstate DNAT -m comment --comment dindhelper:S:ID -j ACCEPT
 //! COMMIT
 //! ```
 //!
@@ -19,14 +21,29 @@
 //!   `--noflush` a declared chain that exists is *flushed*, which would wipe every rule
 //!   dockerd wrote. The chains are dockerd's; we only add and delete rules in them.
 //! - The filter rule is inserted at the top (`-I DOCKER 1`): Docker 28+ ends its filter
-//!   DOCKER chain with a DROP; Docker 20.10 has no final rule (appending would also work
-//!   there, inserting works for both).
+//!   DOCKER chain with `! -i BR -o BR -j DROP` (Docker 20.10 has no final rule).
+//! - The DNAT rule is inserted at the top of nat DOCKER too and has no `! -i BR`: Docker
+//!   (userland proxy on, the default) starts that chain with `-i BR -j RETURN` and leaves
+//!   hairpin traffic (a container to its own published port) to docker-proxy. We have no
+//!   proxy, so the DNAT must see packets from the bridge, and the MASQUERADE rule makes the
+//!   reply of such a hairpin come back through the host.
+//! - The filter rule accepts what was DNATed to C:P (`--ctstate DNAT`) on its way out to
+//!   the bridge, from outside *and* from the bridge (hairpin): Docker's noicc layout drops
+//!   `-i BR -o BR` after the DOCKER chain, so `! -i BR` would cut the hairpin. Direct access
+//!   to C:P without a DNAT stays dropped (Docker 28's trailing DROP, raw PREROUTING drops:
+//!   those see the host address before our DNAT, so they never hit published traffic).
 //! - The rule text is written in the canonical order `iptables-save` prints (`-s -d -i -o
 //!   -p`, matches, comment, target), so the live rules can be compared token-wise after
 //!   dropping the comment.
+//! - Every name in the text is checked first ([`Rule`]s are only built from a [`RuleSpec`]
+//!   that passes [`RuleSpec::check`]): a bridge name with a space or newline would add
+//!   options or whole lines to the batch.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
+
+use super::types::PortsError;
 
 /// The comment prefix that marks our rules.
 pub const TAG_PREFIX: &str = "dindhelper:";
@@ -75,6 +92,27 @@ pub struct RuleSpec {
     pub bridge: String,
 }
 
+impl RuleSpec {
+    /// Refuses a spec whose text fields could change the meaning of a rule: the bridge
+    /// must be a safe interface name, the mapping id plain alphanumerics.
+    pub fn check(&self) -> Result<(), PortsError> {
+        super::validate::check_ifname(&self.bridge)?;
+        check_tag_part("mapping id", &self.id)
+    }
+}
+
+/// A tag part (state id, mapping id): 1..=64 ASCII letters or digits.
+pub fn check_tag_part(what: &'static str, s: &str) -> Result<(), PortsError> {
+    if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(PortsError::UnsafeName {
+            what,
+            name: s.to_owned(),
+            reason: "only 1 to 64 ASCII letters and digits go into a rule tag",
+        });
+    }
+    Ok(())
+}
+
 /// The tables we touch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Table {
@@ -101,6 +139,9 @@ pub struct Rule {
     pub body: String,
     /// Mapping id from the tag.
     pub id: String,
+    /// State id from the tag (the daemon that wrote it); None for the tag of versions
+    /// before state ids (`dindhelper:<mapping id>`).
+    pub owner: Option<String>,
     /// Insert at the top of the chain instead of appending.
     pub insert_top: bool,
 }
@@ -124,18 +165,20 @@ pub struct RuleKey {
     pub tokens: Vec<String>,
 }
 
-fn comment(id: &str) -> String {
-    format!("-m comment --comment {TAG_PREFIX}{id}")
+fn comment(owner: &str, id: &str) -> String {
+    format!("-m comment --comment {TAG_PREFIX}{owner}:{id}")
 }
 
-/// The three rules dockerd would write for this mapping, tagged.
-pub fn rules_for(spec: &RuleSpec) -> Vec<Rule> {
+/// The three rules for this mapping, tagged with `owner` (the state id). The caller has
+/// checked `spec` ([`RuleSpec::check`]) and `owner` ([`check_tag_part`]).
+pub fn rules_for(spec: &RuleSpec, owner: &str) -> Vec<Rule> {
     let p = spec.protocol.as_str();
     let br = &spec.bridge;
     let c = spec.container_ip;
     let cp = spec.container_port;
     let hp = spec.host_port;
-    let tag = comment(&spec.id);
+    let tag = comment(owner, &spec.id);
+    let own = Some(owner.to_owned());
     let dst = spec
         .host_ip
         .map(|ip| format!("-d {ip}/32 "))
@@ -145,23 +188,28 @@ pub fn rules_for(spec: &RuleSpec) -> Vec<Rule> {
             table: Table::Nat,
             chain: "DOCKER".into(),
             body: format!(
-                "{dst}! -i {br} -p {p} -m {p} --dport {hp} {tag} -j DNAT --to-destination {c}:{cp}"
+                "{dst}-p {p} -m {p} --dport {hp} {tag} -j DNAT --to-destination {c}:{cp}"
             ),
             id: spec.id.clone(),
-            insert_top: false,
+            owner: own.clone(),
+            insert_top: true,
         },
         Rule {
             table: Table::Nat,
             chain: "POSTROUTING".into(),
             body: format!("-s {c}/32 -d {c}/32 -p {p} -m {p} --dport {cp} {tag} -j MASQUERADE"),
             id: spec.id.clone(),
+            owner: own.clone(),
             insert_top: false,
         },
         Rule {
             table: Table::Filter,
             chain: "DOCKER".into(),
-            body: format!("-d {c}/32 ! -i {br} -o {br} -p {p} -m {p} --dport {cp} {tag} -j ACCEPT"),
+            body: format!(
+                "-d {c}/32 -o {br} -p {p} -m {p} --dport {cp} -m conntrack --ctstate DNAT {tag} -j ACCEPT"
+            ),
             id: spec.id.clone(),
+            owner: own,
             insert_top: true,
         },
     ]
@@ -217,19 +265,55 @@ impl Batch {
 }
 
 /// Batch that adds the rules of every given mapping.
-pub fn add_batch<'a>(specs: impl IntoIterator<Item = &'a RuleSpec>) -> Batch {
+pub fn add_batch<'a>(specs: impl IntoIterator<Item = &'a RuleSpec>, owner: &str) -> Batch {
     Batch {
         delete: vec![],
-        add: specs.into_iter().flat_map(rules_for).collect(),
+        add: specs
+            .into_iter()
+            .flat_map(|s| rules_for(s, owner))
+            .collect(),
     }
 }
 
 /// Batch that deletes the rules of every given mapping (identical specs, `-D`).
-pub fn delete_batch<'a>(specs: impl IntoIterator<Item = &'a RuleSpec>) -> Batch {
+pub fn delete_batch<'a>(specs: impl IntoIterator<Item = &'a RuleSpec>, owner: &str) -> Batch {
     Batch {
-        delete: specs.into_iter().flat_map(rules_for).collect(),
+        delete: specs
+            .into_iter()
+            .flat_map(|s| rules_for(s, owner))
+            .collect(),
         add: vec![],
     }
+}
+
+/// Identity of a rule in a repair: who wrote it, for which mapping, and what it does.
+type Ident = (Option<String>, String, RuleKey);
+
+fn ident(r: &Rule) -> Ident {
+    (r.owner.clone(), r.id.clone(), r.key())
+}
+
+/// Pure diff: the batch that turns `live` (tagged rules found) into `desired`, touching only
+/// live rules that pass `in_scope` (the caller decides ownership: never another state's
+/// rules). Keeps the first copy of each wanted rule, deletes duplicates, stale rules (e.g.
+/// old container IP, a tag without state id), orphans, and adds what is missing.
+pub fn plan_repair(desired: &[Rule], live: &[Rule], in_scope: impl Fn(&Rule) -> bool) -> Batch {
+    let want: HashSet<Ident> = desired.iter().map(ident).collect();
+    let mut seen: HashSet<Ident> = HashSet::new();
+    let mut batch = Batch::default();
+    for r in live.iter().filter(|r| in_scope(r)) {
+        let k = ident(r);
+        if want.contains(&k) && seen.insert(k) {
+            continue;
+        }
+        batch.delete.push(r.clone());
+    }
+    for r in desired {
+        if seen.insert(ident(r)) {
+            batch.add.push(r.clone());
+        }
+    }
+    batch
 }
 
 /// Splits a rule line into tokens the way iptables-restore does: whitespace separated,
@@ -322,14 +406,19 @@ pub fn parse_tagged(save_output: &str) -> Vec<Rule> {
         let Some(c) = comment_of(&tokens) else {
             continue;
         };
-        let Some(id) = c.strip_prefix(TAG_PREFIX) else {
+        let Some(tag) = c.strip_prefix(TAG_PREFIX) else {
             continue;
+        };
+        let (owner, id) = match tag.split_once(':') {
+            Some((o, i)) => (Some(o.to_owned()), i.to_owned()),
+            None => (None, tag.to_owned()),
         };
         out.push(Rule {
             table,
             chain: chain.to_owned(),
             body: body.to_owned(),
-            id: id.to_owned(),
+            id,
+            owner,
             insert_top: false,
         });
     }
@@ -343,9 +432,30 @@ pub fn has_docker_chain(save_output: &str) -> bool {
         .any(|l| l.starts_with(":DOCKER ") || l.trim_end() == ":DOCKER")
 }
 
+/// Which of Docker's filter layouts `iptables-save -t filter` shows (for the log line
+/// that says why a backend was chosen).
+pub fn docker_layout(filter_save: &str) -> &'static str {
+    let has = |chain: &str| {
+        filter_save
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(chain))
+    };
+    if has(":DOCKER-FORWARD") {
+        "Docker 28.0.1+ layout: FORWARD -> DOCKER-FORWARD -> DOCKER-BRIDGE -> DOCKER"
+    } else if filter_save.contains("docker-ext-bridges-v4") {
+        "Docker 28.0.0 layout: FORWARD -> DOCKER through ipset docker-ext-bridges-v4"
+    } else if has(":DOCKER-ISOLATION-STAGE-1") {
+        "Docker 27 or older layout: FORWARD -> DOCKER-ISOLATION-STAGE-1, -o BRIDGE -> DOCKER"
+    } else {
+        "filter layout not recognised"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const OWNER: &str = "a1b2c3";
 
     fn spec(id: &str, host_ip: Option<Ipv4Addr>, proto: Protocol) -> RuleSpec {
         RuleSpec {
@@ -359,31 +469,41 @@ mod tests {
         }
     }
 
+    fn spec_ip(id: &str, ip: [u8; 4]) -> RuleSpec {
+        RuleSpec {
+            container_ip: Ipv4Addr::from(ip),
+            ..spec(id, None, Protocol::Tcp)
+        }
+    }
+
     #[test]
-    fn add_batch_is_what_dockerd_writes_plus_tag() {
-        let text = add_batch([&spec("m1", None, Protocol::Tcp)]).render();
+    fn add_batch_is_dockers_noproxy_rules_plus_tag() {
+        let text = add_batch([&spec("m1", None, Protocol::Tcp)], OWNER).render();
         assert_eq!(
             text,
             "*nat\n\
-             -A DOCKER ! -i docker0 -p tcp -m tcp --dport 8080 -m comment --comment dindhelper:m1 -j DNAT --to-destination 172.17.0.2:80\n\
-             -A POSTROUTING -s 172.17.0.2/32 -d 172.17.0.2/32 -p tcp -m tcp --dport 80 -m comment --comment dindhelper:m1 -j MASQUERADE\n\
+             -I DOCKER 1 -p tcp -m tcp --dport 8080 -m comment --comment dindhelper:a1b2c3:m1 -j DNAT --to-destination 172.17.0.2:80\n\
+             -A POSTROUTING -s 172.17.0.2/32 -d 172.17.0.2/32 -p tcp -m tcp --dport 80 -m comment --comment dindhelper:a1b2c3:m1 -j MASQUERADE\n\
              COMMIT\n\
              *filter\n\
-             -I DOCKER 1 -d 172.17.0.2/32 ! -i docker0 -o docker0 -p tcp -m tcp --dport 80 -m comment --comment dindhelper:m1 -j ACCEPT\n\
+             -I DOCKER 1 -d 172.17.0.2/32 -o docker0 -p tcp -m tcp --dport 80 -m conntrack --ctstate DNAT -m comment --comment dindhelper:a1b2c3:m1 -j ACCEPT\n\
              COMMIT\n"
         );
     }
 
     #[test]
     fn host_ip_and_udp() {
-        let text = add_batch([&spec(
-            "m2",
-            Some(Ipv4Addr::new(10, 99, 0, 1)),
-            Protocol::Udp,
-        )])
+        let text = add_batch(
+            [&spec(
+                "m2",
+                Some(Ipv4Addr::new(10, 99, 0, 1)),
+                Protocol::Udp,
+            )],
+            OWNER,
+        )
         .render();
         assert!(text.contains(
-            "-A DOCKER -d 10.99.0.1/32 ! -i docker0 -p udp -m udp --dport 8080 -m comment --comment dindhelper:m2 -j DNAT --to-destination 172.17.0.2:80\n"
+            "-I DOCKER 1 -d 10.99.0.1/32 -p udp -m udp --dport 8080 -m comment --comment dindhelper:a1b2c3:m2 -j DNAT --to-destination 172.17.0.2:80\n"
         ));
         assert!(text.contains("-p udp -m udp --dport 80"));
     }
@@ -391,8 +511,8 @@ mod tests {
     #[test]
     fn delete_batch_uses_identical_specs() {
         let s = spec("m1", None, Protocol::Tcp);
-        let add = add_batch([&s]).render();
-        let del = delete_batch([&s]).render();
+        let add = add_batch([&s], OWNER).render();
+        let del = delete_batch([&s], OWNER).render();
         let add_bodies: Vec<String> = add
             .lines()
             .filter_map(|l| {
@@ -417,8 +537,8 @@ mod tests {
         let specs: Vec<RuleSpec> = (0..50)
             .map(|i| spec(&format!("m{i}"), None, Protocol::Tcp))
             .collect();
-        let mut b = add_batch(&specs);
-        b.extend(delete_batch(&specs));
+        let mut b = add_batch(&specs, OWNER);
+        b.extend(delete_batch(&specs, OWNER));
         let text = b.render();
         for line in text.lines() {
             assert!(!line.starts_with(':'), "chain declaration in batch: {line}");
@@ -437,36 +557,48 @@ mod tests {
 
     #[test]
     fn parses_tagged_rules_from_save_output_both_styles() {
-        // iptables-nft-save quotes nothing for simple comments; legacy quotes. Both appear.
+        // iptables-nft-save quotes the comment; a hand-written rule may not. Both appear,
+        // with and without a state id, and another daemon's rule.
         let save = "# Generated by iptables-nft-save v1.8.9\n\
 *nat\n\
 :PREROUTING ACCEPT [0:0]\n\
 :DOCKER - [0:0]\n\
 -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER\n\
 -A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE\n\
--A POSTROUTING -s 172.17.0.2/32 -d 172.17.0.2/32 -p tcp -m tcp --dport 80 -m comment --comment \"dindhelper:m1\" -j MASQUERADE\n\
+-A POSTROUTING -s 172.17.0.2/32 -d 172.17.0.2/32 -p tcp -m tcp --dport 80 -m comment --comment \"dindhelper:a1b2c3:m1\" -j MASQUERADE\n\
+-A DOCKER -p tcp -m tcp --dport 8080 -m comment --comment dindhelper:a1b2c3:m1 -j DNAT --to-destination 172.17.0.2:80\n\
 -A DOCKER -i docker0 -j RETURN\n\
--A DOCKER ! -i docker0 -p tcp -m tcp --dport 8080 -m comment --comment dindhelper:m1 -j DNAT --to-destination 172.17.0.2:80\n\
 -A DOCKER ! -i docker0 -p tcp -m tcp --dport 9 -m comment --comment other -j DNAT --to-destination 172.17.0.2:9\n\
+-A DOCKER ! -i docker0 -p tcp -m tcp --dport 7 -m comment --comment dindhelper:old1 -j DNAT --to-destination 172.17.0.2:7\n\
+-A DOCKER -p tcp -m tcp --dport 6 -m comment --comment dindhelper:ffff00:m9 -j DNAT --to-destination 172.17.0.2:6\n\
 COMMIT\n\
 *filter\n\
 :DOCKER - [0:0]\n\
--A DOCKER -d 172.17.0.2/32 ! -i docker0 -o docker0 -p tcp -m tcp --dport 80 -m comment --comment \"dindhelper:m1\" -j ACCEPT\n\
+-A DOCKER -d 172.17.0.2/32 -o docker0 -p tcp -m tcp --dport 80 -m conntrack --ctstate DNAT -m comment --comment \"dindhelper:a1b2c3:m1\" -j ACCEPT\n\
 COMMIT\n";
         let tagged = parse_tagged(save);
-        assert_eq!(tagged.len(), 3);
-        assert!(tagged.iter().all(|r| r.id == "m1"));
+        assert_eq!(tagged.len(), 5);
+        let mine: Vec<&Rule> = tagged
+            .iter()
+            .filter(|r| r.owner.as_deref() == Some(OWNER))
+            .collect();
+        assert_eq!(mine.len(), 3);
+        assert!(mine.iter().all(|r| r.id == "m1"));
+        assert!(tagged.iter().any(|r| r.owner.is_none() && r.id == "old1"));
+        assert!(tagged
+            .iter()
+            .any(|r| r.owner.as_deref() == Some("ffff00") && r.id == "m9"));
         assert!(has_docker_chain(save));
         assert!(!has_docker_chain(
             "*nat\n:PREROUTING ACCEPT [0:0]\n:DOCKER-USER - [0:0]\n"
         ));
 
         // keys of the live rules equal the keys of what we would write
-        let mut want: Vec<RuleKey> = rules_for(&spec("m1", None, Protocol::Tcp))
+        let mut want: Vec<RuleKey> = rules_for(&spec("m1", None, Protocol::Tcp), OWNER)
             .iter()
             .map(Rule::key)
             .collect();
-        let mut got: Vec<RuleKey> = tagged.iter().map(Rule::key).collect();
+        let mut got: Vec<RuleKey> = mine.iter().map(|r| r.key()).collect();
         want.sort();
         got.sort();
         assert_eq!(want, got);
@@ -486,5 +618,102 @@ COMMIT\n";
         assert_eq!(Protocol::parse("udp"), Some(Protocol::Udp));
         assert_eq!(Protocol::parse("sctp"), None);
         assert_eq!(Protocol::parse("TCP"), None);
+    }
+
+    #[test]
+    fn plan_adds_missing_and_keeps_present() {
+        let want = rules_for(&spec_ip("a", [172, 17, 0, 2]), OWNER);
+        let live = parse_tagged(
+            "*nat\n-A DOCKER -p tcp -m tcp --dport 8080 -m comment --comment \"dindhelper:a1b2c3:a\" -j DNAT --to-destination 172.17.0.2:80\nCOMMIT\n",
+        );
+        let b = plan_repair(&want, &live, |_| true);
+        assert_eq!(b.delete.len(), 0);
+        assert_eq!(b.add.len(), 2);
+        assert!(b
+            .add
+            .iter()
+            .all(|r| r.chain != "DOCKER" || r.table == Table::Filter));
+    }
+
+    #[test]
+    fn plan_follows_new_ip_and_removes_orphans_and_duplicates() {
+        let old = rules_for(&spec_ip("a", [172, 17, 0, 2]), OWNER);
+        let new = rules_for(&spec_ip("a", [172, 17, 0, 3]), OWNER);
+        let orphan = rules_for(&spec_ip("zz", [172, 17, 0, 9]), OWNER);
+        let dup = new[0].clone();
+        let mut live: Vec<Rule> = old.clone();
+        live.extend(orphan.clone());
+        live.push(new[0].clone());
+        live.push(dup);
+        let b = plan_repair(&new, &live, |_| true);
+        // old 3 + orphan 3 + one duplicate
+        assert_eq!(b.delete.len(), 7);
+        assert_eq!(b.add.len(), 2);
+        // scoped: orphans of other ids are left alone
+        let b = plan_repair(&new, &live, |r| r.id == "a");
+        assert_eq!(b.delete.len(), 4);
+        // the batch deletes before it adds, never declares a chain
+        let text = b.render();
+        assert!(!text.lines().any(|l| l.starts_with(':')));
+        let first_add = text.find("-A ").unwrap();
+        let last_del = text.rfind("-D DOCKER").unwrap();
+        assert!(last_del < first_add || text[..first_add].contains("-D"));
+    }
+
+    #[test]
+    fn plan_replaces_a_legacy_tag_and_leaves_other_owners() {
+        let want = rules_for(&spec_ip("a", [172, 17, 0, 2]), OWNER);
+        // the same rules, written before state ids (no owner in the tag) ...
+        let legacy: Vec<Rule> = want
+            .iter()
+            .map(|r| Rule {
+                owner: None,
+                body: r.body.replace("dindhelper:a1b2c3:a", "dindhelper:a"),
+                ..r.clone()
+            })
+            .collect();
+        // ... and another daemon's identical-looking rules
+        let other: Vec<Rule> = rules_for(&spec_ip("a", [172, 17, 0, 2]), "ffff00");
+        let mut live = legacy.clone();
+        live.extend(other.clone());
+        let b = plan_repair(&want, &live, |r| r.owner.as_deref() != Some("ffff00"));
+        assert_eq!(b.delete, legacy);
+        assert_eq!(b.add, want);
+        assert!(b.delete.iter().chain(&b.add).all(|r| !other.contains(r)));
+    }
+
+    #[test]
+    fn a_spec_with_an_unsafe_bridge_or_id_is_refused() {
+        for bad in [
+            "docker0 -j ACCEPT",
+            "br0\n-A INPUT -j ACCEPT",
+            "br\"0",
+            "br+",
+            "",
+            "averyveryverylongname",
+        ] {
+            let s = RuleSpec {
+                bridge: bad.into(),
+                ..spec("m1", None, Protocol::Tcp)
+            };
+            assert!(s.check().is_err(), "{bad:?} accepted");
+        }
+        let s = RuleSpec {
+            id: "m1 -j DROP".into(),
+            ..spec("m1", None, Protocol::Tcp)
+        };
+        assert!(s.check().is_err());
+        assert!(spec("m1", None, Protocol::Tcp).check().is_ok());
+        assert!(check_tag_part("state id", "a1:b2").is_err());
+    }
+
+    #[test]
+    fn docker_layouts_are_named() {
+        assert!(docker_layout(":DOCKER-FORWARD - [0:0]\n").contains("28.0.1+"));
+        assert!(docker_layout(
+            "-A FORWARD -m set --match-set docker-ext-bridges-v4 dst -j DOCKER\n"
+        )
+        .contains("28.0.0"));
+        assert!(docker_layout(":DOCKER-ISOLATION-STAGE-1 - [0:0]\n").contains("27 or older"));
     }
 }

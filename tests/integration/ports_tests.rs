@@ -355,6 +355,14 @@ fn publish_as_member_reaches_container_and_unpublish_cuts_it(bed: &Bed) {
     assert!(path.starts_with("/org/dindhelper1/port/"), "{path}");
     assert_eq!(d.curl(8080).as_deref(), Some("hello"), "published port");
     env.assert_tagged(3);
+    // which firewall, and why (Debian 12's dockerd 20.10 writes iptables-nft)
+    let fw = |name: &str| {
+        let out = bed.busctl(&["get-property", BUS_NAME, MANAGER_PATH, PORTS_IFACE, name]);
+        out.json_data().as_str().unwrap_or_default().to_owned()
+    };
+    assert_eq!(fw("FirewallBackend"), "iptables-nft");
+    let why = fw("FirewallBackendReason");
+    assert!(why.contains("DOCKER chain"), "FirewallBackendReason: {why}");
 
     // the object and the list tell the same story
     let ip = d.ip_of("web");
@@ -815,7 +823,17 @@ fn kill9_restart_keeps_rules_without_duplicates(bed: &Bed) {
         .collect();
     let before = env.assert_tagged(9);
     bed.kill9_daemon();
-    // while it is down: one rule of ours vanishes, an orphan with our tag appears
+    // while it is down: one rule of ours vanishes, an orphan with our tag (our state id)
+    // appears
+    let state: serde_json::Value = serde_json::from_str(&env.state_json()).expect("state.json");
+    let state_id = state["state_id"].as_str().expect("state_id").to_owned();
+    assert!(
+        before
+            .iter()
+            .all(|r| r.contains(&format!("dindhelper:{state_id}:"))),
+        "rule tags carry the state id: {before:#?}"
+    );
+    let orphan_tag = format!("dindhelper:{state_id}:deadbeefdeadbeef");
     let dnat = before
         .iter()
         .find(|r| r.contains("--dport 8081") && r.contains("DNAT"))
@@ -842,7 +860,7 @@ fn kill9_restart_keeps_rules_without_duplicates(bed: &Bed) {
         "-m",
         "comment",
         "--comment",
-        "dindhelper:deadbeefdeadbeef",
+        &orphan_tag,
         "-j",
         "DNAT",
         "--to-destination",

@@ -1,0 +1,217 @@
+//! The ports domain's data: errors, mappings (the persisted intent), publish requests,
+//! change notifications and reconcile decisions. Pure data, no I/O.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::rules::{Protocol, RuleSpec};
+use crate::docker::DockerError;
+use crate::error::{Classify, Kind};
+
+/// Errors of the ports module.
+#[derive(Debug, thiserror::Error)]
+pub enum PortsError {
+    #[error("invalid arguments: {reason}")]
+    InvalidArgs { reason: String },
+    #[error("no such container: {container}")]
+    ContainerNotFound { container: String },
+    #[error("no such mapping: {id}")]
+    MappingNotFound { id: String },
+    #[error("container {container} is not running; start it before publishing a port")]
+    NotRunning { container: String },
+    #[error("{reason}")]
+    Conflict { reason: String },
+    #[error("not supported: {reason}")]
+    NotSupported { reason: String },
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    #[error("{command} failed (exit {status}): {stderr}")]
+    Iptables {
+        command: String,
+        status: i32,
+        stderr: String,
+    },
+    #[error("cannot run {command}: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("cannot enter network namespace {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A name from Docker (bridge interface) that cannot be a Linux interface name, or that
+    /// would change the meaning of a firewall rule: refused, nothing is written.
+    #[error("refusing {what} {name:?} from Docker: {reason}")]
+    UnsafeName {
+        what: &'static str,
+        name: String,
+        reason: &'static str,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Classify for PortsError {
+    fn kind(&self) -> Kind {
+        match self {
+            PortsError::InvalidArgs { .. } => Kind::InvalidArgs,
+            PortsError::ContainerNotFound { .. } | PortsError::MappingNotFound { .. } => {
+                Kind::NotFound
+            }
+            PortsError::NotRunning { .. } | PortsError::Conflict { .. } => Kind::Conflict,
+            PortsError::NotSupported { .. } | PortsError::UnsafeName { .. } => Kind::NotSupported,
+            PortsError::Docker(e) => e.kind(),
+            PortsError::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                Kind::NotSupported
+            }
+            _ => Kind::Failed,
+        }
+    }
+}
+
+/// Where a mapping stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MappingState {
+    /// Rules are written for this container address behind this bridge.
+    Active { ip: Ipv4Addr, bridge: String },
+    /// The container is stopped; no rules; they come back when it starts.
+    Waiting,
+    /// The container runs but the mapping cannot be applied (network gone, …).
+    Error(String),
+}
+
+/// A published port (the intent, plus its current state).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mapping {
+    pub id: String,
+    pub container_id: String,
+    pub container_name: String,
+    pub protocol: Protocol,
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub container_port: u16,
+    /// Docker network name the DNAT points into.
+    pub network: String,
+    pub owner_uid: u32,
+    pub instance: Option<String>,
+    pub state: MappingState,
+}
+
+impl Mapping {
+    /// The rule parameters when active.
+    pub fn spec(&self) -> Option<RuleSpec> {
+        match &self.state {
+            MappingState::Active { ip, bridge } => Some(RuleSpec {
+                id: self.id.clone(),
+                protocol: self.protocol,
+                host_ip: self.host_ip,
+                host_port: self.host_port,
+                container_ip: *ip,
+                container_port: self.container_port,
+                bridge: bridge.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn collides(
+        &self,
+        protocol: Protocol,
+        host_ip: Option<Ipv4Addr>,
+        host_port: u16,
+    ) -> bool {
+        self.protocol == protocol
+            && self.host_port == host_port
+            && (self.host_ip.is_none() || host_ip.is_none() || self.host_ip == host_ip)
+    }
+}
+
+/// A publish call's arguments, unvalidated (as they come from the bus).
+#[derive(Debug, Clone, Default)]
+pub struct PublishRequest {
+    /// Container name or id.
+    pub container: String,
+    /// "tcp" or "udp".
+    pub protocol: String,
+    pub host_port: u32,
+    pub container_port: u32,
+    /// Host IPv4 address to restrict the DNAT to ("" / None / "0.0.0.0": every address).
+    pub host_ip: Option<String>,
+    /// Docker network when the container has several.
+    pub network: Option<String>,
+    pub owner_uid: u32,
+    pub instance: Option<String>,
+}
+
+/// A change the bus layer turns into signals / property updates and persists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MappingChange {
+    Added(Mapping),
+    Updated(Mapping),
+    Removed(Mapping),
+}
+
+/// What reconcile did for one mapping id (for logging).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub mapping_id: String,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Rules were already right.
+    Unchanged,
+    /// Rules added / removed to match (missing rules, new container IP, duplicates).
+    Repaired { added: usize, removed: usize },
+    /// Container stopped: rules removed, mapping waits.
+    Waiting { removed: usize },
+    /// Container destroyed: mapping dropped, rules removed.
+    Dropped { removed: usize },
+    /// Tagged rules of an id state does not know: removed.
+    OrphanRemoved { removed: usize },
+    /// Mapping cannot be applied (state Error).
+    Error(String),
+    /// Docker could not be asked; rules left as they are.
+    Skipped(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapping_serde_roundtrip() {
+        let m = Mapping {
+            id: "0011223344556677".into(),
+            container_id: "c1".into(),
+            container_name: "web".into(),
+            protocol: Protocol::Udp,
+            host_ip: Some(Ipv4Addr::new(10, 99, 0, 1)),
+            host_port: 53,
+            container_port: 53,
+            network: "bridge".into(),
+            owner_uid: 1000,
+            instance: Some("lab1".into()),
+            state: MappingState::Active {
+                ip: Ipv4Addr::new(172, 17, 0, 2),
+                bridge: "docker0".into(),
+            },
+        };
+        let j = serde_json::to_string(&m).unwrap();
+        assert!(j.contains("\"udp\""));
+        let back: Mapping = serde_json::from_str(&j).unwrap();
+        assert_eq!(back, m);
+        let w = Mapping {
+            state: MappingState::Waiting,
+            ..m
+        };
+        let back: Mapping = serde_json::from_str(&serde_json::to_string(&w).unwrap()).unwrap();
+        assert_eq!(back.state, MappingState::Waiting);
+    }
+}

@@ -1,0 +1,382 @@
+//! Checking what comes in before anything is written: the caller's publish arguments
+//! ([`validate`]), the container's network as Docker reports it ([`resolve_network`]),
+//! names from Docker that end up in firewall rule text ([`check_ifname`]) and host ports
+//! that are taken already ([`external_conflict`]).
+//!
+//! Trap: a bridge name comes from dockerd (`com.docker.network.bridge.name` is chosen by
+//! whoever may create networks) and is written into `iptables-restore` input. A name with
+//! whitespace or a newline would add options or whole rules to the batch; `+` is the
+//! iptables interface wildcard (`-o br+` matches every interface starting with `br`).
+//! Only names the kernel accepts as interface names and that mean one interface in a rule
+//! pass.
+
+use std::net::Ipv4Addr;
+
+use super::rules::Protocol;
+use super::sockets;
+use super::types::{Mapping, PortsError, PublishRequest};
+use crate::docker::{ContainerInfo, PublishedPort};
+
+/// Linux `IFNAMSIZ` (16) including the terminating NUL.
+pub const IFNAMSIZ: usize = 16;
+
+/// An interface name that is safe to put into a firewall rule: what the kernel's
+/// `dev_valid_name()` accepts (1..=15 bytes, not `.`/`..`, no `/`, `:` or whitespace),
+/// narrowed to `[A-Za-z0-9_.-]` so no quote, backslash, `!`, `#`, `+` (iptables wildcard),
+/// control or non-ASCII character can change the rule's meaning.
+pub fn check_ifname(name: &str) -> Result<(), PortsError> {
+    let refuse = |reason: &'static str| PortsError::UnsafeName {
+        what: "bridge interface name",
+        name: name.to_owned(),
+        reason,
+    };
+    if name.is_empty() {
+        return Err(refuse("empty"));
+    }
+    if name.len() >= IFNAMSIZ {
+        return Err(refuse("longer than 15 bytes (IFNAMSIZ)"));
+    }
+    if name == "." || name == ".." {
+        return Err(refuse("not a valid interface name"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    {
+        return Err(refuse(
+            "only letters, digits, '_', '.' and '-' are accepted in a firewall rule",
+        ));
+    }
+    Ok(())
+}
+
+fn invalid(reason: impl Into<String>) -> PortsError {
+    PortsError::InvalidArgs {
+        reason: reason.into(),
+    }
+}
+
+pub(crate) struct Validated {
+    pub container: String,
+    pub protocol: Protocol,
+    pub host_port: u16,
+    pub container_port: u16,
+    pub host_ip: Option<Ipv4Addr>,
+    pub network: Option<String>,
+    pub owner_uid: u32,
+    pub instance: Option<String>,
+}
+
+pub(crate) fn validate(r: &PublishRequest) -> Result<Validated, PortsError> {
+    let protocol = Protocol::parse(&r.protocol).ok_or_else(|| {
+        invalid(format!(
+            "protocol must be \"tcp\" or \"udp\", not {:?}",
+            r.protocol
+        ))
+    })?;
+    let port = |what: &str, p: u32| -> Result<u16, PortsError> {
+        match u16::try_from(p) {
+            Ok(v) if v != 0 => Ok(v),
+            _ => Err(invalid(format!("{what} must be 1..65535, not {p}"))),
+        }
+    };
+    let host_port = port("host port", r.host_port)?;
+    let container_port = port("container port", r.container_port)?;
+    let host_ip = match r.host_ip.as_deref() {
+        None | Some("") => None,
+        Some(s) => {
+            let ip: Ipv4Addr = s
+                .parse()
+                .map_err(|_| invalid(format!("host_ip {s:?} is not an IPv4 address")))?;
+            (!ip.is_unspecified()).then_some(ip)
+        }
+    };
+    if r.container.is_empty() {
+        return Err(invalid("container must not be empty"));
+    }
+    Ok(Validated {
+        container: r.container.clone(),
+        protocol,
+        host_port,
+        container_port,
+        host_ip,
+        network: r.network.clone().filter(|n| !n.is_empty()),
+        owner_uid: r.owner_uid,
+        instance: r.instance.clone().filter(|n| !n.is_empty()),
+    })
+}
+
+/// The network of `info` a mapping uses: (name, ip, bridge).
+pub(crate) fn resolve_network(
+    info: &ContainerInfo,
+    wanted: Option<&str>,
+) -> Result<(String, Ipv4Addr, String), PortsError> {
+    if info.network_mode == "host" {
+        return Err(invalid(format!(
+            "container {} uses the host network: its ports are the host's already; nothing to publish",
+            info.name
+        )));
+    }
+    let att = match wanted {
+        Some(n) => info
+            .networks
+            .iter()
+            .find(|a| a.network_name == n)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "container {} is not attached to network {n:?} (attached: {})",
+                    info.name,
+                    names(info)
+                ))
+            })?,
+        None => match info.networks.as_slice() {
+            [one] => one,
+            [] => return Err(invalid(format!("container {} has no network", info.name))),
+            _ => {
+                return Err(invalid(format!(
+                    "container {} is attached to several networks ({}): pass option \"network\"",
+                    info.name,
+                    names(info)
+                )))
+            }
+        },
+    };
+    let bridge = att
+        .bridge_interface
+        .clone()
+        .ok_or_else(|| PortsError::NotSupported {
+            reason: format!(
+                "network {} of container {} is not a bridge network",
+                att.network_name, info.name
+            ),
+        })?;
+    check_ifname(&bridge)?;
+    let ip = att.ip.ok_or_else(|| {
+        invalid(format!(
+            "container {} has no IPv4 address on network {}",
+            info.name, att.network_name
+        ))
+    })?;
+    Ok((att.network_name.clone(), ip, bridge))
+}
+
+fn names(info: &ContainerInfo) -> String {
+    info.networks
+        .iter()
+        .map(|a| a.network_name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A mapping's host port taken by Docker (`-p`) or by a bound socket in the namespace.
+pub(crate) fn external_conflict(
+    m: &Mapping,
+    docker_ports: &[PublishedPort],
+    bound: &[sockets::Bound],
+) -> Option<PortsError> {
+    if let Some(p) = docker_ports.iter().find(|p| {
+        p.protocol == m.protocol.as_str()
+            && p.public_port == m.host_port
+            && match (m.host_ip, p.ip.parse::<std::net::IpAddr>()) {
+                (Some(want), Ok(ip)) => ip.is_unspecified() || ip == want,
+                _ => true,
+            }
+    }) {
+        return Some(PortsError::Conflict {
+            reason: format!(
+                "host port {}/{} is already published by Docker (container {})",
+                m.host_port,
+                m.protocol,
+                &p.container_id[..p.container_id.len().min(12)]
+            ),
+        });
+    }
+    bound
+        .iter()
+        .find(|b| b.collides(m.protocol, m.host_ip, m.host_port))
+        .map(|b| PortsError::Conflict {
+            reason: format!(
+                "host port {}/{} is in use by a socket bound to {}",
+                m.host_port, m.protocol, b.addr
+            ),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::docker::NetworkAttachment;
+    use crate::error::{Classify, Kind};
+    use crate::ports::types::MappingState;
+
+    fn info(mode: &str, nets: Vec<NetworkAttachment>) -> ContainerInfo {
+        ContainerInfo {
+            id: "c1".into(),
+            name: "web".into(),
+            running: true,
+            pid: 1,
+            network_mode: mode.into(),
+            networks: nets,
+        }
+    }
+
+    fn att(name: &str, ip: Option<[u8; 4]>, br: Option<&str>) -> NetworkAttachment {
+        NetworkAttachment {
+            network_name: name.into(),
+            network_id: format!("id-{name}"),
+            ip: ip.map(Ipv4Addr::from),
+            bridge_interface: br.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn validation() {
+        let ok = PublishRequest {
+            container: "web".into(),
+            protocol: "tcp".into(),
+            host_port: 8080,
+            container_port: 80,
+            ..Default::default()
+        };
+        assert!(validate(&ok).is_ok());
+        for bad in [
+            PublishRequest {
+                protocol: "sctp".into(),
+                ..ok.clone()
+            },
+            PublishRequest {
+                host_port: 0,
+                ..ok.clone()
+            },
+            PublishRequest {
+                container_port: 70000,
+                ..ok.clone()
+            },
+            PublishRequest {
+                host_ip: Some("::1".into()),
+                ..ok.clone()
+            },
+            PublishRequest {
+                container: "".into(),
+                ..ok.clone()
+            },
+        ] {
+            assert_eq!(validate(&bad).err().unwrap().kind(), Kind::InvalidArgs);
+        }
+        let v = validate(&PublishRequest {
+            host_ip: Some("0.0.0.0".into()),
+            ..ok
+        })
+        .unwrap();
+        assert_eq!(v.host_ip, None);
+    }
+
+    #[test]
+    fn network_resolution() {
+        let i = info(
+            "default",
+            vec![att("bridge", Some([172, 17, 0, 2]), Some("docker0"))],
+        );
+        assert_eq!(
+            resolve_network(&i, None).unwrap(),
+            (
+                "bridge".into(),
+                Ipv4Addr::new(172, 17, 0, 2),
+                "docker0".into()
+            )
+        );
+        let host = info("host", vec![att("host", None, None)]);
+        let e = resolve_network(&host, None).unwrap_err();
+        assert_eq!(e.kind(), Kind::InvalidArgs);
+        assert!(e.to_string().contains("host network"));
+        let two = info(
+            "default",
+            vec![
+                att("a", Some([10, 1, 0, 2]), Some("br-a")),
+                att("b", Some([10, 2, 0, 2]), Some("br-b")),
+            ],
+        );
+        assert!(resolve_network(&two, None)
+            .unwrap_err()
+            .to_string()
+            .contains("several"));
+        assert_eq!(resolve_network(&two, Some("b")).unwrap().2, "br-b");
+        assert_eq!(
+            resolve_network(&two, Some("c")).unwrap_err().kind(),
+            Kind::InvalidArgs
+        );
+        let ov = info("default", vec![att("ov", Some([10, 3, 0, 2]), None)]);
+        assert_eq!(
+            resolve_network(&ov, None).unwrap_err().kind(),
+            Kind::NotSupported
+        );
+    }
+
+    #[test]
+    fn collisions() {
+        let m = Mapping {
+            id: "x".into(),
+            container_id: "c".into(),
+            container_name: "w".into(),
+            protocol: Protocol::Tcp,
+            host_ip: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            host_port: 80,
+            container_port: 80,
+            network: "bridge".into(),
+            owner_uid: 0,
+            instance: None,
+            state: MappingState::Waiting,
+        };
+        assert!(m.collides(Protocol::Tcp, None, 80));
+        assert!(m.collides(Protocol::Tcp, Some(Ipv4Addr::new(10, 0, 0, 1)), 80));
+        assert!(!m.collides(Protocol::Tcp, Some(Ipv4Addr::new(10, 0, 0, 2)), 80));
+        assert!(!m.collides(Protocol::Udp, None, 80));
+        assert!(!m.collides(Protocol::Tcp, None, 81));
+    }
+    #[test]
+    fn interface_names_follow_the_kernel_and_mean_one_interface() {
+        for ok in ["docker0", "br-0123456789ab", "bridge1", "br_x.100", "a"] {
+            assert!(check_ifname(ok).is_ok(), "{ok:?} refused");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "0123456789abcdef", // 16 bytes: IFNAMSIZ with the NUL is 16
+            "br 0",
+            "br\t0",
+            "br0\n-A",
+            "br\"0",
+            "br'0",
+            "br/0",
+            "br:0",
+            "br+",
+            "br!",
+            "brü",
+        ] {
+            let e = check_ifname(bad).expect_err(bad);
+            assert_eq!(e.kind(), Kind::NotSupported, "{bad:?}");
+        }
+    }
+
+    /// Security: a bridge name from Docker reached iptables-restore text unchecked; a name
+    /// with a newline adds whole rules to the batch. It must be refused before any rule is
+    /// built (fails without `check_ifname` in `resolve_network`).
+    #[test]
+    fn a_bridge_name_that_would_inject_rules_is_refused() {
+        for evil in [
+            "br0\n-A INPUT -j ACCEPT",
+            "docker0 -j ACCEPT",
+            "br\"0",
+            "docker+",
+        ] {
+            let i = info(
+                "default",
+                vec![att("evil", Some([172, 18, 0, 2]), Some(evil))],
+            );
+            let e = resolve_network(&i, None).expect_err(evil);
+            assert_eq!(e.kind(), Kind::NotSupported, "{evil:?}: {e}");
+            assert!(e.to_string().contains("bridge interface name"), "{e}");
+        }
+    }
+}

@@ -1,0 +1,681 @@
+//! Published ports against Docker's exact firewall layouts, without that Docker version's
+//! daemon (root; run under the global lock).
+//!
+//! Each layout is a fixture in `tests/fixtures/docker-layouts/`, taken verbatim from moby's
+//! golden documents (`integration/network/bridge/iptablesdoc/generated/*.md`, the
+//! `iptables -S` output per table): Docker 28.0.0 (FORWARD → DOCKER through ipset
+//! `docker-ext-bridges-v4`) and Docker 28.5.2 (FORWARD → DOCKER-FORWARD → DOCKER-BRIDGE →
+//! DOCKER, raw PREROUTING drops for direct access), for a new daemon, a user network
+//! with a published port, the same without ICC, and a routed-mode network.
+//!
+//! Per layout, in namespaces this test creates (never the host's):
+//! - `h` ("the host", where dockerd would run) gets Docker's rules through
+//!   `iptables-nft-restore` (checked byte for byte against the fixture with `iptables -S`),
+//!   the bridge of the layout and a veth to a client namespace (`h` 10.99.0.1, client
+//!   10.99.0.2);
+//! - the container namespace on the bridge (192.0.2.2 or 172.17.0.2) runs TCP and UDP
+//!   echo servers;
+//! - the domain layer ([`PortsManager`]) publishes, with a table standing in for dockerd
+//!   ([`Resolver`]); real TCP and UDP pass from the client; the container reaches its own
+//!   published port (hairpin); Docker's own published port keeps working; direct access to
+//!   the container's address stays dropped where Docker drops it;
+//! - unpublish leaves `iptables -S` byte-identical to Docker's layout;
+//! - Docker re-creating its rules (a dockerd restart flushes and rewrites them) drops
+//!   ours; reconcile restores them and traffic passes again.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dindhelper::docker::{ContainerInfo, DockerError, NetworkAttachment, PublishedPort};
+use dindhelper::ports::resolver::DockerFut;
+use dindhelper::ports::{Action, NetnsContext, PortsManager, PublishRequest, Resolver};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/docker-layouts");
+const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+/// Ports we publish (host side) and the container's servers behind them.
+const TCP_HOST: u16 = 9090;
+const TCP_CTR: u16 = 90;
+const UDP_HOST: u16 = 9091;
+const UDP_CTR: u16 = 91;
+/// Docker's own mapping in the usernet layouts: 8080 -> :80.
+const DOCKER_HOST: u16 = 8080;
+const DOCKER_CTR: u16 = 80;
+
+/// One layout: the fixture and the network it describes.
+struct Layout {
+    fixture: &'static str,
+    bridge: &'static str,
+    gateway: &'static str,
+    prefix: u8,
+    container_ip: Ipv4Addr,
+    /// Docker publishes 8080 -> container:80 in this layout.
+    docker_port: bool,
+    /// The layout matches on ipset docker-ext-bridges-v4 (Docker 28.0.0).
+    ipset: bool,
+}
+
+const USERNET: Layout = Layout {
+    fixture: "",
+    bridge: "bridge1",
+    gateway: "192.0.2.1",
+    prefix: 24,
+    container_ip: Ipv4Addr::new(192, 0, 2, 2),
+    docker_port: true,
+    ipset: false,
+};
+
+const DEFAULT_BRIDGE: Layout = Layout {
+    fixture: "",
+    bridge: "docker0",
+    gateway: "172.17.0.1",
+    prefix: 16,
+    container_ip: Ipv4Addr::new(172, 17, 0, 2),
+    docker_port: false,
+    ipset: false,
+};
+
+fn sh(args: &[&str]) -> std::process::Output {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Run a program inside the namespace file `ns` (nsenter, never `ip netns exec`).
+fn in_ns(ns: &Path, args: &[&str]) -> std::process::Output {
+    let mut a = vec!["nsenter".to_string(), format!("--net={}", ns.display())];
+    a.extend(args.iter().map(|s| s.to_string()));
+    let v: Vec<&str> = a.iter().map(String::as_str).collect();
+    sh(&v)
+}
+
+fn in_ns_stdin(ns: &Path, args: &[&str], stdin: &str) {
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net={}", ns.display()))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nsenter");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Run `f` on a fresh thread that joined namespace `ns`; sockets it makes live there.
+fn on_ns_thread<T: Send + 'static>(ns: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let file = std::fs::File::open(ns).expect("open netns");
+    std::thread::spawn(move || {
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// The namespaces of one layout run; removed on drop.
+struct Net {
+    names: Vec<String>,
+    /// A process in the container namespace: the "container's init" the resolver reports
+    /// (the domain finds the container's veth through /proc/PID/ns/net).
+    init: Option<std::process::Child>,
+}
+
+impl Net {
+    fn path(&self, i: usize) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.names[i]))
+    }
+    fn host(&self) -> PathBuf {
+        self.path(0)
+    }
+    fn ctr(&self) -> PathBuf {
+        self.path(1)
+    }
+    fn client(&self) -> PathBuf {
+        self.path(2)
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.init.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for n in &self.names {
+            let _ = Command::new("ip")
+                .args(["netns", "del", n])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Docker's rules of `fixture`: per table, the `iptables -S` lines.
+fn fixture_tables(fixture: &str) -> Vec<(String, Vec<String>)> {
+    let text = std::fs::read_to_string(Path::new(FIXTURES).join(fixture))
+        .unwrap_or_else(|e| panic!("fixture {fixture}: {e}"));
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for l in text.lines() {
+        if l.starts_with('#') || l.trim().is_empty() {
+            continue;
+        }
+        if let Some(t) = l.strip_prefix('*') {
+            out.push((t.to_owned(), vec![]));
+        } else {
+            out.last_mut()
+                .expect("a *table line first")
+                .1
+                .push(l.to_owned());
+        }
+    }
+    out
+}
+
+/// `iptables -S` lines as `iptables-restore` input (a full restore: this namespace is
+/// ours and the tables are exactly Docker's afterwards).
+fn restore_text(tables: &[(String, Vec<String>)]) -> String {
+    let mut s = String::new();
+    for (t, lines) in tables {
+        s.push_str(&format!("*{t}\n"));
+        for l in lines {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            match w.as_slice() {
+                ["-P", chain, policy] => s.push_str(&format!(":{chain} {policy} [0:0]\n")),
+                ["-N", chain] => s.push_str(&format!(":{chain} - [0:0]\n")),
+                _ => s.push_str(&format!("{l}\n")),
+            }
+        }
+        s.push_str("COMMIT\n");
+    }
+    s
+}
+
+/// The live `iptables-nft -S` of every table the fixture has.
+fn live_tables(ns: &Path, tables: &[(String, Vec<String>)]) -> Vec<(String, Vec<String>)> {
+    tables
+        .iter()
+        .map(|(t, _)| {
+            let out = in_ns(ns, &["iptables-nft", "-w", "-t", t, "-S"]);
+            (
+                t.clone(),
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .map(str::to_owned)
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+fn load_docker_rules(net: &Net, layout: &Layout, tables: &[(String, Vec<String>)]) {
+    if layout.ipset {
+        // Docker 28.0.0 creates the set before its rules refer to it
+        let h = net.host();
+        let _ = Command::new("nsenter")
+            .arg(format!("--net={}", h.display()))
+            .args(["ipset", "create", "docker-ext-bridges-v4", "hash:net"])
+            .status();
+        for net in ["172.17.0.0/16", "192.0.2.0/24"] {
+            in_ns(
+                &h,
+                &["ipset", "add", "-exist", "docker-ext-bridges-v4", net],
+            );
+        }
+    }
+    in_ns_stdin(
+        &net.host(),
+        &["iptables-nft-restore", "-w"],
+        &restore_text(tables),
+    );
+}
+
+fn setup(tag: &str, layout: &Layout) -> Net {
+    let pid = std::process::id();
+    let net = Net {
+        names: ["h", "c", "cl"]
+            .iter()
+            .map(|r| format!("dhl-{pid}-{tag}-{r}"))
+            .collect(),
+        init: None,
+    };
+    for n in &net.names {
+        let _ = Command::new("ip")
+            .args(["netns", "del", n])
+            .stderr(Stdio::null())
+            .status();
+        sh(&["ip", "netns", "add", n]);
+        sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
+    }
+    let (h, c, cl) = (&net.names[0], &net.names[1], &net.names[2]);
+    // the bridge and the container behind it
+    sh(&[
+        "ip",
+        "-n",
+        h,
+        "link",
+        "add",
+        layout.bridge,
+        "type",
+        "bridge",
+    ]);
+    let gw = format!("{}/{}", layout.gateway, layout.prefix);
+    sh(&["ip", "-n", h, "addr", "add", &gw, "dev", layout.bridge]);
+    sh(&["ip", "-n", h, "link", "set", layout.bridge, "up"]);
+    sh(&[
+        "ip", "-n", h, "link", "add", "vc", "type", "veth", "peer", "name", "eth0", "netns", c,
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        h,
+        "link",
+        "set",
+        "vc",
+        "master",
+        layout.bridge,
+        "up",
+    ]);
+    let cip = format!("{}/{}", layout.container_ip, layout.prefix);
+    sh(&["ip", "-n", c, "addr", "add", &cip, "dev", "eth0"]);
+    sh(&["ip", "-n", c, "link", "set", "eth0", "up"]);
+    sh(&[
+        "ip",
+        "-n",
+        c,
+        "route",
+        "add",
+        "default",
+        "via",
+        layout.gateway,
+    ]);
+    // the client, one hop away
+    sh(&[
+        "ip", "-n", h, "link", "add", "vcl", "type", "veth", "peer", "name", "eth0", "netns", cl,
+    ]);
+    sh(&["ip", "-n", h, "addr", "add", "10.99.0.1/24", "dev", "vcl"]);
+    sh(&["ip", "-n", h, "link", "set", "vcl", "up"]);
+    sh(&["ip", "-n", cl, "addr", "add", "10.99.0.2/24", "dev", "eth0"]);
+    sh(&["ip", "-n", cl, "link", "set", "eth0", "up"]);
+    // so the client can even try the container's address directly
+    let subnet = format!("{}/{}", layout.container_ip, 32);
+    sh(&["ip", "-n", cl, "route", "add", &subnet, "via", "10.99.0.1"]);
+    in_ns(
+        &net.host(),
+        &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"],
+    );
+    let mut net = net;
+    net.init = Some(
+        Command::new("nsenter")
+            .arg(format!("--net={}", net.ctr().display()))
+            .args(["sleep", "3600"])
+            .spawn()
+            .expect("container init"),
+    );
+    net
+}
+
+/// TCP servers answering `tcp<port>` and UDP servers echoing `udp<port>`, in the container.
+fn serve(ctr: &Path, tcp: &[u16], udp: &[u16]) {
+    let tcp = tcp.to_vec();
+    let udp = udp.to_vec();
+    let (ls, us) = on_ns_thread(ctr, move || {
+        let ls: Vec<(u16, TcpListener)> = tcp
+            .iter()
+            .map(|p| (*p, TcpListener::bind(("0.0.0.0", *p)).expect("bind tcp")))
+            .collect();
+        let us: Vec<(u16, UdpSocket)> = udp
+            .iter()
+            .map(|p| (*p, UdpSocket::bind(("0.0.0.0", *p)).expect("bind udp")))
+            .collect();
+        (ls, us)
+    });
+    for (p, l) in ls {
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                let _ = s.write_all(format!("tcp{p}").as_bytes());
+            }
+        });
+    }
+    for (p, u) in us {
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok((_, from)) = u.recv_from(&mut buf) {
+                let _ = u.send_to(format!("udp{p}").as_bytes(), from);
+            }
+        });
+    }
+}
+
+/// TCP from namespace `ns` to `to`: what the server said, None when it did not answer.
+fn tcp_from(ns: &Path, to: SocketAddr) -> Option<String> {
+    on_ns_thread(ns, move || {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_millis(700)).ok()?;
+        s.set_read_timeout(Some(Duration::from_millis(700))).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    })
+}
+
+/// One UDP datagram from namespace `ns` to `to` and its answer (retried 3 times).
+fn udp_from(ns: &Path, to: SocketAddr) -> Option<String> {
+    on_ns_thread(ns, move || {
+        let u = UdpSocket::bind("0.0.0.0:0").ok()?;
+        u.set_read_timeout(Some(Duration::from_millis(300))).ok()?;
+        for _ in 0..3 {
+            u.send_to(b"ping", to).ok()?;
+            let mut buf = [0u8; 64];
+            if let Ok((n, _)) = u.recv_from(&mut buf) {
+                return Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        None
+    })
+}
+
+/// A table standing in for dockerd: one running container `c1`.
+struct Table {
+    info: ContainerInfo,
+    docker_ports: Vec<PublishedPort>,
+}
+
+impl Resolver for Table {
+    fn inspect<'a>(&'a self, container: &'a str) -> DockerFut<'a, ContainerInfo> {
+        Box::pin(async move {
+            if container == self.info.name || container == self.info.id {
+                Ok(self.info.clone())
+            } else {
+                Err(DockerError::NotFound {
+                    what: "container",
+                    name: container.to_owned(),
+                })
+            }
+        })
+    }
+
+    fn published_ports(&self) -> DockerFut<'_, Vec<PublishedPort>> {
+        Box::pin(async move { Ok(self.docker_ports.clone()) })
+    }
+}
+
+fn table(layout: &Layout, pid: u32) -> Arc<Table> {
+    let network = if layout.bridge == "docker0" {
+        "bridge"
+    } else {
+        "bridge1"
+    };
+    Arc::new(Table {
+        info: ContainerInfo {
+            id: "c1c1c1c1c1c1c1c1".into(),
+            name: "c1".into(),
+            running: true,
+            pid,
+            network_mode: network.into(),
+            networks: vec![NetworkAttachment {
+                network_name: network.into(),
+                network_id: "n1".into(),
+                ip: Some(layout.container_ip),
+                bridge_interface: Some(layout.bridge.into()),
+            }],
+        },
+        docker_ports: if layout.docker_port {
+            vec![PublishedPort {
+                container_id: "c1c1c1c1c1c1c1c1".into(),
+                ip: "0.0.0.0".into(),
+                public_port: DOCKER_HOST,
+                private_port: DOCKER_CTR,
+                protocol: "tcp".into(),
+            }]
+        } else {
+            vec![]
+        },
+    })
+}
+
+fn req(proto: &str, host: u16, ctr: u16) -> PublishRequest {
+    PublishRequest {
+        container: "c1".into(),
+        protocol: proto.into(),
+        host_port: host.into(),
+        container_port: ctr.into(),
+        owner_uid: 0,
+        ..Default::default()
+    }
+}
+
+fn host(port: u16) -> SocketAddr {
+    SocketAddr::from((HOST_IP, port))
+}
+
+/// Our ports answer over TCP and UDP from the client, and from the container itself.
+fn assert_ports_work(net: &Net, what: &str) {
+    assert_eq!(
+        tcp_from(&net.client(), host(TCP_HOST)).as_deref(),
+        Some("tcp90"),
+        "{what}: TCP from the client"
+    );
+    assert_eq!(
+        udp_from(&net.client(), host(UDP_HOST)).as_deref(),
+        Some("udp91"),
+        "{what}: UDP from the client"
+    );
+    assert_eq!(
+        tcp_from(&net.ctr(), host(TCP_HOST)).as_deref(),
+        Some("tcp90"),
+        "{what}: hairpin (the container to its own published port)"
+    );
+    assert_eq!(
+        udp_from(&net.ctr(), host(UDP_HOST)).as_deref(),
+        Some("udp91"),
+        "{what}: UDP hairpin"
+    );
+}
+
+fn run_layout(tag: &str, layout: Layout) {
+    let t0 = Instant::now();
+    let tables = fixture_tables(layout.fixture);
+    let net = setup(tag, &layout);
+    load_docker_rules(&net, &layout, &tables);
+    assert_eq!(
+        live_tables(&net.host(), &tables),
+        tables,
+        "the namespace must hold exactly Docker's rules of {}",
+        layout.fixture
+    );
+    serve(&net.ctr(), &[TCP_CTR, DOCKER_CTR], &[UDP_CTR]);
+    assert_eq!(
+        tcp_from(&net.client(), host(TCP_HOST)),
+        None,
+        "nothing published yet"
+    );
+    let docker_port_works = |what: &str| {
+        if layout.docker_port {
+            assert_eq!(
+                tcp_from(&net.client(), host(DOCKER_HOST)).as_deref(),
+                Some("tcp80"),
+                "{what}: Docker's own published port"
+            );
+        }
+    };
+    docker_port_works("Docker's layout alone");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let netns = NetnsContext::open(&net.host()).unwrap();
+        let m = PortsManager::with_resolver(
+            table(&layout, net.init.as_ref().unwrap().id()),
+            netns,
+            "1a70u7",
+        );
+        let fw = m.firewall().await.expect("detect");
+        println!("{}: {} ({})", layout.fixture, fw.name, fw.reason);
+        assert_eq!(fw.name, "iptables-nft");
+        let maps = m
+            .publish_many(vec![
+                req("tcp", TCP_HOST, TCP_CTR),
+                req("udp", UDP_HOST, UDP_CTR),
+            ])
+            .await
+            .expect("publish");
+        // Docker's own mapping is a conflict, not a second rule
+        if layout.docker_port {
+            let e = m.publish(req("tcp", DOCKER_HOST, 81)).await.unwrap_err();
+            assert!(e.to_string().contains("published by Docker"), "{e}");
+        }
+        assert_ports_work(&net, "published");
+        docker_port_works("beside ours");
+        if tables.iter().any(|(t, _)| t == "raw") {
+            // Docker's direct-access drop still holds for the container's address
+            let direct = SocketAddr::from((layout.container_ip, TCP_CTR));
+            assert_eq!(
+                tcp_from(&net.client(), direct),
+                None,
+                "direct access to the container must stay dropped (raw PREROUTING)"
+            );
+        }
+
+        // unpublish: Docker's layout again, byte for byte
+        m.unpublish_many(maps.iter().map(|x| x.id.clone()).collect())
+            .await
+            .expect("unpublish");
+        assert_eq!(
+            live_tables(&net.host(), &tables),
+            tables,
+            "after unpublish the rules must be Docker's exactly"
+        );
+        assert_eq!(tcp_from(&net.client(), host(TCP_HOST)), None, "unpublished");
+
+        // Docker re-creates its rules (a dockerd restart): ours are gone; reconcile
+        m.publish_many(vec![
+            req("tcp", TCP_HOST, TCP_CTR),
+            req("udp", UDP_HOST, UDP_CTR),
+        ])
+        .await
+        .expect("publish again");
+        assert_ports_work(&net, "published again");
+        load_docker_rules(&net, &layout, &tables);
+        assert_eq!(live_tables(&net.host(), &tables), tables);
+        assert_eq!(
+            tcp_from(&net.client(), host(TCP_HOST)),
+            None,
+            "rules flushed"
+        );
+        let ds = m.reconcile().await.expect("reconcile");
+        assert!(
+            ds.iter().all(|d| matches!(
+                d.action,
+                Action::Repaired {
+                    added: 3,
+                    removed: 0
+                }
+            )),
+            "{ds:?}"
+        );
+        assert_ports_work(&net, "after reconcile");
+        docker_port_works("after reconcile");
+        // and a second reconcile changes nothing
+        let ds = m.reconcile().await.unwrap();
+        assert!(ds.iter().all(|d| d.action == Action::Unchanged), "{ds:?}");
+        m.unpublish_many(m.mappings().into_iter().map(|x| x.id).collect())
+            .await
+            .unwrap();
+        assert_eq!(live_tables(&net.host(), &tables), tables);
+    });
+    println!("{}: ok in {:?}", layout.fixture, t0.elapsed());
+}
+
+#[test]
+fn docker_28_5_new_daemon_default_bridge() {
+    run_layout(
+        "n285",
+        Layout {
+            fixture: "iptables-v28.5.2/new-daemon.rules",
+            ..DEFAULT_BRIDGE
+        },
+    );
+}
+
+#[test]
+fn docker_28_5_usernet_portmap() {
+    run_layout(
+        "u285",
+        Layout {
+            fixture: "iptables-v28.5.2/usernet-portmap.rules",
+            ..USERNET
+        },
+    );
+}
+
+#[test]
+fn docker_28_5_usernet_portmap_noicc() {
+    run_layout(
+        "i285",
+        Layout {
+            fixture: "iptables-v28.5.2/usernet-portmap-noicc.rules",
+            ..USERNET
+        },
+    );
+}
+
+#[test]
+fn docker_28_5_usernet_portmap_routed() {
+    run_layout(
+        "r285",
+        Layout {
+            fixture: "iptables-v28.5.2/usernet-portmap-routed.rules",
+            // routed mode: Docker writes no DNAT for its own port (direct routing)
+            docker_port: false,
+            ..USERNET
+        },
+    );
+}
+
+#[test]
+fn docker_28_0_new_daemon_ipset_layout() {
+    run_layout(
+        "n280",
+        Layout {
+            fixture: "iptables-v28.0.0/new-daemon.rules",
+            ipset: true,
+            ..DEFAULT_BRIDGE
+        },
+    );
+}
+
+#[test]
+fn docker_28_0_usernet_portmap_ipset_layout() {
+    run_layout(
+        "u280",
+        Layout {
+            fixture: "iptables-v28.0.0/usernet-portmap.rules",
+            ipset: true,
+            ..USERNET
+        },
+    );
+}
