@@ -60,8 +60,11 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     )
     .map_err(DaemonError::Images)?;
     // The slice backend for instances; without one the daemon still serves the rest.
-    let backend = match crate::instances::pick_backend_async(tokio::runtime::Handle::current())
-        .await
+    let backend = match crate::instances::pick_backend_async(
+        tokio::runtime::Handle::current(),
+        &state.state_id,
+    )
+    .await
     {
         Ok(b) => {
             tracing::info!("instance slice backend: {:?}", b.kind());

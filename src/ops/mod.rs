@@ -5,6 +5,7 @@
 pub mod capture;
 pub mod devices;
 pub mod instances;
+pub mod intent;
 pub mod loops;
 pub mod ports;
 
