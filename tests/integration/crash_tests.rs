@@ -403,6 +403,26 @@ impl Drop for NetnsProc {
     }
 }
 
+/// Removes by hand what a failed campaign leaves (cgroups of its names, loop devices of
+/// the state dir), so a panic never leaks onto the shared machine.
+struct Sweep<'a> {
+    prefix: String,
+    state_dir: &'a Path,
+}
+
+impl Drop for Sweep<'_> {
+    fn drop(&mut self) {
+        for dirs in dind_cgroups(&self.prefix).into_values() {
+            for d in dirs {
+                fs::remove_dir(&d).ok();
+            }
+        }
+        for dev in loops_backed_under(self.state_dir) {
+            run("losetup", &["-d", &format!("/dev/{dev}")]);
+        }
+    }
+}
+
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }
@@ -781,6 +801,10 @@ fn campaign(bed: &Bed, stop: Stop, kills: u64) {
             iprefix: format!("{prefix}{t}"),
         })
         .collect();
+    let _sweep = Sweep {
+        prefix: prefix.clone(),
+        state_dir: &bed.state_dir,
+    };
     let foreign = Foreign::make(bed, &prefix);
     let target = NetnsProc::start();
     let tpid = target.0.id();
@@ -913,7 +937,7 @@ fn campaign(bed: &Bed, stop: Stop, kills: u64) {
         bed.call_as("root", "Detach", "sa{sv}", &[d, "0"]);
     }
     for c in &callers {
-        for ((u, n), _) in &l.images {
+        for (u, n) in l.images.keys() {
             if *u == c.uid {
                 bed.call_as(c.user, "DeleteImage", "sa{sv}", &[n, "0"]);
             }
@@ -992,11 +1016,7 @@ fn reconcile_removes_only_our_unrecorded_cgroups(bed: &Bed) {
     ])
     .expect_ok("CreateInstance");
     let kept_dir = Path::new(CG).join("memory/dind").join(&kept);
-    assert_eq!(
-        read_xattr(&kept_dir).as_deref(),
-        Some(id.as_str()),
-        "CreateInstance tags its cgroup with the state id"
-    );
+    let tag_of_kept = read_xattr(&kept_dir);
     bed.kill9_daemon();
     let d_ours = mk(&ours_tagged, Some(&id));
     // Killed between mkdir and tag: the first directory tagged, the next ones untagged.
@@ -1016,6 +1036,11 @@ fn reconcile_removes_only_our_unrecorded_cgroups(bed: &Bed) {
     let gone = |ds: &[PathBuf]| ds.iter().all(|d| !d.exists());
     let there = |ds: &[PathBuf]| ds.iter().all(|d| d.is_dir());
     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert_eq!(
+            tag_of_kept.as_deref(),
+            Some(id.as_str()),
+            "CreateInstance tags its cgroup with the state id"
+        );
         assert!(gone(&d_ours), "our tagged unrecorded cgroup is removed");
         assert!(
             gone(&d_intent),
