@@ -51,6 +51,11 @@ pub fn tests() -> Vec<Test> {
             run: reconcile_removes_half_made_image_files,
         },
         Test {
+            name: "crash_polkitd_killed_mid_call_fails_closed",
+            needs_daemon: true,
+            run: polkitd_killed_mid_call_fails_closed,
+        },
+        Test {
             name: "crash_sigterm_campaign_answers_calls_in_flight",
             needs_daemon: true,
             run: sigterm_campaign,
@@ -1111,4 +1116,131 @@ fn reconcile_removes_half_made_image_files(bed: &Bed) {
         !names.iter().any(|n| n.contains("crashhalf")),
         "a temp file is never listed as an image: {names:?}"
     );
+}
+
+/// polkitd SIGKILLed while calls wait for its answer: every call of a non-root caller
+/// either succeeded before (and its object exists) or is refused with NotAuthorized and
+/// left nothing behind (fail closed); after polkitd is back, calls are authorized again.
+fn polkitd_killed_mid_call_fails_closed(bed: &Bed) {
+    let seed = env_u64("DHT_SEED").unwrap_or(1);
+    let mut rng = Rng(seed ^ 0x706f6c6b);
+    let prefix = format!("kp{}-", std::process::id());
+    let _sweep = Sweep {
+        prefix: prefix.clone(),
+        state_dir: &bed.state_dir,
+    };
+    let address = bed.address.clone();
+    let (mut ok, mut refused) = (0, 0);
+    let mut problems = Vec::new();
+    let mut samples = Vec::new();
+    for round in 0..12u64 {
+        let calls: Vec<(&str, Call)> = (0..4)
+            .map(|i| {
+                let user = if i % 2 == 0 { MEMBER } else { OWN };
+                let c = if i < 2 {
+                    mcall(
+                        "create image",
+                        "CreateImage",
+                        "sta{sv}",
+                        &[&format!("p{round}x{i}"), &(2 * MIB).to_string(), "0"],
+                    )
+                } else {
+                    icall(
+                        "create instance",
+                        "CreateInstance",
+                        "sa{sv}",
+                        &[&format!("{prefix}{round}x{i}"), "0"],
+                    )
+                };
+                (user, c)
+            })
+            .collect();
+        let delay = Duration::from_micros(20_000 + rng.below(380_000));
+        let outs: Vec<Out> = std::thread::scope(|s| {
+            let hs: Vec<_> = calls
+                .iter()
+                .map(|(u, c)| {
+                    let a = address.as_str();
+                    s.spawn(move || do_call(a, u, c))
+                })
+                .collect();
+            std::thread::sleep(delay);
+            bed.kill9_polkitd();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let l = list(bed);
+        for ((u, c), o) in calls.iter().zip(&outs) {
+            let name = c.args[0].clone();
+            let exists = match c.method {
+                "CreateImage" => l.images.contains_key(&(bed.uid(u), name.clone())),
+                _ => l.instances.contains_key(&name) || !dind_cgroups(&name).is_empty(),
+            };
+            if o.ok() {
+                ok += 1;
+                if !exists {
+                    problems.push(format!("{u} {} {name}: answered ok, missing", c.method));
+                }
+            } else {
+                refused += 1;
+                if samples.len() < 3 {
+                    samples.push(o.stderr.trim().to_owned());
+                }
+                let e = o.stderr.to_lowercase();
+                if !(e.contains("not authorized")
+                    || e.contains("notauthorized")
+                    || e.contains("polkit"))
+                {
+                    problems.push(format!(
+                        "{u} {} {name}: not a refusal: {}",
+                        c.method,
+                        o.stderr.trim()
+                    ));
+                }
+                if exists {
+                    problems.push(format!("{u} {} {name}: refused but left behind", c.method));
+                }
+            }
+        }
+        bed.restart_polkitd().expect("polkitd restart");
+    }
+    // Authorized again once polkitd is back.
+    let back = do_call(
+        &address,
+        MEMBER,
+        &mcall(
+            "create image",
+            "CreateImage",
+            "sta{sv}",
+            &["pback", &(2 * MIB).to_string(), "0"],
+        ),
+    );
+    println!("\npolkitd kills: 12, calls answered ok {ok}, refused {refused}");
+    // Clean up through the API (as root).
+    let l = list(bed);
+    for name in l.instances.keys().filter(|n| n.starts_with(&prefix)) {
+        bed.busctl(&[
+            "call",
+            crate::bed::BUS_NAME,
+            crate::bed::MANAGER_PATH,
+            INSTANCES,
+            "DestroyInstance",
+            "sa{sv}",
+            name,
+            "0",
+        ]);
+    }
+    for (u, n) in l.images.keys() {
+        if n.starts_with('p') && (*u == bed.uid(MEMBER) || *u == bed.uid(OWN)) {
+            let user = if *u == bed.uid(MEMBER) { MEMBER } else { OWN };
+            bed.call_as(user, "DeleteImage", "sa{sv}", &[n, "0"]);
+        }
+    }
+    back.expect_ok("CreateImage after polkitd came back");
+    // A refusal is required; calls answered before the kill are counted (under heavy
+    // load every call may still be waiting when polkitd dies).
+    assert!(
+        refused > 0,
+        "the kill window should catch some calls and miss others (ok {ok}, refused {refused}): {samples:?}"
+    );
+    assert!(problems.is_empty(), "{problems:#?}");
 }
