@@ -126,4 +126,22 @@ mod tests {
         clear(d.path(), "instance", "b-1");
         assert!(pending(d.path(), "instance").is_empty());
     }
+
+    /// The cost of recording intent first: one create + one unlink (printed with
+    /// `--nocapture`; the bound only catches an accidental fsync).
+    #[test]
+    fn intent_costs_a_create_and_an_unlink() {
+        let d = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+        begin(d.path(), "instance", "warm").unwrap().done();
+        let n = 500;
+        let t = std::time::Instant::now();
+        for i in 0..n {
+            begin(d.path(), "instance", &format!("i{i}"))
+                .unwrap()
+                .done();
+        }
+        let per = t.elapsed() / n;
+        println!("intent begin+done: {per:?} per operation");
+        assert!(per < std::time::Duration::from_millis(5), "{per:?}");
+    }
 }
