@@ -224,3 +224,74 @@ fn daemon_makes_systemd_slices_for_members_and_refuses_plain_users() {
         text(&o)
     );
 }
+
+/// Crash consistency with the systemd backend: every slice the daemon makes carries its
+/// state id in the Description (set by StartTransientUnit itself), and the start-up
+/// reconcile stops an unrecorded slice carrying its own id (a create killed before its
+/// record was saved) but leaves another daemon's and an untagged one alone.
+#[test]
+fn daemon_tags_slices_and_stops_only_its_own_unrecorded_ones() {
+    let b = Booted::boot("sdc");
+    b.install_daemon(std::path::Path::new(env!("CARGO_BIN_EXE_dindhelperd")));
+    ok(
+        &b,
+        b.call(MEMBER, "CreateInstance", "sa{sv}", &["kept", "0"]),
+        "member CreateInstance",
+    );
+    let st: serde_json::Value =
+        serde_json::from_str(&b.ok(&["cat", "/var/lib/dindhelper/state.json"])).unwrap();
+    let id = st["state_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        b.prop("dind-kept.slice", "Description"),
+        format!("dindhelper instance kept (state {id})")
+    );
+
+    // What a daemon killed inside CreateInstance (slice made, record not saved) leaves,
+    // next to another daemon's slice and one made by hand.
+    b.ok(&["systemctl", "stop", "dindhelperd.service"]);
+    let transient = |unit: &str, desc: Option<&str>| {
+        let mut args = vec![
+            "busctl",
+            "call",
+            "org.freedesktop.systemd1",
+            "/org/freedesktop/systemd1",
+            "org.freedesktop.systemd1.Manager",
+            "StartTransientUnit",
+            "ssa(sv)a(sa(sv))",
+            unit,
+            "fail",
+        ];
+        match desc {
+            Some(d) => args.extend(["1", "Description", "s", d]),
+            None => args.push("0"),
+        }
+        args.push("0");
+        b.ok(&args);
+    };
+    let orphan_desc = format!("dindhelper instance orphan (state {id})");
+    transient("dind-orphan.slice", Some(&orphan_desc));
+    transient(
+        "dind-other.slice",
+        Some("dindhelper instance other (state ffffffffffff)"),
+    );
+    transient("dind-byhand.slice", None);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for u in ["dind-orphan.slice", "dind-other.slice", "dind-byhand.slice"] {
+        assert_eq!(b.prop(u, "ActiveState"), "active", "{u}");
+    }
+
+    b.ok(&["systemctl", "start", "dindhelperd.service"]);
+    let journal = b.journal("dindhelperd.service");
+    assert_eq!(
+        b.prop("dind-orphan.slice", "ActiveState"),
+        "inactive",
+        "our unrecorded slice is stopped\n{journal}"
+    );
+    assert!(
+        journal.contains("instance orphan: /dind.slice/dind-orphan.slice tagged with our state id"),
+        "the decision is logged:\n{journal}"
+    );
+    assert_eq!(b.prop("dind-other.slice", "ActiveState"), "active");
+    assert_eq!(b.prop("dind-byhand.slice", "ActiveState"), "active");
+    assert_eq!(b.prop("dind-kept.slice", "ActiveState"), "active");
+}

@@ -20,12 +20,19 @@
 //!   cannot reclaim; v2 OOM-kills.
 //! - `rmdir` fails with EBUSY while a process is inside; destroy checks first (Busy with the
 //!   pids) or, with `force`, SIGKILLs every process and waits until the cgroups are empty.
+//! - Ownership: every directory create makes is tagged right after its `mkdir` with the
+//!   xattr `trusted.dindhelper=<state id>` (see `tag.rs`; [`CgroupfsBackend::with_owner`]).
+//!   A directory that exists already and carries another state id's tag is never claimed
+//!   (Conflict); the start-up reconcile lists the instance directories with their tags
+//!   ([`SliceBackend::present`]) and removes only its own leftovers
+//!   ([`SliceBackend::remove_leftover`]).
 
 use std::path::{Path, PathBuf};
 
 use super::cgroup::{self, CgroupMounts};
 use super::limits::{CgroupWrite, Limits};
-use super::{BackendKind, Change, DockerCgroupDriver, InstanceError, SliceBackend};
+use super::tag::{self, Owner};
+use super::{BackendKind, Change, DockerCgroupDriver, InstanceError, Present, SliceBackend};
 
 /// The directory under every hierarchy that holds the instances.
 pub const DEFAULT_ROOT: &str = "dind";
@@ -40,6 +47,8 @@ pub struct CgroupfsBackend {
     mounts: CgroupMounts,
     root: String,
     v1: bool,
+    /// The state id written into `trusted.dindhelper` of every directory create makes.
+    owner: Option<String>,
 }
 
 impl CgroupfsBackend {
@@ -68,7 +77,62 @@ impl CgroupfsBackend {
                 why: "neither cgroup v1 controllers nor cgroup2 are mounted".into(),
             });
         }
-        Ok(CgroupfsBackend { mounts, root, v1 })
+        Ok(CgroupfsBackend {
+            mounts,
+            root,
+            v1,
+            owner: None,
+        })
+    }
+
+    /// Tag every directory this backend creates with `state_id` (the daemon's state dir).
+    pub fn with_owner(mut self, state_id: &str) -> Self {
+        self.owner = Some(state_id.to_owned()).filter(|s| !s.is_empty());
+        self
+    }
+
+    /// Tag a directory made now (or claim an untagged one of a recorded instance).
+    fn tag(&self, dir: &Path) -> Result<(), InstanceError> {
+        let Some(id) = &self.owner else { return Ok(()) };
+        match tag::set(dir, id) {
+            Ok(tag::Set::Done) => Ok(()),
+            Ok(tag::Set::Unsupported) => {
+                tracing::warn!(dir = %dir.display(), "cgroupfs keeps no xattrs here: instance cgroup left untagged (intent records still cover a crash)");
+                Ok(())
+            }
+            Err(e) => Err(InstanceError::io(
+                &format!("setxattr {}", tag::XATTR),
+                dir,
+                e,
+            )),
+        }
+    }
+
+    /// Refuse a directory that exists already and carries another state id's tag.
+    fn check_not_foreign(&self, name: &str, dir: &Path) -> Result<(), InstanceError> {
+        let Some(id) = &self.owner else { return Ok(()) };
+        match tag::get(dir).map_err(|e| InstanceError::io("getxattr", dir, e))? {
+            Some(Owner::Tagged(t)) if &t != id => Err(InstanceError::Foreign {
+                name: name.to_owned(),
+                what: dir.display().to_string(),
+                owner: t,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Who made instance `name`'s directories: the first tag found on a directory create
+    /// makes, else Untagged; None when none of them exists.
+    fn owner_of(&self, name: &str) -> Result<Option<Owner>, InstanceError> {
+        let mut seen = None;
+        for d in self.all_dirs(name) {
+            match tag::get(&d).map_err(|e| InstanceError::io("getxattr", &d, e))? {
+                Some(Owner::Tagged(t)) => return Ok(Some(Owner::Tagged(t))),
+                Some(Owner::Untagged) => seen = Some(Owner::Untagged),
+                None => {}
+            }
+        }
+        Ok(seen)
     }
 
     pub fn mounts(&self) -> &CgroupMounts {
@@ -217,13 +281,20 @@ impl SliceBackend for CgroupfsBackend {
         let mut created = Vec::new();
         let mut result = Ok(());
         for d in self.instance_dirs(name) {
-            match cgroup::mkdir_cgroup(&d) {
-                Ok(true) => created.push(d),
-                Ok(false) => {}
-                Err(e) => {
-                    result = Err(e);
-                    break;
+            // Tag right after the mkdir: the gap is covered by the caller's intent record.
+            let step = match cgroup::mkdir_cgroup(&d) {
+                Ok(true) => {
+                    created.push(d.clone());
+                    self.tag(&d)
                 }
+                // Existing: another daemon's is refused; an untagged one belongs to a
+                // recorded instance being made again (or made before tags): claim it.
+                Ok(false) => self.check_not_foreign(name, &d).and_then(|()| self.tag(&d)),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = step {
+                result = Err(e);
+                break;
             }
         }
         let result = result.and_then(|()| self.apply(name, &plan));
@@ -278,6 +349,64 @@ impl SliceBackend for CgroupfsBackend {
     fn exists(&self, name: &str) -> Result<bool, InstanceError> {
         crate::names::check_instance_name(name)?;
         Ok(self.instance_dirs(name).iter().any(|d| d.is_dir()))
+    }
+
+    fn owner_tag(&self) -> Option<&str> {
+        self.owner.as_deref()
+    }
+
+    fn present(&self) -> Result<Vec<Present>, InstanceError> {
+        let mut names = std::collections::BTreeSet::new();
+        let mut mounts = if self.v1 {
+            self.mounts.v1_mount_points()
+        } else {
+            Vec::new()
+        };
+        mounts.extend(self.mounts.unified.clone());
+        for m in mounts {
+            let dir = m.join(&self.root);
+            let rd = match std::fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(InstanceError::io("list", &dir, e)),
+            };
+            for ent in rd.flatten() {
+                let n = ent.file_name().to_string_lossy().into_owned();
+                if ent.file_type().is_ok_and(|t| t.is_dir())
+                    && crate::names::check_instance_name(&n).is_ok()
+                {
+                    names.insert(n);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for name in names {
+            if let Some(owner) = self.owner_of(&name)? {
+                out.push(Present { name, owner });
+            }
+        }
+        Ok(out)
+    }
+
+    fn remove_leftover(&self, name: &str, untagged_too: bool) -> Result<Change, InstanceError> {
+        crate::names::check_instance_name(name)?;
+        let ours = match self.owner_of(name)? {
+            None => return Ok(Change::Unchanged),
+            Some(Owner::Tagged(t)) => Some(t.as_str()) == self.owner.as_deref(),
+            Some(Owner::Untagged) => untagged_too,
+        };
+        if !ours {
+            return Err(InstanceError::Foreign {
+                name: name.to_owned(),
+                what: self.cgroup_path(name),
+                owner: match self.owner_of(name)? {
+                    Some(Owner::Tagged(t)) => t,
+                    _ => "untagged".into(),
+                },
+            });
+        }
+        // Never kill anything here: processes inside mean someone uses it (Busy).
+        self.destroy(name, false)
     }
 
     fn cgroup_path(&self, name: &str) -> String {

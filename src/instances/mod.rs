@@ -20,6 +20,11 @@
 //!   (docker expands it to the path `dind.slice/dind-<name>.slice` and creates
 //!   `docker-<id>.scope` under it). Only meaningful with the systemd backend.
 //!
+//! Ownership: every cgroup/slice a backend creates carries the daemon's state id (cgroupfs:
+//! xattr `trusted.dindhelper`, see [`tag`]; systemd: the slice's Description), so the
+//! start-up reconcile removes only its own leftovers ([`SliceBackend::present`],
+//! [`SliceBackend::remove_leftover`]) and never another daemon's or another tool's.
+//!
 //! Destroy refuses (Busy, naming the pids) while processes are inside, unless `force`:
 //! then the cgroupfs backend SIGKILLs every process of the subtree and the systemd backend
 //! lets `StopUnit` do the same (systemd kills what is in a slice it stops).
@@ -28,6 +33,7 @@ pub mod cgroup;
 pub mod cgroupfs;
 pub mod limits;
 pub mod systemd;
+pub mod tag;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -89,6 +95,14 @@ pub enum InstanceError {
     Timeout { what: String, secs: u64 },
     #[error("{} failures: {}", .0.len(), list(.0))]
     Many(Vec<InstanceError>),
+    #[error(
+        "instance {name:?}: {what} belongs to someone else (owner tag {owner:?}); not touched"
+    )]
+    Foreign {
+        name: String,
+        what: String,
+        owner: String,
+    },
 }
 
 fn list(errs: &[InstanceError]) -> String {
@@ -132,6 +146,7 @@ impl Classify for InstanceError {
             },
             InstanceError::Systemd { kind, .. } => *kind,
             InstanceError::Timeout { .. } => Kind::Failed,
+            InstanceError::Foreign { .. } => Kind::Conflict,
             InstanceError::Many(v) => v.first().map_or(Kind::Failed, |e| e.kind()),
         }
     }
@@ -163,6 +178,14 @@ pub enum Change {
     Unchanged,
 }
 
+/// An instance cgroup/slice found on the host, with who made it (for the start-up reconcile).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Present {
+    pub name: String,
+    /// `Tagged(state id)` or `Untagged`.
+    pub owner: tag::Owner,
+}
+
 /// One backend for instance cgroups. No backend-specific type appears here.
 /// All calls are blocking (the bus layer runs them through `spawn_blocking`).
 pub trait SliceBackend: Send + Sync {
@@ -187,6 +210,15 @@ pub trait SliceBackend: Send + Sync {
     ) -> Result<String, InstanceError>;
     /// Whether `/proc/<pid>/cgroup` should be judged on the v1 controller lines.
     fn v1_layout(&self) -> bool;
+    /// The state id this backend tags what it creates with (None: untagged).
+    fn owner_tag(&self) -> Option<&str>;
+    /// Every instance cgroup/slice under this backend's root, ours or not, with its tag.
+    fn present(&self) -> Result<Vec<Present>, InstanceError>;
+    /// Remove a leftover that no record claims, only when it is ours: tagged with our
+    /// state id, or untagged and `untagged_too` (an intent record says we were creating
+    /// it). Never kills: processes inside are Busy. Another's is `Foreign`; absent is
+    /// `Unchanged`.
+    fn remove_leftover(&self, name: &str, untagged_too: bool) -> Result<Change, InstanceError>;
 }
 
 /// An instance as the daemon's state keeps it.
@@ -251,26 +283,28 @@ pub fn ncpu() -> u32 {
 pub fn pick_backend(
     handle: &tokio::runtime::Handle,
 ) -> Result<Box<dyn SliceBackend>, InstanceError> {
-    handle.block_on(pick_backend_async(handle.clone()))
+    handle.block_on(pick_backend_async(handle.clone(), ""))
 }
 
 /// [`pick_backend`] for async code. The returned backend's methods are blocking
-/// (`spawn_blocking`); the systemd one drives its connection on `handle`.
+/// (`spawn_blocking`); the systemd one drives its connection on `handle`. What it creates
+/// is tagged with `state_id` (the daemon's; "" = untagged).
 pub async fn pick_backend_async(
     handle: tokio::runtime::Handle,
+    state_id: &str,
 ) -> Result<Box<dyn SliceBackend>, InstanceError> {
     if Path::new("/run/systemd/system").exists() {
         match systemd::SystemdBackend::connect_async(handle, None).await {
-            Ok(b) => return Ok(Box::new(b)),
+            Ok(b) => return Ok(Box::new(b.with_owner(state_id))),
             Err(e) => tracing::warn!(
                 error = %e,
                 "PID 1 is systemd but its manager does not answer on the system bus; using cgroupfs"
             ),
         }
     }
-    Ok(Box::new(cgroupfs::CgroupfsBackend::detect(
-        cgroupfs::DEFAULT_ROOT,
-    )?))
+    Ok(Box::new(
+        cgroupfs::CgroupfsBackend::detect(cgroupfs::DEFAULT_ROOT)?.with_owner(state_id),
+    ))
 }
 
 /// What [`adopt_container`] did.

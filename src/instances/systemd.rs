@@ -25,6 +25,12 @@
 //!   stay loaded (while a failed unit inside is remembered).
 //! - Transient units vanish when systemd restarts or the host reboots: the daemon
 //!   recreates them from its state (create is idempotent).
+//! - Ownership: `StartTransientUnit` sets `Description=dindhelper instance <name> (state
+//!   <state id>)` in the same call that makes the unit (atomic: no unit exists without
+//!   it). The start-up reconcile lists `dind-*.slice` with `ListUnitsByPatterns` (which
+//!   returns the Description) and stops only units carrying its own state id. An existing
+//!   unit re-used by create keeps its Description (`SetUnitProperties` takes cgroup
+//!   properties, not Description, at runtime).
 //! - dockerd's cgroup driver decides the `--cgroup-parent` syntax: systemd driver
 //!   `dind-<name>.slice`, cgroupfs driver `/dind.slice/dind-<name>.slice`.
 
@@ -69,6 +75,26 @@ trait Manager {
 
     fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
 
+    #[allow(clippy::type_complexity)]
+    fn list_units_by_patterns(
+        &self,
+        states: &[&str],
+        patterns: &[&str],
+    ) -> zbus::Result<
+        Vec<(
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            OwnedObjectPath,
+            u32,
+            String,
+            OwnedObjectPath,
+        )>,
+    >;
+
     fn subscribe(&self) -> zbus::Result<()>;
 
     #[zbus(signal)]
@@ -97,6 +123,29 @@ pub struct SystemdBackend {
     /// spawns a RemoveMatch task, which panics outside a tokio context).
     proxy: Option<ManagerProxy<'static>>,
     mounts: CgroupMounts,
+    /// The state id put into the Description of every slice create makes.
+    owner: Option<String>,
+}
+
+/// The Description of an instance slice made by the daemon of `state_id`.
+pub fn description(name: &str, state_id: &str) -> String {
+    format!("dindhelper instance {name} (state {state_id})")
+}
+
+/// The state id in a slice's Description (see [`description`]); None: not one of ours.
+pub fn owner_of_description(desc: &str) -> Option<&str> {
+    let rest = desc.strip_prefix("dindhelper instance ")?;
+    let (_, id) = rest.rsplit_once(" (state ")?;
+    id.strip_suffix(')')
+}
+
+/// The instance name of a unit `dind-<escaped name>.slice` (None for anything else, e.g.
+/// `dind.slice` itself or a name that is no valid instance name).
+pub fn instance_of_unit(unit: &str) -> Option<String> {
+    let n = unit.strip_prefix("dind-")?.strip_suffix(".slice")?;
+    let n = n.replace("\\x2d", "-");
+    crate::names::check_instance_name(&n).ok()?;
+    (super::slice_unit(&n) == unit).then_some(n)
 }
 
 impl Drop for SystemdBackend {
@@ -184,7 +233,14 @@ impl SystemdBackend {
             handle,
             proxy: Some(proxy),
             mounts,
+            owner: None,
         })
+    }
+
+    /// Put `state_id` into the Description of every slice this backend creates.
+    pub fn with_owner(mut self, state_id: &str) -> Self {
+        self.owner = Some(state_id.to_owned()).filter(|s| !s.is_empty());
+        self
     }
 
     fn proxy(&self) -> &ManagerProxy<'static> {
@@ -278,12 +334,17 @@ impl SliceBackend for SystemdBackend {
         limits.validate(super::ncpu())?;
         let unit = slice_unit(name);
         let props = Self::props(limits);
+        // The owner tag goes in with the unit itself (one call: no untagged moment).
+        let mut start_props = props.clone();
+        if let Some(id) = &self.owner {
+            start_props.push(("Description", Value::from(description(name, id))));
+        }
         self.handle.block_on(async {
             let started = self
                 .run_job("StartTransientUnit", &unit, || {
                     let aux: &[(&str, &[(&str, Value<'_>)])] = &[];
                     self.proxy()
-                        .start_transient_unit(&unit, "fail", &props, aux)
+                        .start_transient_unit(&unit, "fail", &start_props, aux)
                 })
                 .await;
             match started {
@@ -409,10 +470,88 @@ impl SliceBackend for SystemdBackend {
         })
     }
 
+    fn owner_tag(&self) -> Option<&str> {
+        self.owner.as_deref()
+    }
+
+    fn present(&self) -> Result<Vec<super::Present>, InstanceError> {
+        let units = self.handle.block_on(async {
+            self.proxy()
+                .list_units_by_patterns(&[], &["dind-*.slice"])
+                .await
+                .map_err(|e| dbus_err("ListUnitsByPatterns", "dind-*.slice", e))
+        })?;
+        let mut out = Vec::new();
+        for u in units {
+            let (unit, desc, active) = (&u.0, &u.1, &u.3);
+            if !matches!(active.as_str(), "active" | "activating" | "reloading") {
+                continue;
+            }
+            let Some(name) = instance_of_unit(unit) else {
+                continue;
+            };
+            let owner = match owner_of_description(desc) {
+                Some(id) => super::tag::Owner::Tagged(id.to_owned()),
+                None => super::tag::Owner::Untagged,
+            };
+            out.push(super::Present { name, owner });
+        }
+        Ok(out)
+    }
+
+    fn remove_leftover(&self, name: &str, untagged_too: bool) -> Result<Change, InstanceError> {
+        crate::names::check_instance_name(name)?;
+        let Some(p) = self.present()?.into_iter().find(|p| p.name == name) else {
+            return Ok(Change::Unchanged);
+        };
+        let ours = match &p.owner {
+            super::tag::Owner::Tagged(t) => Some(t.as_str()) == self.owner.as_deref(),
+            super::tag::Owner::Untagged => untagged_too,
+        };
+        if !ours {
+            return Err(InstanceError::Foreign {
+                name: name.to_owned(),
+                what: slice_unit(name),
+                owner: match p.owner {
+                    super::tag::Owner::Tagged(t) => t,
+                    super::tag::Owner::Untagged => "untagged".into(),
+                },
+            });
+        }
+        self.destroy(name, false)
+    }
+
     /// systemd tracks its units on the unified hierarchy whenever one is mounted (hybrid
     /// and unified layouts; inside a container the v1 controllers may even be read-only
     /// and unused), so `/proc/<pid>/cgroup` is judged on the `0::` line then.
     fn v1_layout(&self) -> bool {
         self.mounts.unified.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn description_carries_the_state_id() {
+        let d = description("lab-1", "0a1b2c");
+        assert_eq!(d, "dindhelper instance lab-1 (state 0a1b2c)");
+        assert_eq!(owner_of_description(&d), Some("0a1b2c"));
+        assert_eq!(owner_of_description("Slice /dind/lab-1"), None);
+        assert_eq!(owner_of_description("dind-lab.slice"), None);
+    }
+
+    #[test]
+    fn unit_names_map_back_to_instances() {
+        assert_eq!(instance_of_unit("dind-lab.slice").as_deref(), Some("lab"));
+        assert_eq!(
+            instance_of_unit(&slice_unit("lab-1")).as_deref(),
+            Some("lab-1")
+        );
+        // Not an escaped instance name: a sub-slice of instance "lab", or dind.slice.
+        assert_eq!(instance_of_unit("dind-lab-1.slice"), None);
+        assert_eq!(instance_of_unit("dind.slice"), None);
+        assert_eq!(instance_of_unit("dind-A.slice"), None);
     }
 }

@@ -122,6 +122,14 @@ fn file_of(name: &str) -> String {
     format!("{name}{SUFFIX}")
 }
 
+/// Suffix of an image being made (see [`ImageStore::create`]).
+const PARTIAL_SUFFIX: &str = ".img.part";
+
+/// `.<name>.img.part`: the temp name of an image being made; never listed as an image.
+fn partial_of(name: &str) -> String {
+    format!(".{name}{PARTIAL_SUFFIX}")
+}
+
 fn beneath(flags: OFlag, mode: Mode) -> OpenHow {
     OpenHow::new()
         .flags(flags | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
@@ -248,27 +256,57 @@ impl ImageStore {
         let dir = self.uid_dir(uid, true)?.expect("created");
         let file = file_of(name);
         let path = self.path_of(uid, name);
+        if fstatat(dir.as_fd(), file.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW).is_ok() {
+            return Err(LoopError::Conflict {
+                what: format!("image {name:?} of uid {uid}"),
+            });
+        }
+        // Made complete under a temp name, then renamed into place (RENAME_NOREPLACE): a
+        // daemon killed half-way leaves only a temp file, which `remove_partial` deletes
+        // at start, never a size-0 or root-owned `<name>.img` that reconcile would adopt.
+        // Creates are serialized by the store's mutex, so a temp file found here is a
+        // leftover of a killed daemon.
+        let tmp = partial_of(name);
         let how = beneath(
             OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR,
             Mode::from_bits_truncate(0o600),
         );
-        let fd = openat2(dir.as_fd(), file.as_str(), how).map_err(|e| match e {
-            Errno::EEXIST => LoopError::Conflict {
-                what: format!("image {name:?} of uid {uid}"),
-            },
-            e => openat2_err("create", path.display().to_string())(e),
-        })?;
+        let fd = match openat2(dir.as_fd(), tmp.as_str(), how) {
+            Err(Errno::EEXIST) => {
+                unlinkat(dir.as_fd(), tmp.as_str(), UnlinkatFlags::NoRemoveDir).map_err(sys(
+                    "unlink",
+                    self.root.join(uid.to_string()).join(&tmp).display(),
+                ))?;
+                openat2(dir.as_fd(), tmp.as_str(), how)
+            }
+            r => r,
+        }
+        .map_err(|e| openat2_err("create", path.display().to_string())(e))?;
         let setup = (|| {
             ftruncate(fd.as_fd(), size as i64).map_err(sys("ftruncate", path.display()))?;
             fchown(fd.as_fd(), Some(Uid::from_raw(uid)), None)
                 .map_err(sys("fchown", path.display()))?;
             fchmod(fd.as_fd(), Mode::from_bits_truncate(0o600))
                 .map_err(sys("fchmod", path.display()))?;
-            self.info_of(uid, name, &fd)
+            let info = self.info_of(uid, name, &fd)?;
+            nix::fcntl::renameat2(
+                dir.as_fd(),
+                tmp.as_str(),
+                dir.as_fd(),
+                file.as_str(),
+                nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+            )
+            .map_err(|e| match e {
+                Errno::EEXIST => LoopError::Conflict {
+                    what: format!("image {name:?} of uid {uid}"),
+                },
+                e => sys("rename", path.display())(e),
+            })?;
+            Ok(info)
         })();
         match setup {
             Ok(info) => Ok(info),
-            Err(e) => match unlinkat(dir.as_fd(), file.as_str(), UnlinkatFlags::NoRemoveDir) {
+            Err(e) => match unlinkat(dir.as_fd(), tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
                 Ok(()) => Err(e),
                 Err(c) => Err(LoopError::Rollback {
                     source: Box::new(e),
@@ -276,6 +314,46 @@ impl ImageStore {
                 }),
             },
         }
+    }
+
+    /// Delete the temp files of creates a killed daemon left half-done (`.<name>.img.part`
+    /// in every uid directory). Call at start, before anything creates images. Returns
+    /// the paths removed.
+    pub fn remove_partial(&self) -> Result<Vec<PathBuf>> {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut removed = Vec::new();
+        for ent in std::fs::read_dir(&self.root).map_err(io_err("read_dir", &self.root))? {
+            let ent = ent.map_err(io_err("read_dir", &self.root))?;
+            let Some(u) = ent.file_name().to_str().and_then(canonical_uid) else {
+                continue;
+            };
+            let Some(dir) = self.uid_dir(u, false)? else {
+                continue;
+            };
+            let fd_path = PathBuf::from(format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&dir)
+            ));
+            for e in std::fs::read_dir(&fd_path)
+                .map_err(io_err("read_dir", self.root.join(u.to_string())))?
+                .flatten()
+            {
+                let Some(f) = e.file_name().to_str().map(str::to_owned) else {
+                    continue;
+                };
+                let is_partial = f
+                    .strip_prefix('.')
+                    .and_then(|r| r.strip_suffix(PARTIAL_SUFFIX))
+                    .is_some_and(|n| check_file_name("image name", n).is_ok());
+                if is_partial {
+                    let p = self.root.join(u.to_string()).join(&f);
+                    unlinkat(dir.as_fd(), f.as_str(), UnlinkatFlags::NoRemoveDir)
+                        .map_err(sys("unlink", p.display()))?;
+                    removed.push(p);
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// Open an image (read-only or read-write). NotFound when it does not exist.

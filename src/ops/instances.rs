@@ -173,8 +173,18 @@ pub async fn create(
             ),
         });
     }
+    // Intent first: the cgroupfs backend tags each directory right after its mkdir, and a
+    // kill in between would leave an untagged one that only this intent claims.
+    let intent = super::intent::begin(core.store.dir(), INTENT, name)?;
     let (b, n, l) = (backend.clone(), name.to_owned(), inst.limits.clone());
-    blocking(move || Ok(b.create(&n, &l)?)).await?;
+    if let Err(e) = blocking(move || Ok(b.create(&n, &l)?)).await {
+        // The backend rolled back what it made (a failed rollback is in `e`; then the
+        // intent stays and the next start removes what is left).
+        if !matches!(&e, OpsError::Instance(instances::InstanceError::Many(_))) {
+            intent.done();
+        }
+        return Err(e);
+    }
     let rec = InstanceRecord {
         instance: inst,
         owner_uid,
@@ -191,10 +201,15 @@ pub async fn create(
                 errors: vec![e, e2],
             });
         }
+        intent.done();
         return Err(e);
     }
+    intent.done();
     Ok(rec)
 }
+
+/// Intent kind of CreateInstance (see `ops::intent`).
+const INTENT: &str = "instance";
 
 /// Merge `upd` into the instance's limits and apply them live. When oom_score_adj
 /// changes, the adopted containers get the new value (best effort, logged).
@@ -530,10 +545,112 @@ pub enum Decision {
     Recreated(String),
     /// It could not be made; the record stays (the next start tries again).
     Failed(String),
+    /// A cgroup/slice of ours (tagged with our state id, or untagged with a pending
+    /// intent) that no record claims: a create killed before its record was saved.
+    /// Nobody was answered, so it is undone.
+    Removed(String),
+    /// An intent whose operation had finished (record saved) or never reached the host.
+    IntentCleared(String),
+    /// Someone else's cgroup/slice under the dind root: left alone.
+    NotOurs(String),
+}
+
+/// Start-up reconcile of instances: make every recorded instance exist with its recorded
+/// limits, then remove our own unrecorded leftovers ([`reconcile_leftovers`]).
+pub async fn reconcile(core: &Arc<Core>) -> Result<Vec<Decision>, OpsError> {
+    let mut out = reconcile_recorded(core).await?;
+    out.extend(reconcile_leftovers(core).await);
+    Ok(out)
+}
+
+/// Undo interrupted creates: every cgroup/slice under the dind root that no record claims
+/// and that is ours — tagged with this state dir's id, or untagged while an intent for its
+/// name is pending — is removed (never killing: a busy one stays, logged). Another
+/// daemon's (other tag) or another tool's (untagged, no intent) is left alone. Pending
+/// intents are cleared afterwards.
+pub async fn reconcile_leftovers(core: &Arc<Core>) -> Vec<Decision> {
+    let mut out = Vec::new();
+    let dir = core.store.dir().to_owned();
+    let intents = super::intent::pending(&dir, INTENT);
+    let recorded: Vec<String> = {
+        let st = core.state.lock().await;
+        st.instances
+            .iter()
+            .map(|i| i.instance.name.clone())
+            .collect()
+    };
+    let backend = match core.instances.backend() {
+        Ok(b) => b,
+        Err(e) => {
+            // Keep the intents: a later start with a backend decides.
+            if !intents.is_empty() {
+                out.push(Decision::Failed(format!(
+                    "intents {intents:?} kept: no slice backend ({e})"
+                )));
+            }
+            return out;
+        }
+    };
+    let b = backend.clone();
+    let present = match blocking(move || Ok(b.present()?)).await {
+        Ok(p) => p,
+        Err(e) => {
+            out.push(Decision::Failed(format!(
+                "cannot list instance cgroups/slices ({e}); intents kept"
+            )));
+            return out;
+        }
+    };
+    let me = backend.owner_tag().map(str::to_owned);
+    for p in present {
+        if recorded.contains(&p.name) {
+            continue;
+        }
+        let has_intent = intents.contains(&p.name);
+        let why = match &p.owner {
+            instances::tag::Owner::Tagged(t) if Some(t) == me.as_ref() => {
+                "tagged with our state id"
+            }
+            instances::tag::Owner::Untagged if has_intent => {
+                "untagged, with our pending create intent (killed between mkdir and tag)"
+            }
+            other => {
+                out.push(Decision::NotOurs(format!(
+                    "{}: no record here, owner {other:?}: left alone",
+                    backend.cgroup_path(&p.name)
+                )));
+                continue;
+            }
+        };
+        let (b, n) = (backend.clone(), p.name.clone());
+        match blocking(move || Ok(b.remove_leftover(&n, has_intent)?)).await {
+            Ok(_) => out.push(Decision::Removed(format!(
+                "instance {}: {} {why} but no record (create interrupted before its \
+                 record was saved): removed",
+                p.name,
+                backend.cgroup_path(&p.name)
+            ))),
+            Err(e) => out.push(Decision::Failed(format!(
+                "instance {}: unrecorded leftover of ours, cannot remove ({e}); \
+                 DestroyInstance removes it",
+                p.name
+            ))),
+        }
+    }
+    for name in intents {
+        let state = if recorded.contains(&name) {
+            "create had finished (record saved)"
+        } else {
+            "create undone or never reached the host"
+        };
+        out.push(Decision::IntentCleared(format!("instance {name}: {state}")));
+        super::intent::clear(&dir, INTENT, &name);
+    }
+    out
 }
 
 /// Make every recorded instance exist with its recorded limits.
-pub async fn reconcile(core: &Arc<Core>) -> Result<Vec<Decision>, OpsError> {
+async fn reconcile_recorded(core: &Arc<Core>) -> Result<Vec<Decision>, OpsError> {
     let st = core.state.lock().await;
     let mut out = Vec::new();
     if st.instances.is_empty() {

@@ -262,8 +262,20 @@ pub async fn reconcile(core: &Arc<Core>) -> Result<Vec<Decision>, OpsError> {
     let mut st = core.state.lock().await;
     let mut out = Vec::new();
     let c = core.clone();
-    let (attached, on_disk) =
-        blocking(move || Ok((loopdev::list_attached()?, c.images.list(None)?))).await?;
+    let (partial, attached, on_disk) = blocking(move || {
+        Ok((
+            c.images.remove_partial()?,
+            loopdev::list_attached()?,
+            c.images.list(None)?,
+        ))
+    })
+    .await?;
+    for p in partial {
+        out.push(Decision::Forgot(format!(
+            "{}: temp file of an image create that was killed half-way: removed",
+            p.display()
+        )));
+    }
 
     // Images.
     let before = std::mem::take(&mut st.images);

@@ -6,6 +6,7 @@ pub mod capture;
 pub mod containers;
 pub mod devices;
 pub mod instances;
+pub mod intent;
 pub mod loops;
 pub mod ports;
 

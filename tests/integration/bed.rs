@@ -350,6 +350,20 @@ impl Bed {
         )
     }
 
+    /// SIGKILL polkitd (a crash in the middle of calls) and reap it.
+    pub fn kill9_polkitd(&self) {
+        if let Some(mut child) = self.polkitd.borrow_mut().take() {
+            signal(child.id(), libc::SIGKILL);
+            child.wait().ok();
+        }
+    }
+
+    /// Start polkitd again after [`Bed::kill9_polkitd`]; returns once it owns its name.
+    pub fn restart_polkitd(&self) -> Result<(), String> {
+        self.kill9_polkitd();
+        self.start_polkitd()
+    }
+
     fn log_file(&self, name: &str) -> Result<fs::File, String> {
         fs::OpenOptions::new()
             .create(true)
