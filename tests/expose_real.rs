@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use dindhelper::error::{Classify, Kind};
-use dindhelper::expose::{self, CgroupOutcome};
+use dindhelper::expose::{self, Container, ExposeRequest, Grant, Revoked};
 use dindhelper::netns::Target;
 
 const NS: &str = "dhc-dkt";
@@ -179,13 +179,30 @@ fn expose_creates_partition_nodes_usable_inside_and_removes_stale_ones() {
     let (d, parts) = expose::host_nodes(&disk).unwrap();
     assert_eq!(parts.len(), 2, "{parts:?}");
     assert_eq!(d.major, 7);
-    let rep = expose::expose(target, &d, &parts, false).unwrap();
+    let id = docker("inspect -f '{{.Id}}' dhc-exp");
+    let req =
+        |d: &expose::DeviceNode, parts: &[expose::DeviceNode], prev: Option<expose::Exposure>| {
+            ExposeRequest {
+                container: Container {
+                    target,
+                    id: id.clone(),
+                    name: "dhc-exp".into(),
+                },
+                disk: d.clone(),
+                partitions: parts.to_vec(),
+                alias: None,
+                previous: prev,
+                other_grants: vec![],
+                v2_fallback: None,
+                backing_dev: 0,
+                backing_inode: 0,
+            }
+        };
+    let (exp, rep) = expose::expose(req(&d, &parts, None)).unwrap();
     eprintln!("{rep:?}");
     assert_eq!(rep.created.len(), 3);
-    match &rep.cgroup {
-        CgroupOutcome::V1 { allowed, .. } => {
-            assert!(allowed.contains(&format!("b 7:{} rwm", d.minor)))
-        }
+    match &exp.grant {
+        Grant::V1 { .. } => assert!(exp.rules.contains(&format!("b 7:{} rwm", d.minor))),
         other => panic!("this machine runs containers on cgroup v1: {other:?}"),
     }
     // inside: the node exists with 0660 and the container can write a marker to p2
@@ -200,19 +217,16 @@ fn expose_creates_partition_nodes_usable_inside_and_removes_stale_ones() {
     assert!(back.contains("DHC-MARKER-42"), "{back:?}");
 
     // again: idempotent
-    let rep = expose::expose(target, &d, &parts, false).unwrap();
+    let (exp, rep) = expose::expose(req(&d, &parts, Some(exp))).unwrap();
     assert_eq!(rep.unchanged.len(), 3, "{rep:?}");
 
     // delete partition 2 on the host, expose again -> the node is gone inside and denied
     sh(&format!("partx -d --nr 2 {l}"));
     let (d, parts) = expose::host_nodes(&disk).unwrap();
     assert_eq!(parts.len(), 1);
-    let rep = expose::expose(target, &d, &parts, false).unwrap();
+    let (exp, rep) = expose::expose(req(&d, &parts, Some(exp))).unwrap();
     assert_eq!(rep.removed, vec![format!("{disk}p2")]);
-    match &rep.cgroup {
-        CgroupOutcome::V1 { denied, .. } => assert_eq!(denied.len(), 1, "{denied:?}"),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(rep.denied.len(), 1, "{rep:?}");
     let out = Command::new("docker")
         .args([
             "-H",
@@ -226,8 +240,30 @@ fn expose_creates_partition_nodes_usable_inside_and_removes_stale_ones() {
         .unwrap();
     assert!(!out.status.success(), "node still there");
 
-    // a container that exited: NotFound
+    // revoke: nodes gone, rules denied
+    match expose::revoke(&exp, &[]).unwrap() {
+        Revoked::Withdrawn { nodes, rules } => {
+            assert_eq!(nodes.len(), 2, "{nodes:?}");
+            assert_eq!(rules.len(), 2, "{rules:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let out = Command::new("docker")
+        .args([
+            "-H",
+            &format!("unix://{DIR}/docker.sock"),
+            "exec",
+            "dhc-exp",
+            "ls",
+            &format!("/dev/{disk}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "node still there after revoke");
+
+    // a container that exited: NotFound; revoking it is a no-op
     docker("rm -f dhc-exp");
-    let e = expose::expose(target, &d, &parts, false).unwrap_err();
+    let e = expose::expose(req(&d, &parts, None)).unwrap_err();
     assert_eq!(e.kind(), Kind::NotFound, "{e}");
+    assert_eq!(expose::revoke(&exp, &[]).unwrap(), Revoked::ContainerGone);
 }

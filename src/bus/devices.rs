@@ -1,15 +1,21 @@
-//! `org.dindhelper1.Devices` at `/org/dindhelper1`: ExposeToContainer. Authorize (devices,
-//! plus devices-others for another uid's loop device), call `ops::devices`, map the error.
+//! `org.dindhelper1.Devices` at `/org/dindhelper1`: ExposeToContainer,
+//! RevokeFromContainer, ListExposures. Authorize (devices, plus devices-others for another
+//! uid's loop device), call `ops::devices`, update the Loop object's Exposures property,
+//! map the error.
 
 use super::audit;
-use super::auth::{Action, Authorizer};
+use super::auth::{Action, Authorizer, Caller};
 use super::error::BusError;
+use super::objects::{exposure_tuple, loop_path, ExposureTuple, LoopObject};
 use super::options::{interactive, Options, Opts};
 use crate::docker::Docker;
 use crate::ops::{self, Core};
+use crate::state::LoopRecord;
 use std::sync::Arc;
 use zbus::interface;
 use zbus::message::Header;
+use zbus::object_server::ObjectServer;
+use zbus::zvariant::OwnedObjectPath;
 
 pub struct Devices {
     pub core: Arc<Core>,
@@ -18,14 +24,65 @@ pub struct Devices {
     pub gate: Arc<tokio::sync::RwLock<()>>,
 }
 
+/// One row of ListExposures: loop object, device, container id, container name, cgroup
+/// grant, nodes (names inside the container), rules granted.
+pub type ExposureRow = (
+    OwnedObjectPath,
+    String,
+    String,
+    String,
+    String,
+    Vec<String>,
+    Vec<String>,
+);
+
+impl Devices {
+    /// The device's number after authorizing the caller for it (base action, then the
+    /// `-others` twin for another uid's device).
+    async fn authorize_device(
+        &self,
+        hdr: &Header<'_>,
+        caller: &Caller,
+        device: &str,
+        inter: bool,
+    ) -> Result<u32, BusError> {
+        self.auth
+            .check_caller(hdr, caller, Action::Devices, false, inter)
+            .await?;
+        let number = crate::loopdev::parse_device(device).map_err(BusError::map)?;
+        let rec = ops::loops::managed(&self.core, number)
+            .await
+            .map_err(BusError::map)?;
+        if rec.owner_uid != caller.uid {
+            self.auth
+                .check_caller(hdr, caller, Action::Devices, true, inter)
+                .await?;
+        }
+        Ok(number)
+    }
+
+    /// Update the Loop object's record in place and signal the Exposures change.
+    async fn loop_changed(&self, server: &ObjectServer, rec: LoopRecord) {
+        if let Ok(iref) = server
+            .interface::<_, LoopObject>(&loop_path(rec.number))
+            .await
+        {
+            iref.get_mut().await.rec = rec;
+            let obj = iref.get().await;
+            if let Err(e) = obj.exposures_changed(iref.signal_emitter()).await {
+                tracing::debug!(error = %e, "cannot signal a loop's Exposures change");
+            }
+        }
+    }
+}
+
 #[interface(name = "org.dindhelper1.Devices")]
 impl Devices {
-    /// Make a managed loop device (`/dev/loopN` or `loopN`) and the partitions of its last
-    /// Rescan appear in `container`'s /dev (mode 0660), remove partition nodes that no
-    /// longer exist, and allow them in its devices cgroup (v1). On cgroup v2 the container
-    /// must have been started with `--device-cgroup-rule 'b 7:* rmw'` and
-    /// `'b 259:* rmw'`, else NotSupported. Returns the nodes created (or replaced) and
-    /// removed, as names under /dev.
+    /// Make a managed loop device (`/dev/loopN` or `loopN`) and its partitions (as the
+    /// kernel has them now) appear in `container`'s /dev (mode 0660), remove partition
+    /// nodes that no longer exist, and grant exactly those devices in its cgroup (v1
+    /// devices.allow; v2 a replaced device program). Option `as s`: the node's name inside.
+    /// Returns the nodes created (or replaced) and removed, as names under /dev.
     #[zbus(out_args("created", "removed"))]
     async fn expose_to_container(
         &self,
@@ -33,32 +90,29 @@ impl Devices {
         container: String,
         options: Options,
         #[zbus(header)] hdr: Header<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<(Vec<String>, Vec<String>), BusError> {
         let _g = self.gate.read().await;
         let caller = self.auth.caller(&hdr).await?;
         let r = async {
             let inter = interactive(&options)?;
-            Opts::new(&options).finish()?;
-            self.auth
-                .check_caller(&hdr, &caller, Action::Devices, false, inter)
-                .await?;
-            let number = crate::loopdev::parse_device(&device).map_err(BusError::map)?;
-            let rec = ops::loops::managed(&self.core, number)
-                .await
-                .map_err(BusError::map)?;
-            if rec.owner_uid != caller.uid {
-                self.auth
-                    .check_caller(&hdr, &caller, Action::Devices, true, inter)
-                    .await?;
+            let mut o = Opts::new(&options);
+            let alias = o.string("as")?;
+            o.finish()?;
+            if let Some(a) = &alias {
+                crate::expose::check_alias(a).map_err(BusError::map)?;
             }
-            let rep = ops::devices::expose_to_container(
+            let number = self.authorize_device(&hdr, &caller, &device, inter).await?;
+            let (rep, rec) = ops::devices::expose_to_container(
                 &self.core,
                 self.docker.as_ref(),
                 number,
                 &container,
+                ops::devices::ExposeOptions { alias },
             )
             .await
             .map_err(BusError::map)?;
+            self.loop_changed(server, rec).await;
             let mut created = rep.created;
             created.extend(rep.replaced);
             Ok((created, rep.removed))
@@ -71,5 +125,62 @@ impl Devices {
             &r,
         );
         r
+    }
+
+    /// Take a device away from a container: its nodes are unlinked in the container's
+    /// /dev and the grant is withdrawn. Option `force b`: forget the exposure even when
+    /// the grant cannot be withdrawn (said in the reply). Returns what was done.
+    async fn revoke_from_container(
+        &self,
+        device: String,
+        container: String,
+        options: Options,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> Result<Vec<String>, BusError> {
+        let _g = self.gate.read().await;
+        let caller = self.auth.caller(&hdr).await?;
+        let r = async {
+            let inter = interactive(&options)?;
+            let mut o = Opts::new(&options);
+            let force = o.bool("force")?.unwrap_or(false);
+            o.finish()?;
+            let number = self.authorize_device(&hdr, &caller, &device, inter).await?;
+            let (notes, rec) =
+                ops::devices::revoke_from_container(&self.core, number, &container, force)
+                    .await
+                    .map_err(BusError::map)?;
+            self.loop_changed(server, rec).await;
+            Ok(notes)
+        }
+        .await;
+        audit(
+            &caller,
+            "RevokeFromContainer",
+            &format!("{device} {container}"),
+            &r,
+        );
+        r
+    }
+
+    /// Every exposure: loop object, device, container id, container name, cgroup grant,
+    /// nodes inside the container, rules granted.
+    async fn list_exposures(&self) -> Vec<ExposureRow> {
+        ops::devices::list(&self.core)
+            .await
+            .into_iter()
+            .map(|(n, _, e)| {
+                let (id, name, grant, nodes, rules): ExposureTuple = exposure_tuple(&e);
+                (
+                    loop_path(n),
+                    format!("/dev/loop{n}"),
+                    id,
+                    name,
+                    grant,
+                    nodes,
+                    rules,
+                )
+            })
+            .collect()
     }
 }

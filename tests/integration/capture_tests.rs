@@ -71,7 +71,7 @@ extern "C" fn stop_dockerd() {
 }
 
 /// The run's dockerd (started on first use, with the daemon restarted to use it).
-fn docker<R>(bed: &Bed, f: impl FnOnce(&Dockerd) -> R) -> R {
+pub(crate) fn docker<R>(bed: &Bed, f: impl FnOnce(&Dockerd) -> R) -> R {
     let mut g = DOCKERD.lock().unwrap_or_else(|e| e.into_inner());
     if g.is_none() {
         // Registered before the start, so a half-started fixture is cleaned too.
