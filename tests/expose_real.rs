@@ -267,3 +267,101 @@ fn expose_creates_partition_nodes_usable_inside_and_removes_stale_ones() {
     assert_eq!(e.kind(), Kind::NotFound, "{e}");
     assert_eq!(expose::revoke(&exp, &[]).unwrap(), Revoked::ContainerGone);
 }
+
+/// cgroup v2 on this host: its unified hierarchy enforces device programs. A process in a
+/// test cgroup whose program is runc-like (Docker's and runc's default rules, deny by
+/// default) cannot open a loop device; after the grant it opens exactly the granted minor
+/// and not its neighbour; after the revoke it cannot open either. Each change replaces
+/// the program (one attached at a time).
+#[test]
+fn v2_device_program_grants_exactly_and_revokes() {
+    use dindhelper::expose::{bpf, cgroup_v2, program};
+    assert!(nix::unistd::geteuid().is_root(), "needs root");
+    let root = cgroup_v2::unified_root().expect("a cgroup2 mount (/sys/fs/cgroup/unified here)");
+    let cg = root.join(format!("dh-v2-test-{}", std::process::id()));
+    let files = [
+        format!("/var/tmp/dh-v2-a-{}.img", std::process::id()),
+        format!("/var/tmp/dh-v2-b-{}.img", std::process::id()),
+    ];
+    let mut loops = Vec::new();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for f in &files {
+            sh(&format!("truncate -s 1M {f}"));
+            loops.push(sh(&format!("losetup -f --show {f}")));
+        }
+        let mm = |l: &str| {
+            let s = std::fs::read_to_string(format!(
+                "/sys/class/block/{}/dev",
+                l.trim_start_matches("/dev/")
+            ))
+            .unwrap();
+            let (a, b) = s.trim().split_once(':').unwrap();
+            (a.parse::<u32>().unwrap(), b.parse::<u32>().unwrap())
+        };
+        let (a, b) = (mm(&loops[0]), mm(&loops[1]));
+        std::fs::create_dir(&cg).unwrap();
+        // Opening `dev` from a shell moved into the cgroup: true when it worked.
+        let can_open = |dev: &str| -> (bool, String) {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "echo $$ > {}/cgroup.procs && exec dd if={dev} of=/dev/null bs=512 count=1 2>&1",
+                    cg.display()
+                ))
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            )
+        };
+        let attached = || {
+            let d = std::fs::File::open(&cg).unwrap();
+            bpf::query(&d).unwrap().len()
+        };
+        let mut base = program::docker_defaults();
+        base.extend(program::runc_defaults());
+        // The "runtime's" program.
+        assert_eq!(cgroup_v2::apply(&cg, &base, &[]).unwrap(), Some(0));
+        let (ok, out) = can_open(&loops[0]);
+        assert!(!ok && out.contains("Operation not permitted"), "{out}");
+        assert!(
+            can_open("/dev/null").0,
+            "the runtime's defaults allow /dev/null"
+        );
+
+        let t = std::time::Instant::now();
+        let grant = [program::DevRule::block(a.0, a.1)];
+        assert_eq!(cgroup_v2::apply(&cg, &base, &grant).unwrap(), Some(1));
+        eprintln!("v2 grant (load + attach + detach): {:?}", t.elapsed());
+        assert_eq!(attached(), 1, "the old program was detached");
+        let (ok, out) = can_open(&loops[0]);
+        assert!(ok, "granted minor {a:?}: {out}");
+        let (ok, out) = can_open(&loops[1]);
+        assert!(
+            !ok && out.contains("Operation not permitted"),
+            "neighbour {b:?}: {out}"
+        );
+
+        let t = std::time::Instant::now();
+        assert_eq!(cgroup_v2::apply(&cg, &base, &[]).unwrap(), Some(1));
+        eprintln!("v2 revoke: {:?}", t.elapsed());
+        assert_eq!(attached(), 1);
+        let (ok, out) = can_open(&loops[0]);
+        assert!(
+            !ok && out.contains("Operation not permitted"),
+            "after revoke: {out}"
+        );
+        assert!(can_open("/dev/null").0);
+    }));
+    let _ = std::fs::remove_dir(&cg);
+    for l in &loops {
+        let _ = Command::new("losetup").args(["-d", l]).status();
+    }
+    for f in &files {
+        let _ = std::fs::remove_file(f);
+    }
+    if let Err(e) = r {
+        std::panic::resume_unwind(e);
+    }
+}
