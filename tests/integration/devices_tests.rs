@@ -39,6 +39,11 @@ pub fn tests() -> Vec<Test> {
             run: devices_destroy_instance_and_delete_image_revoke,
         },
         Test {
+            name: "devices_same_name_in_every_container_and_privileged_needs_no_grant",
+            needs_daemon: true,
+            run: devices_same_name_in_every_container_and_privileged_needs_no_grant,
+        },
+        Test {
             name: "devices_refusals_change_nothing",
             needs_daemon: true,
             run: devices_refusals_change_nothing,
@@ -469,6 +474,92 @@ fn devices_refusals_change_nothing(bed: &Bed) {
             let _ = d.docker(&["rm", "-f", c]);
         }
         bed.delete_image(MEMBER, "dhv-r1");
+        if let Err(e) = r {
+            std::panic::resume_unwind(e);
+        }
+    })
+}
+
+fn devices_same_name_in_every_container_and_privileged_needs_no_grant(bed: &Bed) {
+    docker(bed, |d| {
+        start_container(d, "dhv-s1", &[]);
+        start_container(d, "dhv-s2", &[]);
+        // `--privileged` cannot start here (runc: "unable to apply caps" in this VM); a
+        // container whose device cgroup allows everything takes the same path.
+        start_container(d, "dhv-priv", &["--device-cgroup-rule", "a *:* rwm"]);
+        bed.create_image(MEMBER, "dhv-s1", 16 << 20);
+        bed.create_image(MEMBER, "dhv-s2", 16 << 20);
+        let l1 = crate::bed::DaemonLoop::attach(bed, MEMBER, "dhv-s1", &[]);
+        let l2 = crate::bed::DaemonLoop::attach(bed, MEMBER, "dhv-s2", &[]);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            crate::bed::sfdisk(&l1.device, &[], &[], "label: gpt\nsize=4MiB\n").expect_ok("sfdisk");
+            crate::bed::sfdisk(&l2.device, &[], &[], "label: gpt\nsize=4MiB\n").expect_ok("sfdisk");
+            bed.rescan(MEMBER, &l1.device);
+            bed.rescan(MEMBER, &l2.device);
+            let as_disk = |dev: &str, c: &str| {
+                devices_call(
+                    bed,
+                    MEMBER,
+                    "ExposeToContainer",
+                    "ssa{sv}",
+                    &[dev, c, "1", "as", "s", "disk"],
+                )
+            };
+            // Two students, two loop numbers, one name.
+            as_disk(&l1.device, "dhv-s1").expect_ok("expose as disk in s1");
+            as_disk(&l2.device, "dhv-s2").expect_ok("expose as disk in s2");
+            for (c, dev) in [("dhv-s1", &l1.device), ("dhv-s2", &l2.device)] {
+                let (maj, min) = major_minor(dev);
+                let (ok, out) = in_container(d, c, "/bin/busybox ls -l /dev/disk /dev/disk1");
+                assert!(ok, "{c}: {out}");
+                assert!(
+                    out.contains(&format!("{maj}, {min:>3}")) || out.contains(&format!("{maj},")),
+                    "{c}: {out}"
+                );
+                let (ok, out) = in_container(
+                    d,
+                    c,
+                    "/bin/busybox dd if=/dev/disk1 of=/dev/null bs=4096 count=1 2>&1",
+                );
+                assert!(ok, "{c} opens /dev/disk1: {out}");
+            }
+            // The name is taken in s1 by the other device: Conflict, nothing changed.
+            let out = gdbus_devices(
+                bed,
+                MEMBER,
+                "ExposeToContainer",
+                &[&gv_str(&l2.device), &gv_str("dhv-s1"), "{'as': <'disk'>}"],
+            );
+            expect_dbus_error(&out, "Conflict", "as disk taken in s1");
+            assert_eq!(
+                list_exposures(bed)
+                    .iter()
+                    .filter(|e| e[3].as_str() == Some("dhv-s1"))
+                    .count(),
+                1
+            );
+            // Revoke and Detach use the name given.
+            bed.detach(MEMBER, &l1.device);
+            std::mem::forget(l1);
+            let (ok, _) = in_container(d, "dhv-s1", "/bin/busybox ls /dev/disk /dev/disk1");
+            assert!(!ok, "/dev/disk left in dhv-s1 after Detach");
+
+            // Allow-all (as privileged): the container reaches every device anyway; no rule
+            // is written.
+            expose(bed, MEMBER, &l2.device, "dhv-priv");
+            let l = list_exposures(bed);
+            let e = l
+                .iter()
+                .find(|e| e[3].as_str() == Some("dhv-priv"))
+                .expect("listed");
+            assert!(e[4].as_str().unwrap().starts_with("none"), "{e:?}");
+        }));
+        drop(l2);
+        for c in ["dhv-s1", "dhv-s2", "dhv-priv"] {
+            let _ = d.docker(&["rm", "-f", c]);
+        }
+        bed.delete_image(MEMBER, "dhv-s1");
+        bed.delete_image(MEMBER, "dhv-s2");
         if let Err(e) = r {
             std::panic::resume_unwind(e);
         }
