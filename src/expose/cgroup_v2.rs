@@ -35,7 +35,7 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 pub fn unified_root() -> Option<PathBuf> {
     for p in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
         if let Ok(s) = nix::sys::statfs::statfs(p) {
-            if s.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC {
+            if s.filesystem_type().0 == CGROUP2_SUPER_MAGIC {
                 return Some(PathBuf::from(p));
             }
         }

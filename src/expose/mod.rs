@@ -487,14 +487,13 @@ pub fn expose(req: ExposeRequest) -> Result<(Exposure, ExposeReport), ExposeErro
 
     let granted = match &grant {
         Grant::V1 { path } => cgroup_v1::write_rules(path, false, &stale_rules)
-            .and_then(|()| cgroup_v1::write_rules(path, true, &wanted_rules))
-            .map(|()| ()),
+            .and_then(|()| cgroup_v1::write_rules(path, true, &wanted_rules)),
         Grant::V2 { path, base, .. } => {
             let mut grants = req.other_grants.clone();
             grants.extend(wanted.iter().map(|n| DevRule::block(n.major, n.minor)));
             cgroup_v2::apply(path, base, &grants).and_then(|r| {
                 r.map(|_| ())
-                    .ok_or_else(|| ExposeError::Target(NetnsError::Gone { pid: target.pid }))
+                    .ok_or(ExposeError::Target(NetnsError::Gone { pid: target.pid }))
             })
         }
         Grant::Unneeded { .. } => Ok(()),
