@@ -181,6 +181,7 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         docker,
         auth: auth.clone(),
         gate: gate.clone(),
+        follow: crate::bus::devices::start_follow(&conn, core.clone()),
     };
     let server = conn.object_server();
     server

@@ -6,7 +6,9 @@
 use super::audit;
 use super::auth::{Action, Authorizer, Caller};
 use super::error::BusError;
-use super::objects::{exposure_tuple, loop_path, ExposureTuple, LoopObject};
+use super::objects::{
+    exposure_tuple, loop_path, partition_tuple, ExposureTuple, LoopObject, PartitionTuple,
+};
 use super::options::{interactive, Options, Opts};
 use crate::docker::Docker;
 use crate::ops::{self, Core};
@@ -14,7 +16,7 @@ use crate::state::LoopRecord;
 use std::sync::Arc;
 use zbus::interface;
 use zbus::message::Header;
-use zbus::object_server::ObjectServer;
+use zbus::object_server::{ObjectServer, SignalEmitter};
 use zbus::zvariant::OwnedObjectPath;
 
 pub struct Devices {
@@ -22,6 +24,42 @@ pub struct Devices {
     pub docker: Option<Docker>,
     pub auth: Arc<Authorizer>,
     pub gate: Arc<tokio::sync::RwLock<()>>,
+    /// Partition following (option `follow`); None when inotify is unavailable.
+    pub follow: Option<Arc<ops::devices::Follow>>,
+}
+
+/// Start following partition tables; each applied change updates the Loop object and
+/// emits `PartitionsChanged` on /org/dindhelper1.
+pub fn start_follow(conn: &zbus::Connection, core: Arc<Core>) -> Option<Arc<ops::devices::Follow>> {
+    let c = conn.clone();
+    let on_change: Arc<ops::devices::OnPartitions> = Arc::new(move |n, parts, rec| {
+        let conn = c.clone();
+        tokio::spawn(async move {
+            let path = loop_path(n);
+            if let Ok(iref) = conn.object_server().interface::<_, LoopObject>(&path).await {
+                iref.get_mut().await.rec = rec;
+                let obj = iref.get().await;
+                let _ = obj.partitions_changed(iref.signal_emitter()).await;
+                let _ = obj.exposures_changed(iref.signal_emitter()).await;
+            }
+            let tuples: Vec<PartitionTuple> = parts.iter().map(partition_tuple).collect();
+            match SignalEmitter::new(&conn, super::MANAGER_PATH) {
+                Ok(em) => {
+                    if let Err(e) = Devices::partitions_changed(&em, path, tuples).await {
+                        tracing::debug!(error = %e, "cannot emit PartitionsChanged");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot emit PartitionsChanged"),
+            }
+        });
+    });
+    match ops::devices::start_follow(core, on_change) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!(error = %e, "inotify unavailable: option follow is not supported");
+            None
+        }
+    }
 }
 
 /// One row of ListExposures: loop object, device, container id, container name, cgroup
@@ -98,6 +136,7 @@ impl Devices {
             let inter = interactive(&options)?;
             let mut o = Opts::new(&options);
             let alias = o.string("as")?;
+            let follow = o.bool("follow")?.unwrap_or(true) && self.follow.is_some();
             o.finish()?;
             if let Some(a) = &alias {
                 crate::expose::check_alias(a).map_err(BusError::map)?;
@@ -108,10 +147,15 @@ impl Devices {
                 self.docker.as_ref(),
                 number,
                 &container,
-                ops::devices::ExposeOptions { alias },
+                ops::devices::ExposeOptions { alias, follow },
             )
             .await
             .map_err(BusError::map)?;
+            if let Some(f) = &self.follow {
+                for e in rec.exposures.iter().filter(|x| x.follow) {
+                    f.watch(number, e);
+                }
+            }
             self.loop_changed(server, rec).await;
             let mut created = rep.created;
             created.extend(rep.replaced);
@@ -162,6 +206,15 @@ impl Devices {
         );
         r
     }
+
+    /// A followed device's partition table changed and was applied (new nodes and exact
+    /// grants in every container it is exposed in with follow, removed ones revoked).
+    #[zbus(signal)]
+    async fn partitions_changed(
+        emitter: &SignalEmitter<'_>,
+        object: OwnedObjectPath,
+        partitions: Vec<PartitionTuple>,
+    ) -> zbus::Result<()>;
 
     /// Every exposure: loop object, device, container id, container name, cgroup grant,
     /// nodes inside the container, rules granted.

@@ -23,6 +23,7 @@
 pub mod bpf;
 pub mod cgroup_v1;
 pub mod cgroup_v2;
+pub mod follow;
 pub mod nodes;
 pub mod program;
 
@@ -92,6 +93,9 @@ pub struct Exposure {
     /// The name given with the `as` option (None: the host's `loopN`).
     #[serde(default)]
     pub alias: Option<String>,
+    /// Option `follow`: partition-table writes are followed (see `ops::devices`).
+    #[serde(default)]
+    pub follow: bool,
 }
 
 impl Exposure {
@@ -521,6 +525,7 @@ pub fn expose(req: ExposeRequest) -> Result<(Exposure, ExposeReport), ExposeErro
         backing_dev: req.backing_dev,
         backing_inode: req.backing_inode,
         alias: req.alias.clone(),
+        follow: false,
     };
     let report = ExposeReport {
         created: synced.created,
@@ -710,6 +715,7 @@ mod tests {
             backing_dev: 1,
             backing_inode: 2,
             alias: None,
+            follow: true,
         };
         let j = serde_json::to_string(&e).unwrap();
         assert_eq!(serde_json::from_str::<Exposure>(&j).unwrap(), e);

@@ -62,6 +62,8 @@ impl Classify for DevicesError {
 pub struct ExposeOptions {
     /// `as`: the node's name inside the container.
     pub alias: Option<String>,
+    /// `follow`: follow partition-table writes (see [`Follow`]).
+    pub follow: bool,
 }
 
 fn short(id: &str) -> &str {
@@ -195,6 +197,8 @@ pub async fn expose_to_container(
         .iter_mut()
         .find(|l| l.number == number)
         .expect("record held under the lock");
+    let mut exposure = exposure;
+    exposure.follow = opts.follow;
     l.exposures
         .retain(|e| e.container_id != exposure.container_id);
     l.exposures.push(exposure);
@@ -344,6 +348,212 @@ pub async fn list(core: &Core) -> Vec<(u32, u32, expose::Exposure)> {
                 .map(move |e| (l.number, l.owner_uid, e.clone()))
         })
         .collect()
+}
+
+// ---- follow: partitions that follow the table -----------------------------------------
+
+/// How long events of one device are collected before the table is read again (a
+/// partitioning tool may close and reopen the device several times while it works).
+const DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(15);
+
+/// Called after a followed device's table was applied: (loop number, partitions, the
+/// record as it is now).
+pub type OnPartitions =
+    dyn Fn(u32, Vec<crate::partitions::Partition>, crate::state::LoopRecord) + Send + Sync;
+
+/// Follows the partition tables of exposed devices (option `follow`): a writer closing
+/// the host node or a node made in a container (inotify IN_CLOSE_WRITE, see
+/// `expose::follow`) makes the daemon re-read the table (debounced), sync the kernel with
+/// BLKPG (as Rescan; a change to a mounted partition is refused and logged, nothing
+/// applied) and update every followed exposure of the device: new partition nodes and
+/// exact grants, removed ones revoked.
+pub struct Follow {
+    watcher: std::sync::Arc<expose::follow::Watcher>,
+}
+
+impl Follow {
+    /// Watch the host node and the exposure's disk node inside its container.
+    pub fn watch(&self, number: u32, exp: &expose::Exposure) {
+        if !exp.follow {
+            return;
+        }
+        let host = crate::loopdev::device_path(number);
+        let inner = std::path::PathBuf::from(format!(
+            "/proc/{}/root/dev/{}",
+            exp.pid,
+            exp.nodes.first().map(|n| n.name.as_str()).unwrap_or("")
+        ));
+        for p in [host, inner] {
+            match self.watcher.watch(number, &p) {
+                Ok(()) => tracing::debug!(path = %p.display(), "watching for table writes"),
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), error = %e, "cannot watch a device node")
+                }
+            }
+        }
+    }
+}
+
+/// Start following: an OS thread blocks in inotify, a task debounces and applies. Watches
+/// for the exposures already recorded (a daemon restart) are added at once.
+pub fn start_follow(
+    core: std::sync::Arc<Core>,
+    on_change: std::sync::Arc<OnPartitions>,
+) -> std::io::Result<std::sync::Arc<Follow>> {
+    let watcher = std::sync::Arc::new(expose::follow::Watcher::new()?);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u32, std::time::Instant)>();
+    let w = watcher.clone();
+    std::thread::Builder::new()
+        .name("follow".into())
+        .spawn(move || loop {
+            match w.wait() {
+                Ok(ns) => {
+                    tracing::debug!(devices = ?ns, "device nodes closed after writing");
+                    let now = std::time::Instant::now();
+                    for n in ns {
+                        if tx.send((n, now)).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "inotify read failed: partition following stops");
+                    return;
+                }
+            }
+        })?;
+    let follow = std::sync::Arc::new(Follow { watcher });
+    let f = follow.clone();
+    tokio::spawn(async move {
+        {
+            let st = core.state.lock().await;
+            for l in &st.loops {
+                for e in &l.exposures {
+                    if e.target().verify().is_ok() {
+                        f.watch(l.number, e);
+                    }
+                }
+            }
+        }
+        while let Some((n, first)) = rx.recv().await {
+            tokio::time::sleep(DEBOUNCE).await;
+            let mut todo = vec![(n, first)];
+            while let Ok((m, t)) = rx.try_recv() {
+                if !todo.iter().any(|(x, _)| *x == m) {
+                    todo.push((m, t));
+                }
+            }
+            for (n, first) in todo {
+                match table_written(&core, &f, n).await {
+                    Ok(Some((parts, rec))) => {
+                        tracing::info!(
+                            device = n,
+                            partitions = parts.len(),
+                            since_close_us = first.elapsed().as_micros() as u64,
+                            "partition table followed"
+                        );
+                        on_change(n, parts, rec);
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(device = n, error = %e,
+                        "partition table change not applied"),
+                }
+            }
+        }
+    });
+    Ok(follow)
+}
+
+/// A followed device's table was written: re-read it, sync the kernel, update every
+/// followed exposure. None when the device has no followed exposure.
+async fn table_written(
+    core: &Core,
+    follow: &Follow,
+    number: u32,
+) -> Result<Option<(Vec<crate::partitions::Partition>, crate::state::LoopRecord)>, OpsError> {
+    let mut st = core.state.lock().await;
+    let Some(rec) = st.loops.iter().find(|l| l.number == number).cloned() else {
+        return Ok(None);
+    };
+    if !rec.exposures.iter().any(|e| e.follow) || !still_bound(&rec).await? {
+        return Ok(None);
+    }
+    let dev = std::path::PathBuf::from(rec.device());
+    let parts = blocking(move || Ok(crate::partitions::rescan(&dev)?)).await?;
+    let disk_name = format!("loop{number}");
+    let mut updated = Vec::new();
+    for exp in rec.exposures.iter().filter(|e| e.follow) {
+        if exp.target().verify().is_err() {
+            continue;
+        }
+        let other_grants: Vec<program::DevRule> = st
+            .loops
+            .iter()
+            .filter(|l| l.number != number)
+            .flat_map(|l| l.exposures.iter())
+            .filter(|e| e.container_id == exp.container_id && e.target() == exp.target())
+            .flat_map(|e| e.dev_rules())
+            .collect();
+        let fallback = match &exp.grant {
+            expose::Grant::V2 {
+                base, base_source, ..
+            } => Some((base.clone(), base_source.clone())),
+            _ => None,
+        };
+        let (e2, dn) = (exp.clone(), disk_name.clone());
+        let r = blocking(move || {
+            let (disk, partitions) = expose::host_nodes(&dn).map_err(wrap(&e2.container_name))?;
+            expose::expose(ExposeRequest {
+                container: Container {
+                    target: e2.target(),
+                    id: e2.container_id.clone(),
+                    name: e2.container_name.clone(),
+                },
+                disk,
+                partitions,
+                alias: e2.alias.clone(),
+                previous: Some(e2.clone()),
+                other_grants,
+                v2_fallback: fallback,
+                backing_dev: e2.backing_dev,
+                backing_inode: e2.backing_inode,
+            })
+            .map_err(wrap(&e2.container_name))
+        })
+        .await;
+        match r {
+            Ok((mut new, rep)) => {
+                new.follow = true;
+                tracing::info!(device = number, container = %new.container_name,
+                    created = ?rep.created, removed = ?rep.removed, denied = ?rep.denied,
+                    "followed exposure updated");
+                follow.watch(number, &new);
+                updated.push(new);
+            }
+            Err(e) => {
+                tracing::warn!(device = number, container = %exp.container_name, error = %e,
+                    "followed exposure not updated")
+            }
+        }
+    }
+    let l = st
+        .loops
+        .iter_mut()
+        .find(|l| l.number == number)
+        .expect("held under the lock");
+    l.partitions = parts.clone();
+    for new in updated {
+        if let Some(e) = l
+            .exposures
+            .iter_mut()
+            .find(|e| e.container_id == new.container_id && e.pid == new.pid)
+        {
+            *e = new;
+        }
+    }
+    let rec = l.clone();
+    core.persist_loops(&st)?;
+    Ok(Some((parts, rec)))
 }
 
 #[cfg(test)]

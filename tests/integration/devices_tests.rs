@@ -44,6 +44,11 @@ pub fn tests() -> Vec<Test> {
             run: devices_same_name_in_every_container_and_privileged_needs_no_grant,
         },
         Test {
+            name: "devices_partitions_follow_a_table_written_inside_the_container",
+            needs_daemon: true,
+            run: devices_partitions_follow_a_table_written_inside_the_container,
+        },
+        Test {
             name: "devices_refusals_change_nothing",
             needs_daemon: true,
             run: devices_refusals_change_nothing,
@@ -560,6 +565,117 @@ fn devices_same_name_in_every_container_and_privileged_needs_no_grant(bed: &Bed)
         }
         bed.delete_image(MEMBER, "dhv-s1");
         bed.delete_image(MEMBER, "dhv-s2");
+        if let Err(e) = r {
+            std::panic::resume_unwind(e);
+        }
+    })
+}
+
+/// The first sector of a 16 MiB disk with this sfdisk script (an MBR: the whole table).
+fn mbr_sector(script: &str) -> Vec<u8> {
+    let f = format!("/var/tmp/dhv-mbr-{}.img", std::process::id());
+    let _ = std::fs::remove_file(&f);
+    std::fs::File::create(&f)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    crate::bed::sfdisk(&f, &[], &[], script).expect_ok("sfdisk on a scratch file");
+    let b = std::fs::read(&f).unwrap()[..512].to_vec();
+    std::fs::remove_file(&f).unwrap();
+    b
+}
+
+/// Wait until `f` is true (polled every 2 ms); the time it took.
+#[track_caller]
+fn wait_for(what: &str, f: impl Fn() -> bool) -> std::time::Duration {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "{what} did not happen within 10 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    t.elapsed()
+}
+
+fn devices_partitions_follow_a_table_written_inside_the_container(bed: &Bed) {
+    use std::os::unix::fs::FileTypeExt;
+    docker(bed, |d| {
+        start_container(d, "dhv-f", &[]);
+        bed.create_image(MEMBER, "dhv-f1", 16 << 20);
+        let lp = crate::bed::DaemonLoop::attach(bed, MEMBER, "dhv-f1", &[]);
+        let dev = lp.device.clone();
+        let name = dev.trim_start_matches("/dev/").to_owned();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let created = expose(bed, MEMBER, &dev, "dhv-f");
+            assert_eq!(created, vec![name.clone()], "no partitions yet");
+            let pid: u32 = d
+                .docker_ok(&["inspect", "-f", "{{.State.Pid}}", "dhv-f"])
+                .parse()
+                .unwrap();
+            let inside = |node: &str| format!("/proc/{pid}/root/dev/{node}");
+            let is_blk = |node: &str| {
+                std::fs::symlink_metadata(inside(node))
+                    .is_ok_and(|m| m.file_type().is_block_device())
+            };
+            std::fs::write(
+                format!("/proc/{pid}/root/tmp/two.mbr"),
+                mbr_sector("label: dos\nstart=2048,size=4096\nstart=8192,size=4096\n"),
+            )
+            .unwrap();
+            std::fs::write(
+                format!("/proc/{pid}/root/tmp/one.mbr"),
+                mbr_sector("label: dos\nstart=2048,size=4096\n"),
+            )
+            .unwrap();
+
+            // The student writes a table with two partitions through the node inside.
+            let (ok, out) = in_container(
+                d,
+                "dhv-f",
+                &format!("/bin/busybox dd if=/tmp/two.mbr of=/dev/{name} bs=512 count=1 conv=notrunc,fsync 2>&1"),
+            );
+            assert!(ok, "dd inside: {out}");
+            let took = wait_for("partition nodes inside the container", || {
+                is_blk(&format!("{name}p1")) && is_blk(&format!("{name}p2"))
+            });
+            println!("(follow: writer's exit to nodes inside {took:?}) ");
+            let (ok, out) = in_container(
+                d,
+                "dhv-f",
+                &format!("/bin/busybox dd if=/dev/{name}p2 of=/dev/null bs=512 count=1 2>&1"),
+            );
+            assert!(ok, "p2 usable inside: {out}");
+            let (maj, min) = major_minor(&format!("/dev/{name}p2"));
+            let rules: Vec<String> = list_exposures(bed)
+                .iter()
+                .find(|e| e[1].as_str() == Some(dev.as_str()))
+                .expect("listed")[6]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_str().unwrap().to_owned())
+                .collect();
+            assert_eq!(rules.len(), 3, "{rules:?}");
+            assert!(rules.contains(&format!("b {maj}:{min} rwm")), "{rules:?}");
+
+            // Partition 2 deleted: its node and its grant go.
+            let (ok, out) = in_container(
+                d,
+                "dhv-f",
+                &format!("/bin/busybox dd if=/tmp/one.mbr of=/dev/{name} bs=512 count=1 conv=notrunc,fsync 2>&1"),
+            );
+            assert!(ok, "dd inside: {out}");
+            wait_for("p2 gone inside the container", || {
+                !is_blk(&format!("{name}p2"))
+            });
+            assert!(is_blk(&format!("{name}p1")));
+            assert_no_access(d, "dhv-f", &format!("{name}p2"), maj, min, "\u{1}never");
+        }));
+        drop(lp);
+        let _ = d.docker(&["rm", "-f", "dhv-f"]);
+        bed.delete_image(MEMBER, "dhv-f1");
         if let Err(e) = r {
             std::panic::resume_unwind(e);
         }
