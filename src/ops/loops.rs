@@ -355,7 +355,20 @@ pub async fn reconcile(core: &Arc<Core>) -> Result<Vec<Decision>, OpsError> {
     // the next attach that is handed the number revokes again before binding.
     let recorded = std::mem::take(&mut st.loops);
     let mut forget = Vec::new();
-    for rec in recorded {
+    for mut rec in recorded {
+        // Exposures in containers that are gone are void: their /dev and cgroup died
+        // with them (a restarted container gets fresh ones).
+        let device = rec.device();
+        rec.exposures.retain(|e| {
+            let alive = e.target().verify().is_ok();
+            if !alive {
+                out.push(Decision::Revoked(format!(
+                    "{device}: exposure in container {} dropped: the container is gone",
+                    e.container_name
+                )));
+            }
+            alive
+        });
         let live = attached.iter().find(|a| a.number == rec.number);
         let why = match live {
             Some(a) if a.backing_dev == rec.backing_dev && a.backing_inode == rec.backing_inode => {

@@ -572,7 +572,12 @@ fn expose(bed: &Bed, user: &str, device: &str, container: &str) -> (Vec<String>,
                 "ssa{sv}",
                 device,
                 container,
-                "0",
+                // This test drives the explicit Rescan + expose path; following the
+                // table is tested in devices_tests.
+                "1",
+                "follow",
+                "b",
+                "false",
             ],
         )
         .expect_ok(&format!("{user}: ExposeToContainer {device} {container}"));

@@ -630,17 +630,27 @@ fn devices_partitions_follow_a_table_written_inside_the_container(bed: &Bed) {
             )
             .unwrap();
 
-            // The student writes a table with two partitions through the node inside.
-            let (ok, out) = in_container(
-                d,
-                "dhv-f",
-                &format!("/bin/busybox dd if=/tmp/two.mbr of=/dev/{name} bs=512 count=1 conv=notrunc,fsync 2>&1"),
-            );
-            assert!(ok, "dd inside: {out}");
+            // A table with two partitions written through the node inside the container
+            // (opened from here through /proc/<pid>/root, so the moment of the close is
+            // known): the bench of "writer's close to node inside".
+            let two = std::fs::read(format!("/proc/{pid}/root/tmp/two.mbr")).unwrap();
+            {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(inside(&name))
+                    .unwrap();
+                f.write_all(&two).unwrap();
+                f.sync_all().unwrap();
+            }
             let took = wait_for("partition nodes inside the container", || {
                 is_blk(&format!("{name}p1")) && is_blk(&format!("{name}p2"))
             });
-            println!("(follow: writer's exit to nodes inside {took:?}) ");
+            println!("(follow: writer's close to both nodes inside {took:?}; goal 100 ms) ");
+            assert!(
+                took < std::time::Duration::from_millis(1000),
+                "follow took {took:?}"
+            );
             let (ok, out) = in_container(
                 d,
                 "dhv-f",
@@ -660,7 +670,7 @@ fn devices_partitions_follow_a_table_written_inside_the_container(bed: &Bed) {
             assert_eq!(rules.len(), 3, "{rules:?}");
             assert!(rules.contains(&format!("b {maj}:{min} rwm")), "{rules:?}");
 
-            // Partition 2 deleted: its node and its grant go.
+            // The student deletes partition 2 from inside: its node and its grant go.
             let (ok, out) = in_container(
                 d,
                 "dhv-f",
