@@ -242,7 +242,7 @@ fn expose_creates_partition_nodes_usable_inside_and_removes_stale_ones() {
 
     // revoke: nodes gone, rules denied
     match expose::revoke(&exp, &[]).unwrap() {
-        Revoked::Withdrawn { nodes, rules } => {
+        Revoked::Withdrawn { nodes, rules, .. } => {
             assert_eq!(nodes.len(), 2, "{nodes:?}");
             assert_eq!(rules.len(), 2, "{rules:?}");
         }

@@ -60,18 +60,35 @@ pub fn write_rules(dir: &Path, allow: bool, rules: &[String]) -> Result<(), Expo
     Ok(())
 }
 
-/// Withdraw exact rules; a cgroup that no longer exists has nothing to withdraw (Ok(false)).
+/// Withdraw exact rules and check `devices.list` no longer holds any of them (a write
+/// that "succeeded" without effect is an error too); a cgroup that no longer exists has
+/// nothing to withdraw (Ok(false)).
 pub fn deny(dir: &Path, rules: &[String]) -> Result<bool, ExposeError> {
+    let gone = |e: &ExposeError| {
+        matches!(e, ExposeError::Cgroup { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENODEV)))
+    };
     match write_rules(dir, false, rules) {
-        Ok(()) => Ok(true),
-        Err(ExposeError::Cgroup { source, .. })
-            if matches!(
-                source.raw_os_error(),
-                Some(libc::ENOENT) | Some(libc::ENODEV)
-            ) =>
-        {
-            Ok(false)
-        }
-        Err(e) => Err(e),
+        Ok(()) => {}
+        Err(e) if gone(&e) => return Ok(false),
+        Err(e) => return Err(e),
     }
+    let p = dir.join("devices.list");
+    let list = match std::fs::read_to_string(&p) {
+        Ok(s) => s,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENODEV)) => {
+            return Ok(false)
+        }
+        Err(source) => return Err(ExposeError::Cgroup { path: p, source }),
+    };
+    if let Some(r) = rules
+        .iter()
+        .find(|r| list.lines().any(|l| l.trim() == r.as_str()))
+    {
+        return Err(ExposeError::Cgroup {
+            path: p,
+            source: std::io::Error::other(format!("{r} is still granted after devices.deny")),
+        });
+    }
+    Ok(true)
 }

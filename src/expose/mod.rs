@@ -540,10 +540,12 @@ pub fn expose(req: ExposeRequest) -> Result<(Exposure, ExposeReport), ExposeErro
 /// What [`revoke`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Revoked {
-    /// Nodes removed and the grant withdrawn (the rules named).
+    /// The grant withdrawn (the rules named) and the nodes removed; `nodes_left` says why
+    /// nodes could not be removed (they open nothing any more).
     Withdrawn {
         nodes: Vec<String>,
         rules: Vec<String>,
+        nodes_left: Option<String>,
     },
     /// The container (its init process) is gone: nothing of the exposure is left.
     ContainerGone,
@@ -557,28 +559,33 @@ pub fn revoke(exp: &Exposure, keep: &[DevRule]) -> Result<Revoked, ExposeError> 
     if target.verify().is_err() {
         return Ok(Revoked::ContainerGone);
     }
+    // The grant first: it is what protects the device; a node left behind without a
+    // grant opens nothing (and both are tried whatever the other did).
+    let withdrawn = match &exp.grant {
+        Grant::V1 { path } => cgroup_v1::deny(path, &exp.rules),
+        Grant::V2 { path, base, .. } => cgroup_v2::apply(path, base, keep).map(|r| r.is_some()),
+        Grant::Unneeded { .. } => Ok(true),
+    };
     let host_dev = nodes::host_dev_id()?;
     let list = exp.nodes.clone();
-    let removed = match netns::run_in(target, &[Ns::Mnt], move || nodes::remove(host_dev, &list)) {
-        Ok(r) => r?,
-        Err(_) if target.verify().is_err() => return Ok(Revoked::ContainerGone),
-        Err(e) => return Err(e.into()),
-    };
-    let done = match &exp.grant {
-        Grant::V1 { path } => cgroup_v1::deny(path, &exp.rules)?,
-        Grant::V2 { path, base, .. } => cgroup_v2::apply(path, base, keep)?.is_some(),
-        Grant::Unneeded { .. } => true,
-    };
-    if !done && target.verify().is_err() {
+    let removed = netns::run_in(target, &[Ns::Mnt], move || nodes::remove(host_dev, &list));
+    if target.verify().is_err() {
         return Ok(Revoked::ContainerGone);
     }
+    withdrawn?;
+    let (nodes, nodes_left) = match removed {
+        Ok(Ok(r)) => (r, None),
+        Ok(Err(e)) => (Vec::new(), Some(e.to_string())),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
     Ok(Revoked::Withdrawn {
-        nodes: removed,
+        nodes,
         rules: if matches!(exp.grant, Grant::Unneeded { .. }) {
             Vec::new()
         } else {
             exp.rules.clone()
         },
+        nodes_left,
     })
 }
 

@@ -256,12 +256,21 @@ pub async fn revoke_locked(
         let r = blocking(move || Ok(expose::revoke(&e2, &keep))).await?;
         let who = format!("{} ({})", exp.container_name, short(&exp.container_id));
         let note = match r {
-            Ok(Revoked::Withdrawn { nodes, rules }) => {
-                let n = format!(
+            Ok(Revoked::Withdrawn {
+                nodes,
+                rules,
+                nodes_left,
+            }) => {
+                let mut n = format!(
                     "revoked {device} from container {who}: nodes [{}] removed, rules [{}] withdrawn",
                     nodes.join(", "),
                     rules.join(", ")
                 );
+                if let Some(why) = nodes_left {
+                    n.push_str(&format!(
+                        " (nodes left in its /dev, they open nothing: {why})"
+                    ));
+                }
                 tracing::info!(elapsed_us = t0.elapsed().as_micros() as u64, "{n}");
                 n
             }

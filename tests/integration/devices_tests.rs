@@ -49,6 +49,11 @@ pub fn tests() -> Vec<Test> {
             run: devices_partitions_follow_a_table_written_inside_the_container,
         },
         Test {
+            name: "devices_a_grant_that_cannot_be_withdrawn_is_busy_unless_forced",
+            needs_daemon: true,
+            run: devices_a_grant_that_cannot_be_withdrawn_is_busy_unless_forced,
+        },
+        Test {
             name: "devices_refusals_change_nothing",
             needs_daemon: true,
             run: devices_refusals_change_nothing,
@@ -686,6 +691,70 @@ fn devices_partitions_follow_a_table_written_inside_the_container(bed: &Bed) {
         drop(lp);
         let _ = d.docker(&["rm", "-f", "dhv-f"]);
         bed.delete_image(MEMBER, "dhv-f1");
+        if let Err(e) = r {
+            std::panic::resume_unwind(e);
+        }
+    })
+}
+
+fn devices_a_grant_that_cannot_be_withdrawn_is_busy_unless_forced(bed: &Bed) {
+    docker(bed, |d| {
+        start_container(d, "dhv-b", &[]);
+        bed.create_image(MEMBER, "dhv-b1", 16 << 20);
+        let lp = crate::bed::DaemonLoop::attach(bed, MEMBER, "dhv-b1", &[]);
+        let dev = lp.device.clone();
+        let pid = d.docker_ok(&["inspect", "-f", "{{.State.Pid}}", "dhv-b"]);
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                let mut it = l.splitn(3, ':');
+                let (_, c, p) = (it.next()?, it.next()?, it.next()?);
+                c.split(',').any(|x| x == "devices").then(|| p.to_owned())
+            })
+            .expect("a v1 devices cgroup");
+        let deny = format!("/sys/fs/cgroup/devices{cg}/devices.deny");
+        let mut mounted = false;
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            expose(bed, MEMBER, &dev, "dhv-b");
+            // Writes to devices.deny now go nowhere: the grant cannot be withdrawn.
+            crate::bed::run("mount", &["--bind", "/dev/null", &deny]).expect_ok("bind /dev/null");
+            mounted = true;
+            let out = bed.gdbus_as(MEMBER, "Detach", &[&gv_str(&dev), "@a{sv} {}"]);
+            expect_dbus_error(&out, "Busy", "Detach while the grant stays");
+            assert!(
+                out.stderr.contains("dhv-b"),
+                "Busy names the container: {}",
+                out.stderr
+            );
+            assert!(
+                bed.list_loops()
+                    .iter()
+                    .any(|l| l[1].as_str() == Some(dev.as_str())),
+                "the device was freed"
+            );
+            assert_eq!(list_exposures(bed).len(), 1);
+            let out = devices_call(
+                bed,
+                MEMBER,
+                "RevokeFromContainer",
+                "ssa{sv}",
+                &[&dev, "dhv-b", "1", "force", "b", "true"],
+            )
+            .expect_ok("forced revoke");
+            assert!(
+                out.stdout.contains("FORCED"),
+                "the reply says so: {}",
+                out.stdout
+            );
+            assert!(list_exposures(bed).is_empty());
+        }));
+        if mounted {
+            crate::bed::run("umount", &[&deny]);
+        }
+        drop(lp);
+        let _ = d.docker(&["rm", "-f", "dhv-b"]);
+        bed.delete_image(MEMBER, "dhv-b1");
         if let Err(e) = r {
             std::panic::resume_unwind(e);
         }
