@@ -10,7 +10,6 @@ use super::objects::{
     exposure_tuple, loop_path, partition_tuple, ExposureTuple, LoopObject, PartitionTuple,
 };
 use super::options::{interactive, Options, Opts};
-use crate::docker::Docker;
 use crate::ops::{self, Core};
 use crate::state::LoopRecord;
 use std::sync::Arc;
@@ -21,7 +20,6 @@ use zbus::zvariant::OwnedObjectPath;
 
 pub struct Devices {
     pub core: Arc<Core>,
-    pub docker: Option<Docker>,
     pub auth: Arc<Authorizer>,
     pub gate: Arc<tokio::sync::RwLock<()>>,
     /// Partition following (option `follow`); None when inotify is unavailable.
@@ -144,7 +142,6 @@ impl Devices {
             let number = self.authorize_device(&hdr, &caller, &device, inter).await?;
             let (rep, rec) = ops::devices::expose_to_container(
                 &self.core,
-                self.docker.as_ref(),
                 number,
                 &container,
                 ops::devices::ExposeOptions { alias, follow },

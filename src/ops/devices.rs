@@ -12,10 +12,10 @@
 //! - A grant that cannot be withdrawn from a live container stops the caller (Busy naming
 //!   the container) unless `force`: then the log and the reply say so.
 
-use crate::docker::{Docker, DockerError};
 use crate::error::{Classify, Kind};
 use crate::expose::{self, program, Container, ExposeError, ExposeReport, ExposeRequest, Revoked};
-use crate::netns::{NetnsError, Target};
+use crate::netns::NetnsError;
+use crate::ops::containers::ContainerError;
 use crate::ops::{blocking, Core, OpsError};
 use crate::state::State;
 
@@ -26,19 +26,25 @@ pub enum DevicesError {
     #[error(transparent)]
     Expose(#[from] ExposeError),
     #[error(transparent)]
-    Docker(#[from] DockerError),
+    Container(ContainerError),
     #[error(transparent)]
     Target(#[from] NetnsError),
-    #[error("no Docker client configured (start dindhelperd with --docker-host)")]
-    NoDocker,
+    /// A stopped container has no /dev and no cgroup to give a device to.
     #[error("container {name} is not running")]
     NotRunning { name: String },
-    #[error("container {name} changed while it was resolved (restarted?); try again")]
-    Changed { name: String },
     #[error("/dev/loop{number} is not exposed in container {container:?}")]
     NotExposed { number: u32, container: String },
     #[error("internal task failed: {0}")]
     Task(String),
+}
+
+impl From<ContainerError> for DevicesError {
+    fn from(e: ContainerError) -> DevicesError {
+        match e {
+            ContainerError::NotRunning { name } => DevicesError::NotRunning { name },
+            e => DevicesError::Container(e),
+        }
+    }
 }
 
 impl Classify for DevicesError {
@@ -46,11 +52,9 @@ impl Classify for DevicesError {
         match self {
             DevicesError::Ops(e) => e.kind(),
             DevicesError::Expose(e) => e.kind(),
-            DevicesError::Docker(e) => e.kind(),
+            DevicesError::Container(e) => e.kind(),
             DevicesError::Target(e) => e.kind(),
-            DevicesError::NoDocker => Kind::NotSupported,
             DevicesError::NotRunning { .. } => Kind::Conflict,
-            DevicesError::Changed { .. } => Kind::Busy,
             DevicesError::NotExposed { .. } => Kind::NotFound,
             DevicesError::Task(_) => Kind::Failed,
         }
@@ -102,27 +106,13 @@ async fn still_bound(rec: &crate::state::LoopRecord) -> Result<bool, OpsError> {
 /// device (owner or `-others`). Returns what was done and the record as it is now.
 pub async fn expose_to_container(
     core: &Core,
-    docker: Option<&Docker>,
     number: u32,
     container: &str,
     opts: ExposeOptions,
 ) -> Result<(ExposeReport, crate::state::LoopRecord), DevicesError> {
-    let docker = docker.ok_or(DevicesError::NoDocker)?;
-    let info = docker.inspect(container).await?;
-    if !info.running || info.pid == 0 {
-        return Err(DevicesError::NotRunning {
-            name: container.to_owned(),
-        });
-    }
-    let target = Target::of_pid(info.pid as i32)?;
-    let cgroup_rules = docker.device_cgroup_rules(&info.id).await?;
-    let again = docker.inspect(&info.id).await?;
-    if again.id != info.id || !again.running || again.pid != info.pid {
-        return Err(DevicesError::Changed {
-            name: container.to_owned(),
-        });
-    }
-    target.verify()?;
+    let info = core.containers.resolve(container).await?;
+    let target = info.target;
+    let cgroup_rules = info.device_cgroup_rules.clone();
 
     let mut st = core.state.lock().await;
     let rec = st
