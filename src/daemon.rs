@@ -269,6 +269,7 @@ async fn export(conn: &zbus::Connection, core: &Arc<Core>) -> Result<Served, Dae
         core: core.clone(),
         auth: auth.clone(),
         gate: gate.clone(),
+        follow: crate::bus::devices::start_follow(conn, core.clone()),
     };
     server.at(MANAGER_PATH, devices_iface).await.map_err(at)?;
 

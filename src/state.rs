@@ -135,6 +135,12 @@ pub struct LoopRecord {
     /// The partitions the last Rescan told the kernel about.
     #[serde(default)]
     pub partitions: Vec<crate::partitions::Partition>,
+    /// Where this device is exposed (ExposeToContainer), one per container. Revoked
+    /// before the number can be handed out again (see `ops::devices`). Kept with the loop
+    /// record in `loops.json`: an exposure dies with its device and its container, and
+    /// neither survives the power loss that could tear that file.
+    #[serde(default)]
+    pub exposures: Vec<crate::expose::Exposure>,
 }
 
 impl LoopRecord {
@@ -421,6 +427,7 @@ mod tests {
             offset: 0,
             size_limit: 0,
             partitions: Vec::new(),
+            exposures: Vec::new(),
         });
         store.save_all(&s).unwrap();
         assert_eq!(store.load().unwrap(), s);

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use dindhelper::error::{Classify, Kind};
-use dindhelper::expose::{self, CgroupOutcome};
+use dindhelper::expose::{self, Container, ExposeRequest, Grant, Revoked};
 use dindhelper::netns::Target;
 
 const NS: &str = "dhc-dkt";
@@ -179,13 +179,30 @@ fn expose_creates_partition_nodes_usable_inside_and_removes_stale_ones() {
     let (d, parts) = expose::host_nodes(&disk).unwrap();
     assert_eq!(parts.len(), 2, "{parts:?}");
     assert_eq!(d.major, 7);
-    let rep = expose::expose(target, &d, &parts, false).unwrap();
+    let id = docker("inspect -f '{{.Id}}' dhc-exp");
+    let req =
+        |d: &expose::DeviceNode, parts: &[expose::DeviceNode], prev: Option<expose::Exposure>| {
+            ExposeRequest {
+                container: Container {
+                    target,
+                    id: id.clone(),
+                    name: "dhc-exp".into(),
+                },
+                disk: d.clone(),
+                partitions: parts.to_vec(),
+                alias: None,
+                previous: prev,
+                other_grants: vec![],
+                v2_fallback: None,
+                backing_dev: 0,
+                backing_inode: 0,
+            }
+        };
+    let (exp, rep) = expose::expose(req(&d, &parts, None)).unwrap();
     eprintln!("{rep:?}");
     assert_eq!(rep.created.len(), 3);
-    match &rep.cgroup {
-        CgroupOutcome::V1 { allowed, .. } => {
-            assert!(allowed.contains(&format!("b 7:{} rwm", d.minor)))
-        }
+    match &exp.grant {
+        Grant::V1 { .. } => assert!(exp.rules.contains(&format!("b 7:{} rwm", d.minor))),
         other => panic!("this machine runs containers on cgroup v1: {other:?}"),
     }
     // inside: the node exists with 0660 and the container can write a marker to p2
@@ -200,19 +217,16 @@ fn expose_creates_partition_nodes_usable_inside_and_removes_stale_ones() {
     assert!(back.contains("DHC-MARKER-42"), "{back:?}");
 
     // again: idempotent
-    let rep = expose::expose(target, &d, &parts, false).unwrap();
+    let (exp, rep) = expose::expose(req(&d, &parts, Some(exp))).unwrap();
     assert_eq!(rep.unchanged.len(), 3, "{rep:?}");
 
     // delete partition 2 on the host, expose again -> the node is gone inside and denied
     sh(&format!("partx -d --nr 2 {l}"));
     let (d, parts) = expose::host_nodes(&disk).unwrap();
     assert_eq!(parts.len(), 1);
-    let rep = expose::expose(target, &d, &parts, false).unwrap();
+    let (exp, rep) = expose::expose(req(&d, &parts, Some(exp))).unwrap();
     assert_eq!(rep.removed, vec![format!("{disk}p2")]);
-    match &rep.cgroup {
-        CgroupOutcome::V1 { denied, .. } => assert_eq!(denied.len(), 1, "{denied:?}"),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(rep.denied.len(), 1, "{rep:?}");
     let out = Command::new("docker")
         .args([
             "-H",
@@ -226,8 +240,128 @@ fn expose_creates_partition_nodes_usable_inside_and_removes_stale_ones() {
         .unwrap();
     assert!(!out.status.success(), "node still there");
 
-    // a container that exited: NotFound
+    // revoke: nodes gone, rules denied
+    match expose::revoke(&exp, &[]).unwrap() {
+        Revoked::Withdrawn { nodes, rules, .. } => {
+            assert_eq!(nodes.len(), 2, "{nodes:?}");
+            assert_eq!(rules.len(), 2, "{rules:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let out = Command::new("docker")
+        .args([
+            "-H",
+            &format!("unix://{DIR}/docker.sock"),
+            "exec",
+            "dhc-exp",
+            "ls",
+            &format!("/dev/{disk}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "node still there after revoke");
+
+    // a container that exited: NotFound; revoking it is a no-op
     docker("rm -f dhc-exp");
-    let e = expose::expose(target, &d, &parts, false).unwrap_err();
+    let e = expose::expose(req(&d, &parts, None)).unwrap_err();
     assert_eq!(e.kind(), Kind::NotFound, "{e}");
+    assert_eq!(expose::revoke(&exp, &[]).unwrap(), Revoked::ContainerGone);
+}
+
+/// cgroup v2 on this host: its unified hierarchy enforces device programs. A process in a
+/// test cgroup whose program is runc-like (Docker's and runc's default rules, deny by
+/// default) cannot open a loop device; after the grant it opens exactly the granted minor
+/// and not its neighbour; after the revoke it cannot open either. Each change replaces
+/// the program (one attached at a time).
+#[test]
+fn v2_device_program_grants_exactly_and_revokes() {
+    use dindhelper::expose::{bpf, cgroup_v2, program};
+    assert!(nix::unistd::geteuid().is_root(), "needs root");
+    let root = cgroup_v2::unified_root().expect("a cgroup2 mount (/sys/fs/cgroup/unified here)");
+    let cg = root.join(format!("dh-v2-test-{}", std::process::id()));
+    let files = [
+        format!("/var/tmp/dh-v2-a-{}.img", std::process::id()),
+        format!("/var/tmp/dh-v2-b-{}.img", std::process::id()),
+    ];
+    let mut loops = Vec::new();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for f in &files {
+            sh(&format!("truncate -s 1M {f}"));
+            loops.push(sh(&format!("losetup -f --show {f}")));
+        }
+        let mm = |l: &str| {
+            let s = std::fs::read_to_string(format!(
+                "/sys/class/block/{}/dev",
+                l.trim_start_matches("/dev/")
+            ))
+            .unwrap();
+            let (a, b) = s.trim().split_once(':').unwrap();
+            (a.parse::<u32>().unwrap(), b.parse::<u32>().unwrap())
+        };
+        let (a, b) = (mm(&loops[0]), mm(&loops[1]));
+        std::fs::create_dir(&cg).unwrap();
+        // Opening `dev` from a shell moved into the cgroup: true when it worked.
+        let can_open = |dev: &str| -> (bool, String) {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "echo $$ > {}/cgroup.procs && exec dd if={dev} of=/dev/null bs=512 count=1 2>&1",
+                    cg.display()
+                ))
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            )
+        };
+        let attached = || {
+            let d = std::fs::File::open(&cg).unwrap();
+            bpf::query(&d).unwrap().len()
+        };
+        let mut base = program::docker_defaults();
+        base.extend(program::runc_defaults());
+        // The "runtime's" program.
+        assert_eq!(cgroup_v2::apply(&cg, &base, &[]).unwrap(), Some(0));
+        let (ok, out) = can_open(&loops[0]);
+        assert!(!ok && out.contains("Operation not permitted"), "{out}");
+        assert!(
+            can_open("/dev/null").0,
+            "the runtime's defaults allow /dev/null"
+        );
+
+        let t = std::time::Instant::now();
+        let grant = [program::DevRule::block(a.0, a.1)];
+        assert_eq!(cgroup_v2::apply(&cg, &base, &grant).unwrap(), Some(1));
+        eprintln!("v2 grant (load + attach + detach): {:?}", t.elapsed());
+        assert_eq!(attached(), 1, "the old program was detached");
+        let (ok, out) = can_open(&loops[0]);
+        assert!(ok, "granted minor {a:?}: {out}");
+        let (ok, out) = can_open(&loops[1]);
+        assert!(
+            !ok && out.contains("Operation not permitted"),
+            "neighbour {b:?}: {out}"
+        );
+
+        let t = std::time::Instant::now();
+        assert_eq!(cgroup_v2::apply(&cg, &base, &[]).unwrap(), Some(1));
+        eprintln!("v2 revoke: {:?}", t.elapsed());
+        assert_eq!(attached(), 1);
+        let (ok, out) = can_open(&loops[0]);
+        assert!(
+            !ok && out.contains("Operation not permitted"),
+            "after revoke: {out}"
+        );
+        assert!(can_open("/dev/null").0);
+    }));
+    let _ = std::fs::remove_dir(&cg);
+    for l in &loops {
+        let _ = Command::new("losetup").args(["-d", l]).status();
+    }
+    for f in &files {
+        let _ = std::fs::remove_file(f);
+    }
+    if let Err(e) = r {
+        std::panic::resume_unwind(e);
+    }
 }

@@ -358,13 +358,19 @@ impl Manager {
         let _g = self.gate.read().await;
         let caller = self.auth.caller(&hdr).await?;
         let r = async {
-            Opts::new(&options).finish()?;
+            let mut o = Opts::new(&options);
+            // force: free the device even when a container's grant cannot be withdrawn.
+            let force = o.bool("force")?.unwrap_or(false);
+            o.finish()?;
             let (_, rec) = self
                 .authorize_device(&hdr, Action::Loop, &device, &options)
                 .await?;
-            let rec = ops::loops::detach(&self.core, rec.number)
+            let (rec, notes) = ops::loops::detach_with(&self.core, rec.number, force)
                 .await
                 .map_err(BusError::map)?;
+            for n in notes {
+                tracing::info!(device = %rec.device(), "Detach: {n}");
+            }
             let _ = server.remove::<LoopObject, _>(&loop_path(rec.number)).await;
             if let Some((uid, name)) = &rec.image {
                 self.set_image_device(server, *uid, name, String::new())

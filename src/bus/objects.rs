@@ -42,6 +42,20 @@ pub fn escape_label(s: &str) -> String {
     out
 }
 
+/// The D-Bus form of an exposure: container id, container name, cgroup grant, nodes
+/// (names inside the container), rules granted.
+pub type ExposureTuple = (String, String, String, Vec<String>, Vec<String>);
+
+pub fn exposure_tuple(e: &crate::expose::Exposure) -> ExposureTuple {
+    (
+        e.container_id.clone(),
+        e.container_name.clone(),
+        e.grant.describe(),
+        e.nodes.iter().map(|n| n.name.clone()).collect(),
+        e.rules.clone(),
+    )
+}
+
 pub fn loop_path(number: u32) -> OwnedObjectPath {
     OwnedObjectPath::try_from(format!("/org/dindhelper1/loop/loop{number}")).expect("valid path")
 }
@@ -110,6 +124,11 @@ impl LoopObject {
     #[zbus(property)]
     fn partitions(&self) -> Vec<PartitionTuple> {
         self.rec.partitions.iter().map(partition_tuple).collect()
+    }
+    /// Containers this device is exposed in (see org.dindhelper1.Devices).
+    #[zbus(property)]
+    fn exposures(&self) -> Vec<ExposureTuple> {
+        self.rec.exposures.iter().map(exposure_tuple).collect()
     }
 }
 

@@ -75,6 +75,11 @@ pub enum LoopError {
         #[source]
         source: io::Error,
     },
+    /// LOOP_CTL_GET_FREE handed out a number the caller still holds a record for (the
+    /// device was unbound behind its back): nothing was bound; the caller settles the
+    /// record first (see [`attach_file_avoiding`]).
+    #[error("/dev/loop{number} is free in the kernel but still recorded")]
+    Recorded { number: u32 },
     #[error("{source}; undoing it also failed: {cleanup}")]
     Rollback {
         #[source]
@@ -97,7 +102,7 @@ impl Classify for LoopError {
                 Errno::ENOSYS | Errno::ENOTTY => Kind::NotSupported,
                 _ => Kind::Failed,
             },
-            LoopError::Io { .. } => Kind::Failed,
+            LoopError::Io { .. } | LoopError::Recorded { .. } => Kind::Failed,
             LoopError::Rollback { source, .. } => source.kind(),
         }
     }
@@ -435,6 +440,19 @@ fn bind(
 /// The fd is validated first (see [`AttachOptions`]); the device is read-only when asked or
 /// when the fd is `O_RDONLY`. On any failure after the bind the device is cleared again.
 pub fn attach_file(file: &File, opts: &AttachOptions) -> Result<LoopInfo> {
+    attach_file_avoiding(file, opts, &|_| false)
+}
+
+/// [`attach_file`], but when LOOP_CTL_GET_FREE names a number for which `recorded(n)` is
+/// true, nothing is bound and [`LoopError::Recorded`] is returned: a record the caller
+/// still holds for a free number means the device was unbound behind its back (a
+/// container may issue LOOP_CLR_FD on a node it was given), and whatever that record
+/// granted must be settled before anything else is bound to the number.
+pub fn attach_file_avoiding(
+    file: &File,
+    opts: &AttachOptions,
+    recorded: &dyn Fn(u32) -> bool,
+) -> Result<LoopInfo> {
     let (read_only, acc) = validate_backing(file, opts)?;
     let st = fstat(file.as_fd()).map_err(sys("fstat", "backing fd"))?;
     let ctl = open_control()?;
@@ -443,6 +461,9 @@ pub fn attach_file(file: &File, opts: &AttachOptions) -> Result<LoopInfo> {
             let _g = ATTACH_LOCK.lock().unwrap_or_else(|p| p.into_inner());
             let number =
                 ioctl::ctl_get_free(ctl.as_fd()).map_err(sys("LOOP_CTL_GET_FREE", LOOP_CONTROL))?;
+            if recorded(number) {
+                return Err(LoopError::Recorded { number });
+            }
             let dev = open_device_wait(number, true)?;
             match bind(&dev, number, file, read_only, acc, opts) {
                 Ok(()) => (number, dev),
@@ -482,8 +503,9 @@ pub fn attach_file(file: &File, opts: &AttachOptions) -> Result<LoopInfo> {
     })
 }
 
-/// Identity (st_dev, st_ino) of the file bound to loopN, or None when unbound/absent.
-fn bound_identity(number: u32) -> Result<Option<(u64, u64)>> {
+/// Identity (st_dev, st_ino) of the file bound to loopN (LOOP_GET_STATUS64), or None
+/// when unbound/absent.
+pub fn bound_identity(number: u32) -> Result<Option<(u64, u64)>> {
     let dev = match OpenOptions::new().read(true).open(device_path(number)) {
         Ok(d) => d,
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENXIO)) => {

@@ -474,6 +474,15 @@ pub async fn destroy(
     }
 
     for l in loops {
+        // Revoke every exposure first; a live container keeping its grant stops the detach
+        // (force: detach anyway, said in `done`).
+        match super::devices::revoke_device(core, l.number, opts.force).await {
+            Ok(notes) => done.extend(notes),
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        }
         match super::loops::detach(core, l.number).await {
             Ok(r) => {
                 done.push(format!("detached {}", r.device()));

@@ -144,8 +144,36 @@ async fn attach(
         size_limit: req.size_limit,
         label: label(&st.state_id, uid),
     };
-    let t0 = std::time::Instant::now();
-    let info = blocking(move || Ok(loopdev::attach_file(&file, &opts)?)).await?;
+    let file = Arc::new(file);
+    let mut t0;
+    let mut settled = 0;
+    let info = loop {
+        // Numbers we hold records for: when the kernel hands one of them out as free, its
+        // device was unbound behind our back (a container can LOOP_CLR_FD the node it was
+        // given). Its exposures are revoked and the record dropped before anything is
+        // bound to the number; never two records for one number.
+        let recorded: Vec<u32> = st.loops.iter().map(|l| l.number).collect();
+        let (f, o) = (file.clone(), opts.clone());
+        t0 = std::time::Instant::now();
+        match blocking(move || {
+            Ok(loopdev::attach_file_avoiding(&f, &o, &|n| {
+                recorded.contains(&n)
+            })?)
+        })
+        .await
+        {
+            Err(OpsError::Loop(loopdev::LoopError::Recorded { number })) if settled < 8 => {
+                settled += 1;
+                let notes =
+                    super::devices::revoke_locked(core, &mut st, number, None, false).await?;
+                st.loops.retain(|l| l.number != number);
+                core.persist_loops(&st)?;
+                tracing::warn!(device = number, ?notes,
+                    "the kernel handed out a recorded device as free (unbound behind our back): exposures revoked, record dropped");
+            }
+            other => break other?,
+        }
+    };
     let t1 = std::time::Instant::now();
     let rec = record_from(&info, image, uid, req.instance);
     st.loops.push(rec.clone());
@@ -195,6 +223,7 @@ fn record_from(
         offset: info.offset,
         size_limit: info.size_limit,
         partitions: Vec::new(),
+        exposures: Vec::new(),
     }
 }
 
@@ -211,6 +240,19 @@ pub async fn managed(core: &Core, number: u32) -> Result<LoopRecord, OpsError> {
 }
 
 pub async fn detach(core: &Arc<Core>, number: u32) -> Result<LoopRecord, OpsError> {
+    detach_with(core, number, false).await.map(|(r, _)| r)
+}
+
+/// Detach: revoke every exposure of the device first (see `ops::devices`; Busy naming
+/// the container when a grant cannot be withdrawn, unless `force`), then unbind it if it
+/// is still bound to the recorded file, then drop the record. A device unbound behind our
+/// back (LOOP_CLR_FD by a container) is settled the same way. Returns the record and
+/// what the revocation did.
+pub async fn detach_with(
+    core: &Arc<Core>,
+    number: u32,
+    force: bool,
+) -> Result<(LoopRecord, Vec<String>), OpsError> {
     let mut st = core.state.lock().await;
     let rec = st
         .loops
@@ -220,16 +262,25 @@ pub async fn detach(core: &Arc<Core>, number: u32) -> Result<LoopRecord, OpsErro
         .ok_or(OpsError::Unmanaged {
             device: format!("/dev/loop{number}"),
         })?;
+    let notes = super::devices::revoke_locked(core, &mut st, number, None, force).await?;
     let (dev, ino) = (rec.backing_dev, rec.backing_inode);
     let t0 = std::time::Instant::now();
-    let how = blocking(move || Ok(loopdev::detach_checked(number, dev, ino)?)).await?;
-    tracing::debug!(kernel_us = t0.elapsed().as_micros() as u64, device = %rec.device(), "detach timings");
-    if how == loopdev::Detached::Deferred {
-        tracing::info!(device = %rec.device(), "device is still open (mounted?): the kernel detaches it at the last close");
+    match blocking(move || Ok(loopdev::detach_checked(number, dev, ino)?)).await {
+        Ok(how) => {
+            tracing::debug!(kernel_us = t0.elapsed().as_micros() as u64, device = %rec.device(), "detach timings");
+            if how == loopdev::Detached::Deferred {
+                tracing::info!(device = %rec.device(), "device is still open (mounted?): the kernel detaches it at the last close");
+            }
+        }
+        Err(OpsError::Loop(loopdev::LoopError::NotFound { what })) => {
+            // No longer bound to our file: nothing to unbind, the record goes.
+            tracing::warn!(device = %rec.device(), %what, "device was unbound behind our back; record dropped");
+        }
+        Err(e) => return Err(e),
     }
     st.loops.retain(|l| l.number != number);
     core.persist_loops(&st)?;
-    Ok(rec)
+    Ok((rec, notes))
 }
 
 pub async fn rescan(core: &Arc<Core>, number: u32) -> Result<Vec<Partition>, OpsError> {
@@ -251,11 +302,14 @@ pub enum Decision {
     Forgot(String),
     Detached(String),
     Adopted(String),
+    /// An exposure of a vanished device was revoked.
+    Revoked(String),
 }
 
 /// Bring state and kernel in line at start:
 /// - a recorded loop still attached to the same file (device+inode) is kept;
-/// - a recorded loop that is gone or now backs another file is forgotten;
+/// - a recorded loop that is gone or now backs another file is forgotten, after its
+///   exposures were revoked (kept, with an error logged, when that fails);
 /// - a device with our label but no record (interrupted attach) is detached;
 /// - image records whose file vanished are dropped, image files without a record adopted.
 pub async fn reconcile(core: &Arc<Core>) -> Result<Vec<Decision>, OpsError> {
@@ -308,29 +362,63 @@ pub async fn reconcile(core: &Arc<Core>) -> Result<Vec<Decision>, OpsError> {
         }
     }
 
-    // Recorded loops.
+    // Recorded loops. A record to forget is settled first: its exposures are revoked
+    // (the number is free or holds another file now). If that fails the record stays, so
+    // the next attach that is handed the number revokes again before binding.
     let recorded = std::mem::take(&mut st.loops);
-    for rec in recorded {
+    let mut forget = Vec::new();
+    for mut rec in recorded {
+        // Exposures in containers that are gone are void: their /dev and cgroup died
+        // with them (a restarted container gets fresh ones).
+        let device = rec.device();
+        rec.exposures.retain(|e| {
+            let alive = e.target().verify().is_ok();
+            if !alive {
+                out.push(Decision::Revoked(format!(
+                    "{device}: exposure in container {} dropped: the container is gone",
+                    e.container_name
+                )));
+            }
+            alive
+        });
         let live = attached.iter().find(|a| a.number == rec.number);
-        match live {
+        let why = match live {
             Some(a) if a.backing_dev == rec.backing_dev && a.backing_inode == rec.backing_inode => {
                 out.push(Decision::Kept(format!(
                     "{} backed by {}",
                     rec.device(),
                     rec.backing_file.display()
                 )));
-                st.loops.push(rec);
+                None
             }
-            Some(a) => out.push(Decision::Forgot(format!(
+            Some(a) => Some(format!(
                 "{} (now backs {}, not {})",
                 rec.device(),
                 a.backing_file.display(),
                 rec.backing_file.display()
-            ))),
-            None => out.push(Decision::Forgot(format!(
-                "{} (no longer attached)",
-                rec.device()
-            ))),
+            )),
+            None => Some(format!("{} (no longer attached)", rec.device())),
+        };
+        if let Some(why) = why {
+            forget.push((rec.number, why));
+        }
+        st.loops.push(rec);
+    }
+    for (number, why) in forget {
+        match super::devices::revoke_locked(core, &mut st, number, None, false).await {
+            Ok(notes) => {
+                for n in notes {
+                    out.push(Decision::Revoked(n));
+                }
+                st.loops.retain(|l| l.number != number);
+                out.push(Decision::Forgot(why));
+            }
+            Err(e) => {
+                tracing::error!(device = number, error = %e, "cannot revoke the exposures of a vanished device; keeping its record");
+                out.push(Decision::Kept(format!(
+                    "{why}: exposures not revoked ({e})"
+                )));
+            }
         }
     }
 

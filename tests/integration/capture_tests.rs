@@ -71,7 +71,7 @@ extern "C" fn stop_dockerd() {
 }
 
 /// The run's dockerd (started on first use, with the daemon restarted to use it).
-fn docker<R>(bed: &Bed, f: impl FnOnce(&Dockerd) -> R) -> R {
+pub(crate) fn docker<R>(bed: &Bed, f: impl FnOnce(&Dockerd) -> R) -> R {
     let mut g = DOCKERD.lock().unwrap_or_else(|e| e.into_inner());
     if g.is_none() {
         // Registered before the start, so a half-started fixture is cleaned too.
@@ -571,7 +571,12 @@ fn expose(bed: &Bed, user: &str, device: &str, container: &str) -> (Vec<String>,
                 "ssa{sv}",
                 device,
                 container,
-                "0",
+                // This test drives the explicit Rescan + expose path; following the
+                // table is tested in devices_tests.
+                "1",
+                "follow",
+                "b",
+                "false",
             ],
         )
         .expect_ok(&format!("{user}: ExposeToContainer {device} {container}"));

@@ -15,6 +15,7 @@ mod auth_tests;
 mod bed;
 mod capture_tests;
 mod crash_tests;
+mod devices_tests;
 // The dockerd fixture of tests/common (dockerd in its own netns, image bb:latest), shared
 // by the modules that need Docker.
 #[path = "../common/dockerd.rs"]
@@ -57,6 +58,7 @@ fn all_tests() -> Vec<Test> {
     v.extend(ports_tests::tests());
     v.extend(provision_tests::tests());
     v.extend(crash_tests::tests());
+    v.extend(devices_tests::tests());
     v
 }
 
