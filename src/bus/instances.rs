@@ -9,7 +9,7 @@
 //! knob given as the string `"default"` is reset (no limit / kernel default).
 
 use super::audit;
-use super::auth::{Action, Authorizer, Caller};
+use super::auth::{Action, Authorizer, Caller, Details};
 use super::error::BusError;
 use super::objects::{escape_label, image_path, loop_path, ImageObject, LoopObject};
 use super::options::{describe, interactive, Options, Opts};
@@ -103,6 +103,33 @@ pub fn limits_dict(l: &Limits) -> HashMap<String, OwnedValue> {
         put("oom_score_adj", Value::I32(v));
     }
     m
+}
+
+/// A negative oom_score_adj makes the instance's processes the last the OOM killer picks
+/// (-1000: never): the kernel reserves lowering it for CAP_SYS_RESOURCE, so the daemon
+/// asks `org.dindhelper1.instances-oom-protect` on top of `instances`.
+async fn oom_protect_check(
+    auth: &Authorizer,
+    hdr: &Header<'_>,
+    caller: &Caller,
+    oom_score_adj: Option<i32>,
+    inter: bool,
+    details: &Details,
+) -> Result<(), BusError> {
+    match oom_score_adj {
+        Some(v) if v < 0 => {
+            auth.check_with(
+                hdr,
+                caller,
+                Action::InstancesOomProtect,
+                false,
+                inter,
+                details,
+            )
+            .await
+        }
+        _ => Ok(()),
+    }
 }
 
 fn driver_option(o: &mut Opts<'_>) -> Result<Option<DockerCgroupDriver>, BusError> {
@@ -211,12 +238,25 @@ impl Instances {
             let driver = driver_option(&mut o)?;
             let inter = interactive(options)?;
             o.finish()?;
+            let details: Details = vec![("instance", name.clone())];
             self.auth
-                .check_caller(&hdr, &caller, Action::Instances, false, inter)
+                .check_with(&hdr, &caller, Action::Instances, false, inter, &details)
                 .await?;
-            let rec = ops::instances::create(&self.core, caller.uid, &name, limits, driver)
-                .await
-                .map_err(BusError::map)?;
+            oom_protect_check(
+                &self.auth,
+                &hdr,
+                &caller,
+                limits.oom_score_adj,
+                inter,
+                &details,
+            )
+            .await?;
+            let exempt = crate::config::quota_exempt(caller.uid, caller.uid);
+            let rec = ops::instances::create_limited(
+                &self.core, caller.uid, &name, limits, driver, exempt,
+            )
+            .await
+            .map_err(BusError::map)?;
             self.publish(server, &name).await;
             Ok((
                 instance_path(&name),
@@ -251,6 +291,16 @@ impl Instances {
             let inter = interactive(&limits)?;
             o.finish()?;
             self.authorize(&hdr, &caller, &name, inter, false).await?;
+            let details: Details = vec![("instance", name.clone())];
+            oom_protect_check(
+                &self.auth,
+                &hdr,
+                &caller,
+                upd.set.oom_score_adj,
+                inter,
+                &details,
+            )
+            .await?;
             ops::instances::set_limits(&self.core, &name, &upd)
                 .await
                 .map_err(BusError::map)?;

@@ -40,6 +40,7 @@ fn attach_request(o: &mut Opts<'_>) -> Result<AttachRequest, BusError> {
         offset: o.u64("offset")?.unwrap_or(0),
         size_limit: o.u64("size")?.unwrap_or(0),
         instance,
+        quota_exempt: false,
     })
 }
 
@@ -287,7 +288,8 @@ impl Manager {
         let r = async {
             let mut o = Opts::new(&options);
             let owner = owner_option(&mut o, &caller)?;
-            let req = attach_request(&mut o)?;
+            let mut req = attach_request(&mut o)?;
+            req.quota_exempt = crate::config::quota_exempt(caller.uid, owner);
             let inter = o.interactive()?;
             self.authorize_for_owner(&hdr, &caller, owner, o).await?;
             super::authorize_instance_tag(
@@ -328,7 +330,8 @@ impl Manager {
         let caller = self.auth.caller(&hdr).await?;
         let r = async {
             let mut o = Opts::new(&options);
-            let req = attach_request(&mut o)?;
+            let mut req = attach_request(&mut o)?;
+            req.quota_exempt = crate::config::quota_exempt(caller.uid, caller.uid);
             let inter = interactive(&options)?;
             o.finish()?;
             super::authorize_into_instance(

@@ -250,6 +250,43 @@ pub async fn follow(
 }
 
 impl Ports {
+    /// Before anything is resolved: PublishMany's size (`max_publish_many`), then
+    /// `ports-privileged` for every host port below `privileged_port_floor` (each with its
+    /// details, so a rule may allow 80 and 443 only).
+    async fn authorize_ports(
+        &self,
+        hdr: &Header<'_>,
+        caller: &Caller,
+        ports: &[(String, String, u16, u16)],
+        instance: Option<&str>,
+        inter: bool,
+    ) -> Result<(), BusError> {
+        let max = self.core.cfg.max_publish_many;
+        if ports.len() > max {
+            return Err(BusError::InvalidArgs(format!(
+                "{} ports in one call; max_publish_many is {max}",
+                ports.len()
+            )));
+        }
+        let floor = self.core.cfg.privileged_port_floor;
+        for (container, protocol, host_port, _) in ports {
+            if *host_port < floor {
+                let mut details: super::auth::Details = vec![
+                    ("container", container.clone()),
+                    ("host_port", host_port.to_string()),
+                    ("protocol", protocol.clone()),
+                ];
+                if let Some(i) = instance {
+                    details.push(("instance", i.to_owned()));
+                }
+                self.auth
+                    .check_with(hdr, caller, Action::PortsPrivileged, false, inter, &details)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Authorize acting on mappings: the base action, plus `-others` when any of them
     /// belongs to another uid.
     async fn authorize_mappings(
@@ -319,6 +356,14 @@ impl Ports {
                 inter,
             )
             .await?;
+            let one = [(
+                container.clone(),
+                protocol.clone(),
+                host_port,
+                container_port,
+            )];
+            self.authorize_ports(&hdr, &caller, &one, o.instance.as_deref(), inter)
+                .await?;
             let req = request(
                 &o,
                 caller.uid,
@@ -364,6 +409,8 @@ impl Ports {
                 inter,
             )
             .await?;
+            self.authorize_ports(&hdr, &caller, &ports, o.instance.as_deref(), inter)
+                .await?;
             let reqs = ports
                 .into_iter()
                 .map(|(c, p, h, cp)| request(&o, caller.uid, c, p, h, cp))

@@ -11,6 +11,7 @@
 //! - the last line is always `N passed, N failed` (CI reads it); exit 1 on any failure.
 
 mod api_doc_tests;
+mod attack_tests;
 mod auth_tests;
 mod bed;
 mod capture_tests;
@@ -53,6 +54,7 @@ fn all_tests() -> Vec<Test> {
     v.extend(instance_tests::tests());
     v.extend(capture_tests::tests());
     v.extend(ports_tests::tests());
+    v.extend(attack_tests::tests());
     v
 }
 

@@ -1,0 +1,420 @@
+//! The attacker suite (issue 9): members of the shipped delegation group
+//! `dindhelper-tenant` (`dhtest-tenant`, `dhtest-tenant2`, the shipped rules only) and a
+//! user granted nothing but the `-others` actions (`dhtest-othersonly`, test rule) try
+//! what the security read found. Each refusal is named (the D-Bus error), and what a
+//! refused call could have touched is compared before and after.
+
+use crate::bed::{gv_str, Bed, Out, BUS_NAME, MANAGER_PATH, MEMBER, OTHERS_ONLY, TENANT};
+use crate::Test;
+use std::path::PathBuf;
+
+const MIB: u64 = 1 << 20;
+const INSTANCES: &str = "org.dindhelper1.Instances";
+const PORTS: &str = "org.dindhelper1.Ports";
+
+pub fn tests() -> Vec<Test> {
+    let t = |name, run| Test {
+        name,
+        needs_daemon: true,
+        run,
+    };
+    vec![
+        t(
+            "attack_negative_oom_score_adj_needs_oom_protect",
+            negative_oom_score_adj_needs_oom_protect,
+        ),
+        t(
+            "attack_privileged_host_port_and_huge_publish_many_refused",
+            privileged_host_port_and_huge_publish_many_refused,
+        ),
+        t(
+            "attack_others_action_alone_grants_nothing",
+            others_action_alone_grants_nothing,
+        ),
+        t("attack_per_uid_limits", per_uid_limits),
+        t(
+            "attack_owner_uid_zero_counts_against_uid_zero",
+            owner_uid_zero_counts_against_uid_zero,
+        ),
+        t(
+            "attack_concurrent_attach_of_one_image_one_wins",
+            concurrent_attach_of_one_image_one_wins,
+        ),
+    ]
+}
+
+fn name(suffix: &str) -> String {
+    format!("dha{}-{suffix}", std::process::id())
+}
+
+/// gdbus call of `iface.method` on /org/dindhelper1 as `user`.
+fn call(bed: &Bed, user: &str, iface: &str, method: &str, args: &[&str]) -> Out {
+    bed.gdbus_raw(
+        user,
+        &bed.address,
+        BUS_NAME,
+        MANAGER_PATH,
+        &format!("{iface}.{method}"),
+        args,
+    )
+}
+
+#[track_caller]
+fn refused(bed: &Bed, user: &str, iface: &str, method: &str, args: &[&str], kind: &str) -> Out {
+    let out = call(bed, user, iface, method, args);
+    let want = format!("org.dindhelper1.Error.{kind}");
+    assert_eq!(
+        out.dbus_error().as_deref(),
+        Some(want.as_str()),
+        "{user}: {method}({}) must be refused with {want}: {out:?}",
+        args.join(", ")
+    );
+    out
+}
+
+#[track_caller]
+fn ok(bed: &Bed, user: &str, iface: &str, method: &str, args: &[&str]) -> Out {
+    let out = call(bed, user, iface, method, args);
+    assert!(
+        out.ok(),
+        "{user}: {method}({}) must succeed: {out:?}",
+        args.join(", ")
+    );
+    out
+}
+
+fn instance_names(bed: &Bed) -> String {
+    ok(bed, "root", INSTANCES, "ListInstances", &[]).stdout
+}
+
+/// Removes an instance as root (force) when the test ends, however it ends.
+struct Inst<'b>(&'b Bed, String);
+
+impl Drop for Inst<'_> {
+    fn drop(&mut self) {
+        call(
+            self.0,
+            "root",
+            INSTANCES,
+            "DestroyInstance",
+            &[&gv_str(&self.1), "{'force': <true>}"],
+        );
+    }
+}
+
+/// A negative oom_score_adj needs `instances-oom-protect`: a tenant (base `instances`
+/// only) is refused on CreateInstance and SetLimits; a positive value is fine; the
+/// provisioning group may. Before the fix any `instances` holder made itself OOM-immune.
+fn negative_oom_score_adj_needs_oom_protect(bed: &Bed) {
+    let n = name("oom");
+    let _g = Inst(bed, n.clone());
+    let before = instance_names(bed);
+    let out = refused(
+        bed,
+        TENANT,
+        INSTANCES,
+        "CreateInstance",
+        &[&gv_str(&n), "{'oom_score_adj': <int32 -1000>}"],
+        "NotAuthorized",
+    );
+    assert!(out.stderr.contains("instances-oom-protect"), "{out:?}");
+    assert_eq!(
+        before,
+        instance_names(bed),
+        "a refused create left an instance"
+    );
+    ok(
+        bed,
+        TENANT,
+        INSTANCES,
+        "CreateInstance",
+        &[&gv_str(&n), "{'oom_score_adj': <int32 100>}"],
+    );
+    refused(
+        bed,
+        TENANT,
+        INSTANCES,
+        "SetLimits",
+        &[&gv_str(&n), "{'oom_score_adj': <int32 -1>}"],
+        "NotAuthorized",
+    );
+    ok(
+        bed,
+        TENANT,
+        INSTANCES,
+        "SetLimits",
+        &[&gv_str(&n), "{'oom_score_adj': <int32 0>}"],
+    );
+    ok(
+        bed,
+        MEMBER,
+        INSTANCES,
+        "SetLimits",
+        &[&gv_str(&n), "{'oom_score_adj': <int32 -500>}"],
+    );
+}
+
+/// Host ports below `privileged_port_floor` (default 1024) need `ports-privileged`; a
+/// PublishMany above `max_publish_many` (default 256) is InvalidArgs. Both are decided
+/// before the container is looked up (this bed's daemon has no dockerd: an allowed call
+/// fails later with another error).
+fn privileged_host_port_and_huge_publish_many_refused(bed: &Bed) {
+    for port in ["22", "80", "1023"] {
+        let out = refused(
+            bed,
+            TENANT,
+            PORTS,
+            "Publish",
+            &[
+                "'web'",
+                "'tcp'",
+                &format!("uint16 {port}"),
+                "uint16 80",
+                "@a{sv} {}",
+            ],
+            "NotAuthorized",
+        );
+        assert!(out.stderr.contains("ports-privileged"), "{out:?}");
+    }
+    let out = call(
+        bed,
+        TENANT,
+        PORTS,
+        "Publish",
+        &["'web'", "'tcp'", "uint16 1024", "uint16 80", "@a{sv} {}"],
+    );
+    assert_ne!(
+        out.dbus_error().as_deref(),
+        Some("org.dindhelper1.Error.NotAuthorized"),
+        "port 1024 is above the floor: {out:?}"
+    );
+    let many: Vec<String> = (0..300)
+        .map(|i| format!("('web', 'tcp', uint16 {}, uint16 80)", 20000 + i))
+        .collect();
+    let arg = format!("[{}]", many.join(", "));
+    let out = refused(
+        bed,
+        TENANT,
+        PORTS,
+        "PublishMany",
+        &[&arg, "@a{sv} {}"],
+        "InvalidArgs",
+    );
+    assert!(out.stderr.contains("max_publish_many"), "{out:?}");
+}
+
+/// A user granted only `loop-others` (no `loop`) cannot create an image for another uid:
+/// the base action is checked too. Before the fix the `-others` twin alone was asked.
+fn others_action_alone_grants_nothing(bed: &Bed) {
+    let target = bed.uid(TENANT);
+    let img = name("oo");
+    let before = bed.image_files();
+    refused(
+        bed,
+        OTHERS_ONLY,
+        "org.dindhelper1.Manager",
+        "CreateImage",
+        &[
+            &gv_str(&img),
+            &format!("uint64 {}", 4 * MIB),
+            &format!("{{'owner_uid': <uint32 {target}>}}"),
+        ],
+        "NotAuthorized",
+    );
+    let leaked = bed.image_files() != before;
+    if leaked {
+        call(
+            bed,
+            "root",
+            "org.dindhelper1.Manager",
+            "DeleteImage",
+            &[
+                &gv_str(&img),
+                &format!("{{'owner_uid': <uint32 {target}>}}"),
+            ],
+        );
+    }
+    assert!(!leaked, "a refused CreateImage left a file");
+}
+
+/// Restores the bed's daemon (no config) when a test that restarted it with one ends.
+struct ConfigGuard<'b>(&'b Bed, PathBuf);
+
+impl<'b> ConfigGuard<'b> {
+    fn start(bed: &'b Bed, json: &str) -> Self {
+        let p = bed.scratch("attack-config.json");
+        std::fs::write(&p, json).expect("write config");
+        bed.set_daemon_args(&["--config".to_owned(), p.display().to_string()]);
+        bed.restart_daemon();
+        ConfigGuard(bed, p)
+    }
+}
+
+impl Drop for ConfigGuard<'_> {
+    fn drop(&mut self) {
+        self.0.set_daemon_args(&[]);
+        self.0.restart_daemon();
+        std::fs::remove_file(&self.1).ok();
+    }
+}
+
+/// Per-uid limits: `max_instances_per_uid` and `max_mappings_per_uid` (0 here: refused
+/// before any container lookup).
+fn per_uid_limits(bed: &Bed) {
+    let _c = ConfigGuard::start(
+        bed,
+        r#"{"max_instances_per_uid": 1, "max_mappings_per_uid": 0}"#,
+    );
+    let (a, b) = (name("qa"), name("qb"));
+    let _ga = Inst(bed, a.clone());
+    let _gb = Inst(bed, b.clone());
+    ok(
+        bed,
+        TENANT,
+        INSTANCES,
+        "CreateInstance",
+        &[&gv_str(&a), "@a{sv} {}"],
+    );
+    let out = refused(
+        bed,
+        TENANT,
+        INSTANCES,
+        "CreateInstance",
+        &[&gv_str(&b), "@a{sv} {}"],
+        "InvalidArgs",
+    );
+    assert!(out.stderr.contains("max_instances_per_uid"), "{out:?}");
+
+    let out = refused(
+        bed,
+        TENANT,
+        PORTS,
+        "Publish",
+        &["'web'", "'tcp'", "uint16 8080", "uint16 80", "@a{sv} {}"],
+        "InvalidArgs",
+    );
+    assert!(out.stderr.contains("max_mappings_per_uid"), "{out:?}");
+}
+
+/// `max_loops_per_uid`, which a `-others` holder must not escape by making uid 0 the
+/// owner: uid 0 is exempt only when the caller is root.
+fn owner_uid_zero_counts_against_uid_zero(bed: &Bed) {
+    let _c = ConfigGuard::start(bed, r#"{"max_loops_per_uid": 1}"#);
+    // Two images of uid 0, made and attached by the provisioning group's member.
+    let root_opts = "{'owner_uid': <uint32 0>}";
+    let imgs = [name("z1"), name("z2")];
+    for i in &imgs {
+        ok(
+            bed,
+            MEMBER,
+            "org.dindhelper1.Manager",
+            "CreateImage",
+            &[&gv_str(i), &format!("uint64 {}", 4 * MIB), root_opts],
+        );
+    }
+    let first = call(
+        bed,
+        MEMBER,
+        "org.dindhelper1.Manager",
+        "AttachImage",
+        &[&gv_str(&imgs[0]), root_opts],
+    );
+    let second = call(
+        bed,
+        MEMBER,
+        "org.dindhelper1.Manager",
+        "AttachImage",
+        &[&gv_str(&imgs[1]), root_opts],
+    );
+    // Root itself stays exempt: it may attach the second one.
+    let by_root = call(
+        bed,
+        "root",
+        "org.dindhelper1.Manager",
+        "AttachImage",
+        &[&gv_str(&imgs[1]), "@a{sv} {}"],
+    );
+    for l in bed.list_loops() {
+        if l[2]
+            .as_str()
+            .is_some_and(|f| imgs.iter().any(|i| f.ends_with(&format!("/{i}.img"))))
+        {
+            bed.detach("root", l[1].as_str().unwrap());
+        }
+    }
+    for i in &imgs {
+        bed.delete_image("root", i);
+    }
+    assert!(first.ok(), "first attach for uid 0: {first:?}");
+    assert_eq!(
+        second.dbus_error().as_deref(),
+        Some("org.dindhelper1.Error.InvalidArgs"),
+        "a second loop for uid 0 by a non-root caller must hit max_loops_per_uid: {second:?}"
+    );
+    assert!(second.stderr.contains("max_loops_per_uid"), "{second:?}");
+    assert!(by_root.ok(), "root is exempt: {by_root:?}");
+}
+
+/// Two AttachImage calls of one image at the same time (sent back to back on one
+/// connection, so the daemon handles them concurrently): exactly one attaches, the other
+/// is Busy. Before the fix both could pass the "not attached" check (it ran before the
+/// open, without the lock) and the image got two writable loop devices.
+fn concurrent_attach_of_one_image_one_wins(bed: &Bed) {
+    let img = name("race");
+    bed.create_image("root", &img, 4 * MIB);
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let (doubles, errors) = rt.block_on(async {
+        let conn = zbus::connection::Builder::address(bed.address.as_str())
+            .expect("address")
+            .build()
+            .await
+            .expect("connect");
+        let attach = || {
+            let conn = conn.clone();
+            let img = img.clone();
+            async move {
+                let opts: std::collections::HashMap<String, zbus::zvariant::Value<'_>> =
+                    std::collections::HashMap::new();
+                conn.call_method(
+                    Some(BUS_NAME),
+                    MANAGER_PATH,
+                    Some("org.dindhelper1.Manager"),
+                    "AttachImage",
+                    &(img.as_str(), opts),
+                )
+                .await
+                .and_then(|m| {
+                    m.body()
+                        .deserialize::<(zbus::zvariant::OwnedObjectPath, String)>()
+                        .map(|(_, d)| d)
+                })
+            }
+        };
+        let (mut doubles, mut errors) = (0, Vec::new());
+        for _ in 0..20 {
+            let (a, b) = tokio::join!(attach(), attach());
+            let mut wins = Vec::new();
+            for r in [a, b] {
+                match r {
+                    Ok(d) => wins.push(d),
+                    Err(zbus::Error::MethodError(name, msg, _))
+                        if name.as_str() == "org.dindhelper1.Error.Busy" =>
+                    {
+                        let _ = msg;
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            if wins.len() > 1 {
+                doubles += 1;
+            }
+            for d in &wins {
+                bed.detach("root", d);
+            }
+        }
+        (doubles, errors)
+    });
+    bed.delete_image("root", &img);
+    assert_eq!(doubles, 0, "an image was attached twice at once");
+    assert!(errors.is_empty(), "the loser must be Busy: {errors:?}");
+}
