@@ -27,6 +27,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+/// Longest a capture filter may take to compile.
+pub const FILTER_COMPILE_LIMIT: Duration = Duration::from_secs(2);
+
 /// How long a finished session stays listed (and exported).
 pub const FINISHED_KEEP: Duration = Duration::from_secs(600);
 
@@ -361,8 +364,25 @@ impl Captures {
         if let Sink::Fd(f) = &sink {
             check_writable(f)?;
         }
-        // Options are checked (filter compiled) before any limit or file is touched.
-        req.options.validate()?;
+        // Options are checked (filter compiled) before any limit or file is touched. The
+        // compile runs off the runtime (libpcap's optimizer is not bounded in time for a
+        // filter of MAX_FILTER_LEN bytes) and is given FILTER_COMPILE_LIMIT.
+        let opts = req.options.clone();
+        match tokio::time::timeout(
+            FILTER_COMPILE_LIMIT,
+            tokio::task::spawn_blocking(move || opts.validate()),
+        )
+        .await
+        {
+            Ok(Ok(r)) => r?,
+            Ok(Err(e)) => return Err(CaptureOpsError::Task(e.to_string())),
+            Err(_) => {
+                return Err(CaptureOpsError::Capture(CaptureError::InvalidOption {
+                    option: "filter",
+                    why: format!("did not compile within {FILTER_COMPILE_LIMIT:?}; simplify it"),
+                }))
+            }
+        }
 
         let _g = self.inner.start_lock.lock().await;
         let uid = req.uid;

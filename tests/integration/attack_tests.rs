@@ -40,6 +40,10 @@ pub fn tests() -> Vec<Test> {
             "attack_concurrent_attach_of_one_image_one_wins",
             concurrent_attach_of_one_image_one_wins,
         ),
+        t(
+            "attack_stalled_capture_reader_never_blocks_the_daemon",
+            stalled_capture_reader_never_blocks_the_daemon,
+        ),
     ]
 }
 
@@ -417,4 +421,188 @@ fn concurrent_attach_of_one_image_one_wins(bed: &Bed) {
     bed.delete_image("root", &img);
     assert_eq!(doubles, 0, "an image was attached twice at once");
     assert!(errors.is_empty(), "the loser must be Busy: {errors:?}");
+}
+
+/// A network namespace with `lo` up (target: a `sleep` in it) and a thread flooding UDP on
+/// its loopback until dropped.
+struct Flood {
+    target: std::process::Child,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flood {
+    fn start() -> Flood {
+        let mut target = std::process::Command::new("unshare")
+            .args(["-n", "sh", "-c", "ip link set lo up && exec sleep 120"])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("unshare -n");
+        let pid = target.id();
+        // Wait until lo is up in the new namespace (the sleep has replaced sh).
+        let t = std::time::Instant::now();
+        loop {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "sleep" {
+                break;
+            }
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(5),
+                "netns target"
+            );
+            if let Ok(Some(st)) = target.try_wait() {
+                panic!("unshare -n exited: {st}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).expect("ns");
+            // SAFETY: setns on this (dedicated, short-lived) thread only.
+            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns");
+            let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+            let buf = [0x5au8; 1400];
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = sock.send_to(&buf, "127.0.0.1:9");
+            }
+        });
+        Flood {
+            target,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.target.id()
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = self.target.kill();
+        let _ = self.target.wait();
+    }
+}
+
+/// StartCaptureFd into a pipe nobody reads (as root: target `pid:N` needs capture-host).
+/// Returns the session object; the read end stays open in `keep`.
+fn start_unread_capture(
+    rt: &tokio::runtime::Runtime,
+    conn: &zbus::Connection,
+    pid: u32,
+    keep: &mut Vec<std::fs::File>,
+) -> String {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: fresh fds we own.
+    let (r, w) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    keep.push(r);
+    rt.block_on(async {
+        let opts: std::collections::HashMap<String, zbus::zvariant::Value<'_>> =
+            [("duration".to_owned(), zbus::zvariant::Value::U64(60))]
+                .into_iter()
+                .collect();
+        let target = format!("pid:{pid}");
+        let m = conn
+            .call_method(
+                Some(BUS_NAME),
+                MANAGER_PATH,
+                Some("org.dindhelper1.Captures"),
+                "StartCaptureFd",
+                &(target.as_str(), zbus::zvariant::Fd::from(&w), opts),
+            )
+            .await
+            .expect("StartCaptureFd");
+        let p: zbus::zvariant::OwnedObjectPath = m.body().deserialize().expect("o");
+        p.to_string()
+    })
+}
+
+fn capture_reason(bed: &Bed, obj: &str) -> String {
+    let out = bed
+        .busctl(&[
+            "get-property",
+            BUS_NAME,
+            obj,
+            "org.dindhelper1.Capture",
+            "Reason",
+        ])
+        .expect_ok("Reason");
+    out.json_data().as_str().unwrap_or_default().to_owned()
+}
+
+/// A StartCaptureFd pipe nobody reads, with traffic: the session ends by itself with
+/// reason `sink-stalled`; Stop of another such session answers within 1 s; daemon
+/// shutdown with one still running takes less than 2 s. Before the fix the session
+/// thread blocked in write(2): Stop ran into its 10 s timeout, shutdown waited 5 s per
+/// session, and the stalled session counted against the limit for good.
+fn stalled_capture_reader_never_blocks_the_daemon(bed: &Bed) {
+    let flood = Flood::start();
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let conn = rt
+        .block_on(
+            zbus::connection::Builder::address(bed.address.as_str())
+                .expect("a")
+                .build(),
+        )
+        .expect("connect");
+    let mut keep = Vec::new();
+    let s1 = start_unread_capture(&rt, &conn, flood.pid(), &mut keep);
+    let s2 = start_unread_capture(&rt, &conn, flood.pid(), &mut keep);
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let t = std::time::Instant::now();
+    let out = bed.busctl(&[
+        "call",
+        BUS_NAME,
+        &s2,
+        "org.dindhelper1.Capture",
+        "Stop",
+        "a{sv}",
+        "0",
+    ]);
+    let stop_took = t.elapsed();
+    assert!(out.ok(), "Stop: {out:?}");
+    assert!(
+        stop_took < std::time::Duration::from_secs(1),
+        "Stop of a session with a stalled reader took {stop_took:?}"
+    );
+    // The other one ends by itself (STALL = 2 s without progress once the queue is full).
+    let t = std::time::Instant::now();
+    let reason = loop {
+        let r = capture_reason(bed, &s1);
+        if !r.is_empty() || t.elapsed() > std::time::Duration::from_secs(8) {
+            break r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(reason, "sink-stalled", "session {s1} with nobody reading");
+    let s3 = start_unread_capture(&rt, &conn, flood.pid(), &mut keep);
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    drop(conn);
+    let t = std::time::Instant::now();
+    let st = bed.stop_daemon();
+    let down = t.elapsed();
+    bed.start_daemon().expect("start again");
+    assert!(st.is_some_and(|s| s.success()), "exit status {st:?}");
+    assert!(
+        down < std::time::Duration::from_secs(2),
+        "shutdown with a stalled capture ({s3}) took {down:?}"
+    );
+    drop(keep);
+    drop(flood);
 }
