@@ -234,7 +234,7 @@ fn row(s: &Session) -> CaptureRow {
 impl CaptureManager {
     /// Capture in a container's network namespace (`pid:N` and `host` need the
     /// capture-host action) into `<state>/captures/<uid>/<name>.pcap`, owned by the caller,
-    /// mode 0640. Options: interface s, filter s, snaplen u, duration u (seconds, default
+    /// mode 0600. Options: interface s, filter s, snaplen u, duration u (seconds, default
     /// 60, capped by config), max_bytes t, max_packets t, name s, instance s.
     #[zbus(out_args("session", "path"))]
     async fn start_capture(
@@ -288,6 +288,45 @@ impl CaptureManager {
             &caller,
             "StartCaptureFd",
             &format!("{target} {}", describe(&options)),
+            &r,
+        );
+        r
+    }
+
+    /// Delete one of the caller's capture files (`name` without .pcap); option
+    /// `owner_uid` u: another uid's file (needs capture-others). Busy while a session
+    /// still writes it. This is what frees the per-uid byte quota.
+    async fn delete_capture(
+        &self,
+        name: String,
+        options: Options,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<(), BusError> {
+        let _g = self.gate.read().await;
+        let caller = self.auth.caller(&hdr).await?;
+        let r = async {
+            let mut o = Opts::new(&options);
+            let owner = match o.u64("owner_uid")? {
+                None => caller.uid,
+                Some(u) => u32::try_from(u)
+                    .map_err(|_| BusError::InvalidArgs(format!("owner_uid {u} is out of range")))?,
+            };
+            let inter = interactive(&options)?;
+            o.finish()?;
+            self.auth
+                .check_caller(&hdr, &caller, Action::Capture, owner != caller.uid, inter)
+                .await?;
+            self.captures
+                .delete_file(owner, &name)
+                .await
+                .map_err(BusError::map)?;
+            Ok(())
+        }
+        .await;
+        audit(
+            &caller,
+            "DeleteCapture",
+            &format!("{name} {}", describe(&options)),
             &r,
         );
         r

@@ -64,6 +64,8 @@ pub enum CaptureOpsError {
     },
     #[error("internal task failed: {0}")]
     Task(String),
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl Classify for CaptureOpsError {
@@ -80,6 +82,7 @@ impl Classify for CaptureOpsError {
             CaptureOpsError::NoDocker => Kind::NotSupported,
             CaptureOpsError::NoSession { .. } => Kind::NotFound,
             CaptureOpsError::Io { .. } | CaptureOpsError::Task(_) => Kind::Failed,
+            CaptureOpsError::Busy(_) => Kind::Busy,
         }
     }
 }
@@ -153,7 +156,7 @@ pub struct Resolved {
 
 /// Where the pcap goes.
 pub enum Sink {
-    /// `<state>/captures/<uid>/<name>.pcap`, owned by the caller, 0640.
+    /// `<state>/captures/<uid>/<name>.pcap`, owned by the caller, 0600.
     File { name: Option<String> },
     /// The caller's fd (a pipe, usually).
     Fd(File),
@@ -334,7 +337,7 @@ impl Captures {
                 (t, Some(info.id))
             }
         };
-        let host_netns = same_netns(target.pid, 1);
+        let host_netns = in_host_netns(target.pid);
         target.verify()?;
         Ok(Resolved {
             spec: spec.clone(),
@@ -488,6 +491,36 @@ impl Captures {
         Ok(session)
     }
 
+    /// Delete the capture file `<state>/captures/<uid>/<name>.pcap` (frees the per-uid byte
+    /// quota). Busy while a running session writes it; NotFound when there is none.
+    pub async fn delete_file(&self, uid: u32, name: &str) -> Result<PathBuf, CaptureOpsError> {
+        crate::names::check_file_name("capture name", name)?;
+        let _g = self.inner.start_lock.lock().await;
+        let want = self
+            .inner
+            .core
+            .store
+            .dir()
+            .join("captures")
+            .join(uid.to_string())
+            .join(format!("{name}.pcap"));
+        if self
+            .list()
+            .iter()
+            .any(|s| s.is_running() && s.path.as_ref() == Some(&want))
+        {
+            return Err(CaptureOpsError::Busy(format!(
+                "capture {name:?} is still being written; Stop its session first"
+            )));
+        }
+        let state_dir = self.inner.core.store.dir().to_owned();
+        let n = name.to_owned();
+        tokio::task::spawn_blocking(move || capture::file::delete_capture_file(&state_dir, uid, &n))
+            .await
+            .map_err(|e| CaptureOpsError::Task(e.to_string()))?
+            .map_err(CaptureOpsError::Capture)
+    }
+
     /// Stop every running capture (daemon shutdown) and wait for them; returns how many.
     pub async fn stop_all(&self) -> usize {
         let hit: Vec<Arc<Session>> = self.list().into_iter().filter(|s| s.is_running()).collect();
@@ -539,15 +572,22 @@ fn check_writable(f: &File) -> Result<(), CaptureOpsError> {
     }
 }
 
-/// Do two processes share a network namespace?
-fn same_netns(a: i32, b: i32) -> bool {
+/// Is `pid` in the host's network namespace? "Host" is the daemon's own namespace (the
+/// unit has no PrivateNetwork; in tests the daemon may run in dockerd's namespace, whose
+/// host-network containers share it) and, when it can be read, pid 1's. pid 1's link is
+/// not always readable, even by root (this project's test machine: EACCES); before, that
+/// made every container count as "host" and a tenant with `capture` but not
+/// `capture-host` could capture nothing. A target whose own namespace cannot be read
+/// still counts as the host (the stricter action).
+fn in_host_netns(pid: i32) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let ino = |p: i32| std::fs::metadata(format!("/proc/{p}/ns/net")).map(|m| (m.dev(), m.ino()));
-    match (ino(a), ino(b)) {
-        (Ok(x), Ok(y)) => x == y,
-        // Unknown: treat as the host (the stricter action).
-        _ => true,
-    }
+    let ino = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
+    let Ok(target) = ino(&format!("/proc/{pid}/ns/net")) else {
+        return true;
+    };
+    let own = ino("/proc/self/ns/net").ok();
+    let init = ino("/proc/1/ns/net").ok();
+    own.is_none_or(|o| o == target) || init == Some(target)
 }
 
 /// Bytes of the regular files directly in `dir` (0 when it does not exist).

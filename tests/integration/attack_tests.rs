@@ -4,7 +4,9 @@
 //! what the security read found. Each refusal is named (the D-Bus error), and what a
 //! refused call could have touched is compared before and after.
 
-use crate::bed::{gv_str, Bed, Out, BUS_NAME, MANAGER_PATH, MEMBER, OTHERS_ONLY, TENANT};
+use crate::bed::{
+    gv_str, Bed, Out, BUS_NAME, MANAGER_PATH, MEMBER, OTHERS_ONLY, OWN, TENANT, TENANT2,
+};
 use crate::Test;
 use std::path::PathBuf;
 
@@ -39,6 +41,10 @@ pub fn tests() -> Vec<Test> {
         t(
             "attack_concurrent_attach_of_one_image_one_wins",
             concurrent_attach_of_one_image_one_wins,
+        ),
+        t(
+            "attack_capture_files_are_the_owners_under_umask_077",
+            capture_files_are_the_owners_under_umask_077,
         ),
         t(
             "attack_stalled_capture_reader_never_blocks_the_daemon",
@@ -241,22 +247,26 @@ fn others_action_alone_grants_nothing(bed: &Bed) {
     assert!(!leaked, "a refused CreateImage left a file");
 }
 
-/// Restores the bed's daemon (no config) when a test that restarted it with one ends.
-struct ConfigGuard<'b>(&'b Bed, PathBuf);
+/// Restores the bed's daemon (its previous arguments) when a test that restarted it with
+/// a config ends.
+struct ConfigGuard<'b>(&'b Bed, PathBuf, Vec<String>);
 
 impl<'b> ConfigGuard<'b> {
     fn start(bed: &'b Bed, json: &str) -> Self {
         let p = bed.scratch("attack-config.json");
         std::fs::write(&p, json).expect("write config");
-        bed.set_daemon_args(&["--config".to_owned(), p.display().to_string()]);
+        let prev = bed.daemon_args();
+        let mut args = prev.clone();
+        args.extend(["--config".to_owned(), p.display().to_string()]);
+        bed.set_daemon_args(&args);
         bed.restart_daemon();
-        ConfigGuard(bed, p)
+        ConfigGuard(bed, p, prev)
     }
 }
 
 impl Drop for ConfigGuard<'_> {
     fn drop(&mut self) {
-        self.0.set_daemon_args(&[]);
+        self.0.set_daemon_args(&self.2);
         self.0.restart_daemon();
         std::fs::remove_file(&self.1).ok();
     }
@@ -605,4 +615,123 @@ fn stalled_capture_reader_never_blocks_the_daemon(bed: &Bed) {
     );
     drop(keep);
     drop(flood);
+}
+
+/// Restarts the daemon with umask 077 (the shipped unit's `UMask=0077`) and back.
+struct UmaskGuard<'b>(&'b Bed);
+
+impl<'b> UmaskGuard<'b> {
+    fn start(bed: &'b Bed) -> Self {
+        // SAFETY: umask(2) only swaps the mask; the daemon inherits it at spawn.
+        let old = unsafe { libc::umask(0o077) };
+        bed.restart_daemon();
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        UmaskGuard(bed)
+    }
+}
+
+impl Drop for UmaskGuard<'_> {
+    fn drop(&mut self) {
+        self.0.restart_daemon();
+    }
+}
+
+/// Under umask 077 (and with capture directories an older daemon left 0700, as the
+/// shipped unit made them) the owner reads its capture file, which is 0600 and its own;
+/// another tenant cannot read or delete it; DeleteCapture by the owner removes it (the
+/// quota is freed). Before the fix the directories stayed 0700 and owners got EACCES,
+/// files were 0640 with the owner's group, and nobody could delete a capture.
+fn capture_files_are_the_owners_under_umask_077(bed: &Bed) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let caps = bed.state_dir.join("captures");
+    let own_dir = caps.join(bed.uid(OWN).to_string());
+    for d in [&caps, &own_dir] {
+        if d.exists() {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        }
+    }
+    let _u = UmaskGuard::start(bed);
+    let flood = Flood::start();
+    let cap = name("um");
+    let out = ok(
+        bed,
+        OWN,
+        "org.dindhelper1.Captures",
+        "StartCapture",
+        &[
+            &gv_str(&format!("pid:{}", flood.pid())),
+            &format!("{{'name': <{}>, 'max_packets': <uint64 5>}}", gv_str(&cap)),
+        ],
+    );
+    let obj = out
+        .stdout
+        .split('\'')
+        .nth(1)
+        .expect("session object")
+        .to_owned();
+    let t = std::time::Instant::now();
+    while capture_reason(bed, &obj).is_empty() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "capture did not end"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(flood);
+    let file = own_dir.join(format!("{cap}.pcap"));
+    let m = std::fs::metadata(&file).expect("capture file");
+    let modes: Vec<u32> = [&caps, &own_dir]
+        .iter()
+        .map(|d| std::fs::metadata(d).unwrap().permissions().mode() & 0o7777)
+        .collect();
+    let read_own = bed.ctl_like(OWN, "head", &["-c", "24", &file.display().to_string()]);
+    let read_other = bed.ctl_like(TENANT2, "head", &["-c", "24", &file.display().to_string()]);
+    let del_other = call(
+        bed,
+        TENANT,
+        "org.dindhelper1.Captures",
+        "DeleteCapture",
+        &[
+            &gv_str(&cap),
+            &format!("{{'owner_uid': <uint32 {}>}}", bed.uid(OWN)),
+        ],
+    );
+    let del_own = call(
+        bed,
+        OWN,
+        "org.dindhelper1.Captures",
+        "DeleteCapture",
+        &[&gv_str(&cap), "@a{sv} {}"],
+    );
+    let gone = !file.exists();
+    let again = call(
+        bed,
+        OWN,
+        "org.dindhelper1.Captures",
+        "DeleteCapture",
+        &[&gv_str(&cap), "@a{sv} {}"],
+    );
+    if !gone {
+        std::fs::remove_file(&file).ok();
+    }
+    assert_eq!(modes, vec![0o711, 0o711], "captures/ and captures/<uid>/");
+    assert_eq!(
+        (m.uid(), m.permissions().mode() & 0o777),
+        (bed.uid(OWN), 0o600),
+        "capture file owner and mode"
+    );
+    assert!(read_own.ok(), "the owner reads its capture: {read_own:?}");
+    assert!(!read_other.ok(), "another tenant must not read it");
+    assert_eq!(
+        del_other.dbus_error().as_deref(),
+        Some("org.dindhelper1.Error.NotAuthorized"),
+        "{del_other:?}"
+    );
+    assert!(del_own.ok() && gone, "owner's DeleteCapture: {del_own:?}");
+    assert_eq!(
+        again.dbus_error().as_deref(),
+        Some("org.dindhelper1.Error.NotFound"),
+        "{again:?}"
+    );
 }

@@ -471,6 +471,11 @@ impl Bed {
         *self.daemon_place.borrow_mut() = place;
     }
 
+    /// The extra arguments set by [`Bed::set_daemon_args`].
+    pub fn daemon_args(&self) -> Vec<String> {
+        self.daemon_args.borrow().clone()
+    }
+
     /// Extra arguments for every later (re)start of the daemon; takes effect at the next
     /// [`Bed::restart_daemon`].
     pub fn set_daemon_args(&self, args: &[String]) {
@@ -600,6 +605,13 @@ impl Bed {
     pub fn ctl_as(&self, user: &str, args: &[&str]) -> Out {
         let mut cmd = self.as_user(user, Self::ctl_bin());
         cmd.arg("--bus-address").arg(&self.address).args(args);
+        run_cmd(&mut cmd)
+    }
+
+    /// Any program as `user` (runuser), e.g. to prove what a user can read.
+    pub fn ctl_like(&self, user: &str, prog: &str, args: &[&str]) -> Out {
+        let mut cmd = self.as_user(user, prog);
+        cmd.args(args);
         run_cmd(&mut cmd)
     }
 

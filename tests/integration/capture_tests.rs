@@ -12,7 +12,9 @@
 //!
 //! Signals are observed with `gdbus monitor` (line-buffered through `stdbuf -oL`).
 
-use crate::bed::{gv_str, run, sfdisk, Bed, Out, BUS_NAME, MANAGER_PATH, MEMBER, OWN, PLAIN};
+use crate::bed::{
+    gv_str, run, sfdisk, Bed, Out, BUS_NAME, MANAGER_PATH, MEMBER, OWN, PLAIN, TENANT,
+};
 use crate::dockerd::Dockerd;
 use crate::Test;
 use std::fs;
@@ -52,6 +54,11 @@ pub fn tests() -> Vec<Test> {
             name: "capture_bad_filter_and_plain_user_are_refused",
             needs_daemon: true,
             run: capture_bad_filter_and_plain_user_are_refused,
+        },
+        Test {
+            name: "capture_tenant_without_capture_host_captures_a_bridge_container",
+            needs_daemon: true,
+            run: capture_tenant_without_capture_host_captures_a_bridge_container,
         },
         Test {
             name: "expose_partition_nodes_follow_rescan_inside_the_container",
@@ -326,7 +333,7 @@ fn capture_filter_tcp80_finds_the_gets_and_nothing_else(bed: &Bed) {
 
         let meta = fs::metadata(&path).expect("capture file");
         assert_eq!(meta.uid(), uid, "owned by the caller");
-        assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
 
         let (st, plain, err) = tcpdump_read(&path, false, None);
         assert_eq!(st, 0, "tcpdump -r {path}: {err}");
@@ -499,6 +506,41 @@ fn capture_killed_container_leaves_a_valid_file(bed: &Bed) {
         assert_eq!(packet_lines(&lines) as u64, p);
         assert!(p >= 6, "3 pings and 3 replies at least: {p}\n{lines:?}");
         assert_eq!(fs::metadata(&path).unwrap().len(), b);
+    })
+}
+
+/// A tenant (shipped group: `capture`, no `capture-host`) captures in a container on a
+/// bridge network. Before the fix "is it on the host network" compared with
+/// /proc/1/ns/net, which root cannot stat on this machine (EACCES): every container
+/// counted as the host and the tenant was refused.
+fn capture_tenant_without_capture_host_captures_a_bridge_container(bed: &Bed) {
+    docker(bed, |_| {
+        let name = format!("tenant-{}", std::process::id());
+        let out = gdbus(
+            bed,
+            TENANT,
+            MANAGER_PATH,
+            &format!("{CAPTURES}.StartCapture"),
+            &[
+                &gv_str("web"),
+                &format!("{{'name': <{}>, 'duration': <uint32 1>}}", gv_str(&name)),
+            ],
+        );
+        assert!(out.ok(), "tenant StartCapture web: {out:?}");
+        let obj = out.stdout.split('\'').nth(1).expect("object").to_owned();
+        let t = Instant::now();
+        while prop_str(bed, &obj, "Reason").is_empty() {
+            assert!(t.elapsed() < Duration::from_secs(10), "did not end");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = gdbus(
+            bed,
+            TENANT,
+            MANAGER_PATH,
+            &format!("{CAPTURES}.DeleteCapture"),
+            &[&gv_str(&name), "@a{sv} {}"],
+        );
+        assert!(out.ok(), "DeleteCapture: {out:?}");
     })
 }
 
