@@ -107,6 +107,22 @@ impl CaptureManager {
         )
         .await?;
         let resolved = self.captures.resolve(&spec).await.map_err(BusError::map)?;
+        if let Some(id) = &resolved.container_id {
+            // Owned targets: a container of another uid's instance, or of none, needs
+            // capture-others.
+            super::authorize_container_id(
+                &self.auth,
+                &self.core,
+                hdr,
+                caller,
+                Action::Capture,
+                target,
+                id,
+                inter,
+                vec![("target", target.to_owned())],
+            )
+            .await?;
+        }
         if resolved.host_netns && !spec.is_admin() {
             // A container on the host network sees the host's traffic.
             self.auth

@@ -51,14 +51,23 @@ impl Devices {
                     .check_caller(&hdr, &caller, Action::Devices, true, inter)
                     .await?;
             }
-            let rep = ops::devices::expose_to_container(
+            // Owned targets: the container must belong to one of the caller's instances,
+            // else devices-others. The resolved id is what is acted on.
+            let id = super::authorize_container(
+                &self.auth,
                 &self.core,
-                self.docker.as_ref(),
-                number,
+                &hdr,
+                &caller,
+                Action::Devices,
                 &container,
+                inter,
+                vec![("device", rec.device())],
             )
-            .await
-            .map_err(BusError::map)?;
+            .await?;
+            let rep =
+                ops::devices::expose_to_container(&self.core, self.docker.as_ref(), number, &id)
+                    .await
+                    .map_err(BusError::map)?;
             let mut created = rep.created;
             created.extend(rep.replaced);
             Ok((created, rep.removed))

@@ -354,7 +354,20 @@ impl Instances {
             let inter = interactive(&options)?;
             Opts::new(&options).finish()?;
             self.authorize(&hdr, &caller, &name, inter, false).await?;
-            let (id, a) = ops::instances::adopt(&self.core, &name, &container)
+            // Owned targets: adopting a container that is in another uid's instance, or
+            // in none, needs instances-others (the provisioning group adopts for tenants).
+            let id = super::authorize_container(
+                &self.auth,
+                &self.core,
+                &hdr,
+                &caller,
+                Action::Instances,
+                &container,
+                inter,
+                vec![("instance", name.clone())],
+            )
+            .await?;
+            let (id, a) = ops::instances::adopt(&self.core, &name, &id)
                 .await
                 .map_err(BusError::map)?;
             self.publish(server, &name).await;

@@ -268,6 +268,8 @@ impl Ports {
                 ports.len()
             )));
         }
+        ops::ports::check_mapping_quota(&self.core, caller.uid, ports.len())
+            .map_err(BusError::map)?;
         let floor = self.core.cfg.privileged_port_floor;
         for (container, protocol, host_port, _) in ports {
             if *host_port < floor {
@@ -282,6 +284,27 @@ impl Ports {
                 self.auth
                     .check_with(hdr, caller, Action::PortsPrivileged, false, inter, &details)
                     .await?;
+            }
+        }
+        // Owned targets: every container must belong to one of the caller's instances,
+        // else ports-others.
+        let mut seen = std::collections::HashSet::new();
+        for (container, protocol, host_port, _) in ports {
+            if seen.insert(container.clone()) {
+                super::authorize_container(
+                    &self.auth,
+                    &self.core,
+                    hdr,
+                    caller,
+                    Action::Ports,
+                    container,
+                    inter,
+                    vec![
+                        ("host_port", host_port.to_string()),
+                        ("protocol", protocol.clone()),
+                    ],
+                )
+                .await?;
             }
         }
         Ok(())

@@ -313,6 +313,15 @@ fn parse_pid_ref(container: &str) -> Option<Result<u32, OpsError>> {
     )
 }
 
+/// Resolve a container reference (Docker name/id, or `pid:N`) the way AdoptContainer does;
+/// the bus layer uses it to find who owns a target before acting on it.
+pub async fn resolve_container(
+    core: &Core,
+    container: &str,
+) -> Result<ResolvedContainer, OpsError> {
+    resolve(core, container).await
+}
+
 async fn resolve(core: &Core, container: &str) -> Result<ResolvedContainer, OpsError> {
     match parse_pid_ref(container) {
         Some(p) => {

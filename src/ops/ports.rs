@@ -165,6 +165,27 @@ impl Drop for Reservation {
     }
 }
 
+/// Would `n` more mappings of `uid` exceed `max_mappings_per_uid`? A fast refusal before
+/// any container lookup; [`publish_many`] checks again exactly (with reservations).
+pub fn check_mapping_quota(core: &Core, uid: u32, n: usize) -> Result<(), OpsError> {
+    if crate::config::quota_exempt(uid, uid) {
+        return Ok(());
+    }
+    let have = core
+        .ports
+        .mappings()
+        .iter()
+        .filter(|m| m.owner_uid == uid)
+        .count();
+    let max = core.cfg.max_mappings_per_uid;
+    if have + n > max {
+        return Err(OpsError::Limit(format!(
+            "uid {uid} has {have} port mappings; {n} more would exceed max_mappings_per_uid = {max}"
+        )));
+    }
+    Ok(())
+}
+
 /// Publish one port (see [`publish_many`]).
 pub async fn publish(core: &Arc<Core>, req: PublishRequest) -> Result<Mapping, OpsError> {
     let mut v = publish_many(core, vec![req]).await?;

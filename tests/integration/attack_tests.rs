@@ -193,9 +193,10 @@ fn privileged_host_port_and_huge_publish_many_refused(bed: &Bed) {
         "Publish",
         &["'web'", "'tcp'", "uint16 1024", "uint16 80", "@a{sv} {}"],
     );
-    assert_ne!(
-        out.dbus_error().as_deref(),
-        Some("org.dindhelper1.Error.NotAuthorized"),
+    // Above the floor: whatever comes next (no dockerd here, or ports-others for a
+    // container of no instance when a dockerd runs), not ports-privileged.
+    assert!(
+        !out.stderr.contains("ports-privileged"),
         "port 1024 is above the floor: {out:?}"
     );
     let many: Vec<String> = (0..300)
