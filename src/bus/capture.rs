@@ -260,27 +260,29 @@ impl CaptureManager {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<(OwnedObjectPath, String), BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
-        let r = self
-            .do_start(&hdr, &caller, &emitter, &target, &options, None)
-            .await
-            .map(|s| {
-                (
-                    capture_path(s.id),
-                    s.path
-                        .as_ref()
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_default(),
-                )
-            });
-        audit(
-            &caller,
+        let args = format!("{target} {}", describe(&options));
+        let (hdr, emitter) = (&hdr, &emitter);
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
             "StartCapture",
-            &format!("{target} {}", describe(&options)),
-            &r,
-        );
-        r
+            &args,
+            |caller| async move {
+                self.do_start(hdr, &caller, emitter, &target, &options, None)
+                    .await
+                    .map(|s| {
+                        (
+                            capture_path(s.id),
+                            s.path
+                                .as_ref()
+                                .map(|p| p.display().to_string())
+                                .unwrap_or_default(),
+                        )
+                    })
+            },
+        )
+        .await
     }
 
     /// Capture like StartCapture but stream the pcap into `fd` (a pipe: `| tcpdump -r -`).
@@ -293,20 +295,22 @@ impl CaptureManager {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<OwnedObjectPath, BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
+        let args = format!("{target} {}", describe(&options));
+        let (hdr, emitter) = (&hdr, &emitter);
         let file = File::from(std::os::fd::OwnedFd::from(fd));
-        let r = self
-            .do_start(&hdr, &caller, &emitter, &target, &options, Some(file))
-            .await
-            .map(|s| capture_path(s.id));
-        audit(
-            &caller,
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
             "StartCaptureFd",
-            &format!("{target} {}", describe(&options)),
-            &r,
-        );
-        r
+            &args,
+            |caller| async move {
+                self.do_start(hdr, &caller, emitter, &target, &options, Some(file))
+                    .await
+                    .map(|s| capture_path(s.id))
+            },
+        )
+        .await
     }
 
     /// Delete one of the caller's capture files (`name` without .pcap); option
@@ -318,34 +322,35 @@ impl CaptureManager {
         options: Options,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<(), BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
-        let r = async {
-            let mut o = Opts::new(&options);
-            let owner = match o.u64("owner_uid")? {
-                None => caller.uid,
-                Some(u) => u32::try_from(u)
-                    .map_err(|_| BusError::InvalidArgs(format!("owner_uid {u} is out of range")))?,
-            };
-            let inter = interactive(&options)?;
-            o.finish()?;
-            self.auth
-                .check_caller(&hdr, &caller, Action::Capture, owner != caller.uid, inter)
-                .await?;
-            self.captures
-                .delete_file(owner, &name)
-                .await
-                .map_err(BusError::map)?;
-            Ok(())
-        }
-        .await;
-        audit(
-            &caller,
+        let args = format!("{name} {}", describe(&options)).to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
             "DeleteCapture",
-            &format!("{name} {}", describe(&options)),
-            &r,
-        );
-        r
+            &args,
+            |caller| async move {
+                let mut o = Opts::new(&options);
+                let owner = match o.u64("owner_uid")? {
+                    None => caller.uid,
+                    Some(u) => u32::try_from(u).map_err(|_| {
+                        BusError::InvalidArgs(format!("owner_uid {u} is out of range"))
+                    })?,
+                };
+                let inter = interactive(&options)?;
+                o.finish()?;
+                self.auth
+                    .check_caller(hdr, &caller, Action::Capture, owner != caller.uid, inter)
+                    .await?;
+                self.captures
+                    .delete_file(owner, &name)
+                    .await
+                    .map_err(BusError::map)?;
+                Ok(())
+            },
+        )
+        .await
     }
 
     /// Sessions (running and recently finished): object, target, owner uid, state

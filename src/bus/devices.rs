@@ -1,7 +1,6 @@
 //! `org.dindhelper1.Devices` at `/org/dindhelper1`: ExposeToContainer. Authorize (devices,
 //! plus devices-others for another uid's loop device), call `ops::devices`, map the error.
 
-use super::audit;
 use super::auth::{Action, Authorizer};
 use super::error::BusError;
 use super::options::{interactive, Options, Opts};
@@ -32,50 +31,50 @@ impl Devices {
         options: Options,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<(Vec<String>, Vec<String>), BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
-        let r = async {
-            let inter = interactive(&options)?;
-            Opts::new(&options).finish()?;
-            self.auth
-                .check_caller(&hdr, &caller, Action::Devices, false, inter)
-                .await?;
-            let number = crate::loopdev::parse_device(&device).map_err(BusError::map)?;
-            let rec = ops::loops::managed(&self.core, number)
-                .await
-                .map_err(BusError::map)?;
-            if rec.owner_uid != caller.uid {
-                self.auth
-                    .check_caller(&hdr, &caller, Action::Devices, true, inter)
-                    .await?;
-            }
-            // Owned targets: the container must belong to one of the caller's instances,
-            // else devices-others. The resolved id is what is acted on.
-            let id = super::authorize_container(
-                &self.auth,
-                &self.core,
-                &hdr,
-                &caller,
-                Action::Devices,
-                &container,
-                inter,
-                vec![("device", rec.device())],
-            )
-            .await?;
-            let rep = ops::devices::expose_to_container(&self.core, number, &id)
-                .await
-                .map_err(BusError::map)?;
-            let mut created = rep.created;
-            created.extend(rep.replaced);
-            Ok((created, rep.removed))
-        }
-        .await;
-        audit(
-            &caller,
+        let args = format!("{device} {container}").to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
             "ExposeToContainer",
-            &format!("{device} {container}"),
-            &r,
-        );
-        r
+            &args,
+            |caller| async move {
+                let inter = interactive(&options)?;
+                Opts::new(&options).finish()?;
+                self.auth
+                    .check_caller(hdr, &caller, Action::Devices, false, inter)
+                    .await?;
+                let number = crate::loopdev::parse_device(&device).map_err(BusError::map)?;
+                let rec = ops::loops::managed(&self.core, number)
+                    .await
+                    .map_err(BusError::map)?;
+                if rec.owner_uid != caller.uid {
+                    self.auth
+                        .check_caller(hdr, &caller, Action::Devices, true, inter)
+                        .await?;
+                }
+                // Owned targets: the container must belong to one of the caller's instances,
+                // else devices-others. The resolved id is what is acted on.
+                let id = super::authorize_container(
+                    &self.auth,
+                    &self.core,
+                    hdr,
+                    &caller,
+                    Action::Devices,
+                    &container,
+                    inter,
+                    vec![("device", rec.device())],
+                )
+                .await?;
+                let rep = ops::devices::expose_to_container(&self.core, number, &id)
+                    .await
+                    .map_err(BusError::map)?;
+                let mut created = rep.created;
+                created.extend(rep.replaced);
+                Ok((created, rep.removed))
+            },
+        )
+        .await
     }
 }

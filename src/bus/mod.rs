@@ -55,6 +55,29 @@ pub async fn authorize_instance_tag(
     Ok(())
 }
 
+/// The call frame of every mutating method, written once: hold the gate shared (shutdown
+/// takes it exclusively and so waits for calls in flight), identify the caller, run the
+/// call, write the audit line with its outcome. A caller that cannot be identified is
+/// refused before anything runs (no audit line: there is nobody to name).
+pub(crate) async fn audited<T, F, Fut>(
+    auth: &auth::Authorizer,
+    gate: &tokio::sync::RwLock<()>,
+    hdr: &zbus::message::Header<'_>,
+    method: &str,
+    args: &str,
+    call: F,
+) -> Result<T, error::BusError>
+where
+    F: FnOnce(auth::Caller) -> Fut,
+    Fut: std::future::Future<Output = Result<T, error::BusError>>,
+{
+    let _g = gate.read().await;
+    let caller = auth.caller(hdr).await?;
+    let r = call(caller.clone()).await;
+    audit(&caller, method, args, &r);
+    r
+}
+
 /// The audit line of a mutating call: caller uid and bus name, method, arguments, outcome.
 pub(crate) fn audit<T>(
     caller: &auth::Caller,
@@ -114,6 +137,7 @@ pub async fn authorize_container_id(
 /// [`authorize_container_id`] after resolving `container` (name, id or `pid:N`) through
 /// the container resolver. Returns the resolved id: callers pass it on instead of the
 /// name, so the container checked is the container acted on.
+#[allow(clippy::too_many_arguments)] // the call's identity plus the target's
 pub async fn authorize_container(
     auth: &auth::Authorizer,
     core: &crate::ops::Core,

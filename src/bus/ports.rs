@@ -14,7 +14,6 @@
 //! `docker rm`) updates its object (PropertiesChanged) and emits `MappingChanged(o, s)` or
 //! `MappingRemoved(o)` on this interface.
 
-use super::audit;
 use super::auth::{Action, Authorizer, Caller};
 use super::error::BusError;
 use super::options::{describe, interactive, Options, Opts};
@@ -360,50 +359,55 @@ impl Ports {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<OwnedObjectPath, BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
         let args = format!(
             "{container} {protocol} {host_port}:{container_port} {}",
             describe(&options)
         );
-        let r = async {
-            let o = publish_opts(&options)?;
-            let inter = interactive(&options)?;
-            super::authorize_into_instance(
-                &self.auth,
-                &self.core,
-                &hdr,
-                &caller,
-                Action::Ports,
-                o.instance.as_deref(),
-                inter,
-            )
-            .await?;
-            let one = [(
-                container.clone(),
-                protocol.clone(),
-                host_port,
-                container_port,
-            )];
-            self.authorize_ports(&hdr, &caller, &one, o.instance.as_deref(), inter)
+        let args = args.to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
+            "Publish",
+            &args,
+            |caller| async move {
+                let o = publish_opts(&options)?;
+                let inter = interactive(&options)?;
+                super::authorize_into_instance(
+                    &self.auth,
+                    &self.core,
+                    hdr,
+                    &caller,
+                    Action::Ports,
+                    o.instance.as_deref(),
+                    inter,
+                )
                 .await?;
-            let req = request(
-                &o,
-                caller.uid,
-                container,
-                protocol,
-                host_port,
-                container_port,
-            );
-            let m = ops::ports::publish(&self.core, req)
-                .await
-                .map_err(BusError::map)?;
-            self.export_new(server, std::slice::from_ref(&m)).await;
-            Ok(port_path(&m.id))
-        }
-        .await;
-        audit(&caller, "Publish", &args, &r);
-        r
+                let one = [(
+                    container.clone(),
+                    protocol.clone(),
+                    host_port,
+                    container_port,
+                )];
+                self.authorize_ports(hdr, &caller, &one, o.instance.as_deref(), inter)
+                    .await?;
+                let req = request(
+                    &o,
+                    caller.uid,
+                    container,
+                    protocol,
+                    host_port,
+                    container_port,
+                );
+                let m = ops::ports::publish(&self.core, req)
+                    .await
+                    .map_err(BusError::map)?;
+                self.export_new(server, std::slice::from_ref(&m)).await;
+                Ok(port_path(&m.id))
+            },
+        )
+        .await
     }
 
     /// Publish many ports at once, all or nothing, as one iptables batch: entries are
@@ -416,37 +420,42 @@ impl Ports {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<Vec<OwnedObjectPath>, BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
         let args = format!("{} ports {}", ports.len(), describe(&options));
-        let r = async {
-            let o = publish_opts(&options)?;
-            let inter = interactive(&options)?;
-            super::authorize_into_instance(
-                &self.auth,
-                &self.core,
-                &hdr,
-                &caller,
-                Action::Ports,
-                o.instance.as_deref(),
-                inter,
-            )
-            .await?;
-            self.authorize_ports(&hdr, &caller, &ports, o.instance.as_deref(), inter)
+        let args = args.to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
+            "PublishMany",
+            &args,
+            |caller| async move {
+                let o = publish_opts(&options)?;
+                let inter = interactive(&options)?;
+                super::authorize_into_instance(
+                    &self.auth,
+                    &self.core,
+                    hdr,
+                    &caller,
+                    Action::Ports,
+                    o.instance.as_deref(),
+                    inter,
+                )
                 .await?;
-            let reqs = ports
-                .into_iter()
-                .map(|(c, p, h, cp)| request(&o, caller.uid, c, p, h, cp))
-                .collect();
-            let ms = ops::ports::publish_many(&self.core, reqs)
-                .await
-                .map_err(BusError::map)?;
-            self.export_new(server, &ms).await;
-            Ok(ms.iter().map(|m| port_path(&m.id)).collect())
-        }
-        .await;
-        audit(&caller, "PublishMany", &args, &r);
-        r
+                self.authorize_ports(hdr, &caller, &ports, o.instance.as_deref(), inter)
+                    .await?;
+                let reqs = ports
+                    .into_iter()
+                    .map(|(c, p, h, cp)| request(&o, caller.uid, c, p, h, cp))
+                    .collect();
+                let ms = ops::ports::publish_many(&self.core, reqs)
+                    .await
+                    .map_err(BusError::map)?;
+                self.export_new(server, &ms).await;
+                Ok(ms.iter().map(|m| port_path(&m.id)).collect())
+            },
+        )
+        .await
     }
 
     /// Remove a mapping and its rules: `mapping` is its object path or its id.
@@ -457,28 +466,33 @@ impl Ports {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<(), BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
-        let r = async {
-            Opts::new(&options).finish()?;
-            let inter = interactive(&options)?;
-            let id = mapping_id(&mapping)?;
-            // The base action first: a caller without it learns nothing about mappings.
-            self.auth
-                .check_caller(&hdr, &caller, Action::Ports, false, inter)
-                .await?;
-            let m = ops::ports::get(&self.core, &id).map_err(BusError::map)?;
-            self.authorize_mappings(&hdr, &caller, std::slice::from_ref(&m), inter)
-                .await?;
-            ops::ports::unpublish(&self.core, &id)
-                .await
-                .map_err(BusError::map)?;
-            let _ = server.remove::<PortObject, _>(&port_path(&id)).await;
-            Ok(())
-        }
-        .await;
-        audit(&caller, "Unpublish", &mapping, &r);
-        r
+        let args = mapping.to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
+            "Unpublish",
+            &args,
+            |caller| async move {
+                Opts::new(&options).finish()?;
+                let inter = interactive(&options)?;
+                let id = mapping_id(&mapping)?;
+                // The base action first: a caller without it learns nothing about mappings.
+                self.auth
+                    .check_caller(hdr, &caller, Action::Ports, false, inter)
+                    .await?;
+                let m = ops::ports::get(&self.core, &id).map_err(BusError::map)?;
+                self.authorize_mappings(hdr, &caller, std::slice::from_ref(&m), inter)
+                    .await?;
+                ops::ports::unpublish(&self.core, &id)
+                    .await
+                    .map_err(BusError::map)?;
+                let _ = server.remove::<PortObject, _>(&port_path(&id)).await;
+                Ok(())
+            },
+        )
+        .await
     }
 
     /// Remove every mapping of a container (name, id or id prefix; the container may be
@@ -490,33 +504,40 @@ impl Ports {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<u32, BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
-        let r = async {
-            Opts::new(&options).finish()?;
-            let inter = interactive(&options)?;
-            self.auth
-                .check_caller(&hdr, &caller, Action::Ports, false, inter)
-                .await?;
-            let ms = ops::ports::of_container(&self.core, &container).await;
-            if ms.is_empty() {
-                return Err(BusError::NotFound(format!(
-                    "container {container:?} has no published port"
-                )));
-            }
-            self.authorize_mappings(&hdr, &caller, &ms, inter).await?;
-            let removed =
-                ops::ports::unpublish_ids(&self.core, ms.iter().map(|m| m.id.clone()).collect())
-                    .await
-                    .map_err(BusError::map)?;
-            for m in &removed {
-                let _ = server.remove::<PortObject, _>(&port_path(&m.id)).await;
-            }
-            Ok(removed.len() as u32)
-        }
-        .await;
-        audit(&caller, "UnpublishContainer", &container, &r);
-        r
+        let args = container.to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
+            "UnpublishContainer",
+            &args,
+            |caller| async move {
+                Opts::new(&options).finish()?;
+                let inter = interactive(&options)?;
+                self.auth
+                    .check_caller(hdr, &caller, Action::Ports, false, inter)
+                    .await?;
+                let ms = ops::ports::of_container(&self.core, &container).await;
+                if ms.is_empty() {
+                    return Err(BusError::NotFound(format!(
+                        "container {container:?} has no published port"
+                    )));
+                }
+                self.authorize_mappings(hdr, &caller, &ms, inter).await?;
+                let removed = ops::ports::unpublish_ids(
+                    &self.core,
+                    ms.iter().map(|m| m.id.clone()).collect(),
+                )
+                .await
+                .map_err(BusError::map)?;
+                for m in &removed {
+                    let _ = server.remove::<PortObject, _>(&port_path(&m.id)).await;
+                }
+                Ok(removed.len() as u32)
+            },
+        )
+        .await
     }
 
     /// Every mapping: object, id, container, container id, protocol, host ip, host port,

@@ -165,7 +165,7 @@ fn negative_oom_score_adj_needs_oom_protect(bed: &Bed) {
 }
 
 /// Host ports below `privileged_port_floor` (default 1024) need `ports-privileged`; a
-/// PublishMany above `max_publish_many` (default 256) is InvalidArgs. Both are decided
+/// PublishMany above `max_publish_many` (default 1024) is InvalidArgs. Both are decided
 /// before the container is looked up (this bed's daemon has no dockerd: an allowed call
 /// fails later with another error).
 fn privileged_host_port_and_huge_publish_many_refused(bed: &Bed) {
@@ -199,7 +199,7 @@ fn privileged_host_port_and_huge_publish_many_refused(bed: &Bed) {
         !out.stderr.contains("ports-privileged"),
         "port 1024 is above the floor: {out:?}"
     );
-    let many: Vec<String> = (0..300)
+    let many: Vec<String> = (0..1100)
         .map(|i| format!("('web', 'tcp', uint16 {}, uint16 80)", 20000 + i))
         .collect();
     let arg = format!("[{}]", many.join(", "));
