@@ -207,8 +207,12 @@ impl Instances {
             },
         };
         if owner != caller.uid {
+            let details: Details = vec![
+                ("instance", name.to_owned()),
+                ("instance_owner", owner.to_string()),
+            ];
             self.auth
-                .check_caller(hdr, caller, Action::Instances, true, inter)
+                .check_with(hdr, caller, Action::Instances, true, inter, &details)
                 .await?;
         }
         Ok(())

@@ -187,8 +187,12 @@ impl Manager {
             .await
             .map_err(BusError::map)?;
         if rec.owner_uid != caller.uid {
+            let mut details: super::auth::Details = vec![("device", rec.device())];
+            if let Some(i) = &rec.instance {
+                details.push(("instance", i.clone()));
+            }
             self.auth
-                .check_caller(hdr, &caller, action, true, inter)
+                .check_with(hdr, &caller, action, true, inter, &details)
                 .await?;
         }
         Ok((caller, rec))

@@ -43,6 +43,10 @@ pub fn tests() -> Vec<Test> {
             concurrent_attach_of_one_image_one_wins,
         ),
         t(
+            "attack_tenant_against_another_tenants_resources",
+            tenant_against_another_tenants_resources,
+        ),
+        t(
             "attack_capture_files_are_the_owners_under_umask_077",
             capture_files_are_the_owners_under_umask_077,
         ),
@@ -735,4 +739,153 @@ fn capture_files_are_the_owners_under_umask_077(bed: &Bed) {
         Some("org.dindhelper1.Error.NotFound"),
         "{again:?}"
     );
+}
+
+/// Everything of `dir` (recursively): path, mode, size and content of regular files —
+/// to prove refused calls changed nothing.
+fn snapshot(dir: &std::path::Path) -> Vec<(String, u32, Vec<u8>)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut v = Vec::new();
+    fn walk(p: &std::path::Path, v: &mut Vec<(String, u32, Vec<u8>)>) {
+        let Ok(rd) = std::fs::read_dir(p) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(m) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            let body = if m.is_file() && !p.ends_with("state.lock") {
+                std::fs::read(&p).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            v.push((p.display().to_string(), m.permissions().mode(), body));
+            if m.is_dir() {
+                walk(&p, v);
+            }
+        }
+    }
+    walk(dir, &mut v);
+    v.sort();
+    v
+}
+
+/// A tenant (shipped group) tries every method against another tenant's image, loop
+/// device, instance and capture file: each call is refused with NotAuthorized, and the
+/// state dir (state.json, loops.json, images), the instance's cgroups and the loop's /dev
+/// nodes are byte-identical afterwards.
+fn tenant_against_another_tenants_resources(bed: &Bed) {
+    let (img, inst) = (name("vimg"), name("vinst"));
+    let victim_uid = bed.uid(TENANT);
+    ok(
+        bed,
+        TENANT,
+        INSTANCES,
+        "CreateInstance",
+        &[&gv_str(&inst), "@a{sv} {}"],
+    );
+    let _gi = Inst(bed, inst.clone());
+    bed.create_image(TENANT, &img, 4 * MIB);
+    let (_, dev) = bed.attach_image(TENANT, &img, &["instance", "s", &inst]);
+    let cgroups = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir("/sys/fs/cgroup")
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path().join("dind").join(&inst))
+                    .filter(|p| p.is_dir())
+                    .flat_map(|p| {
+                        std::fs::read_dir(&p)
+                            .map(|rd| {
+                                rd.flatten()
+                                    .map(|e| e.path().display().to_string())
+                                    .collect::<Vec<_>>()
+                            })
+                            .unwrap_or_default()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let devnodes = || -> Vec<String> {
+        let base = dev.trim_start_matches("/dev/");
+        let mut v: Vec<String> = std::fs::read_dir("/dev")
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n == base || n.starts_with(&format!("{base}p")))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = (snapshot(&bed.state_dir), cgroups(), devnodes());
+    let owner = format!("{{'owner_uid': <uint32 {victim_uid}>}}");
+    let manager = "org.dindhelper1.Manager";
+    let calls: Vec<(&str, &str, Vec<String>)> = vec![
+        (manager, "DeleteImage", vec![gv_str(&img), owner.clone()]),
+        (manager, "AttachImage", vec![gv_str(&img), owner.clone()]),
+        (
+            manager,
+            "CreateImage",
+            vec![
+                gv_str("planted"),
+                format!("uint64 {}", 4 * MIB),
+                owner.clone(),
+            ],
+        ),
+        (manager, "Detach", vec![gv_str(&dev), "@a{sv} {}".into()]),
+        (manager, "Rescan", vec![gv_str(&dev), "@a{sv} {}".into()]),
+        (
+            INSTANCES,
+            "SetLimits",
+            vec![gv_str(&inst), "{'tasks_max': <uint64 1>}".into()],
+        ),
+        (
+            INSTANCES,
+            "DestroyInstance",
+            vec![gv_str(&inst), "{'force': <true>}".into()],
+        ),
+        (
+            INSTANCES,
+            "AdoptContainer",
+            vec![
+                gv_str(&inst),
+                gv_str(&format!("pid:{}", std::process::id())),
+                "@a{sv} {}".into(),
+            ],
+        ),
+        (
+            "org.dindhelper1.Devices",
+            "ExposeToContainer",
+            vec![gv_str(&dev), gv_str("web"), "@a{sv} {}".into()],
+        ),
+        (
+            "org.dindhelper1.Captures",
+            "DeleteCapture",
+            vec![gv_str("anything"), owner.clone()],
+        ),
+        (
+            "org.dindhelper1.Captures",
+            "StartCapture",
+            vec![
+                gv_str("host"),
+                format!("{{'instance': <{}>}}", gv_str(&inst)),
+            ],
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (iface, method, args) in &calls {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = call(bed, TENANT2, iface, method, &a);
+        if out.dbus_error().as_deref() != Some("org.dindhelper1.Error.NotAuthorized") {
+            wrong.push(format!("{method}: {out:?}"));
+        }
+    }
+    let after = (snapshot(&bed.state_dir), cgroups(), devnodes());
+    bed.detach(TENANT, &dev);
+    bed.delete_image(TENANT, &img);
+    assert!(wrong.is_empty(), "not refused as NotAuthorized: {wrong:#?}");
+    assert!(before.0 == after.0, "the state dir changed");
+    assert_eq!(before.1, after.1, "the instance's cgroups changed");
+    assert_eq!(before.2, after.2, "/dev nodes changed");
 }
