@@ -34,6 +34,7 @@ build:
 install: build
 	@if [ -z "$(DESTDIR)" ]; then \
 		getent group dindhelper >/dev/null || groupadd --system dindhelper; \
+		getent group dindhelper-tenant >/dev/null || groupadd --system dindhelper-tenant; \
 	fi
 	$(INSTALL) -d $(DESTDIR)$(BINDIR)
 	$(INSTALL) -m 0755 $(RELEASE)/dindhelperd $(RELEASE)/dindhelperctl $(DESTDIR)$(BINDIR)/

@@ -30,6 +30,15 @@ pub struct Config {
     /// How many bytes of capture files one uid may keep under `<state>/captures/<uid>/`
     /// (running captures count with their current size; a new one gets what is left).
     pub max_capture_bytes_per_uid: u64,
+    /// Host ports below this need `org.dindhelper1.ports-privileged` besides `ports`
+    /// (an sshd restarting must not find its port taken). 0 turns the check off.
+    pub privileged_port_floor: u16,
+    /// How many port mappings one uid may have.
+    pub max_mappings_per_uid: usize,
+    /// How many entries one PublishMany may carry.
+    pub max_publish_many: usize,
+    /// How many instances one uid may own.
+    pub max_instances_per_uid: usize,
 }
 
 impl Default for Config {
@@ -43,8 +52,22 @@ impl Default for Config {
             max_capture_duration: 3600,
             max_captures_per_uid: 4,
             max_capture_bytes_per_uid: 4 * GIB,
+            privileged_port_floor: 1024,
+            // Sized for the provisioning account, which makes every student's instances
+            // and mappings under its own uid (tests: 200 concurrent publishes; benches:
+            // PublishMany of 1000). A per-uid override for tenants is future work.
+            max_mappings_per_uid: 4096,
+            max_publish_many: 1024,
+            max_instances_per_uid: 256,
         }
     }
+}
+
+/// Per-uid limits apply to every uid except 0, and uid 0 is exempt only when the *caller*
+/// is root: a `-others` holder creating resources for `owner_uid` 0 is counted against
+/// uid 0's quota like anyone else's. Returns whether `owner`'s usage is unlimited.
+pub fn quota_exempt(caller_uid: u32, owner_uid: u32) -> bool {
+    caller_uid == 0 && owner_uid == 0
 }
 
 /// Smallest image size accepted by CreateImage.
@@ -132,6 +155,22 @@ mod tests {
         assert_eq!(c.max_capture_duration, 3600);
         assert_eq!(c.max_capture_bytes_per_uid, 4 * GIB);
         assert!(c.validate().is_ok());
+        let d = Config::default();
+        assert_eq!(
+            (
+                d.privileged_port_floor,
+                d.max_mappings_per_uid,
+                d.max_publish_many,
+                d.max_instances_per_uid
+            ),
+            (1024, 4096, 1024, 256)
+        );
+        assert!(quota_exempt(0, 0));
+        assert!(
+            !quota_exempt(1000, 0),
+            "uid 0's exemption is for root callers only"
+        );
+        assert!(!quota_exempt(0, 1000));
         for bad in [
             Config {
                 max_capture_duration: 0,

@@ -52,22 +52,28 @@ const KEEP: &[caps::Capability] = &[
     caps::Capability::CAP_SYS_CHROOT, // setns into a mount namespace
     caps::Capability::CAP_SYS_RESOURCE, // lowering oom_score_adj
     caps::Capability::CAP_KILL,      // signalling processes of instances
-    caps::Capability::CAP_SETPCAP,   // keep the ability to drop more later
 ];
+// Not CAP_SETPCAP: it is only needed for the bounding-set drop at start (below) and
+// nothing later; keeping it would let the process raise inheritable caps of children.
 
 fn drop_capabilities() -> anyhow::Result<()> {
     use caps::{CapSet, CapsHashSet};
     let keep: CapsHashSet = KEEP.iter().copied().collect();
     let permitted = caps::read(None, CapSet::Permitted).context("reading capabilities")?;
-    if !permitted.contains(&caps::Capability::CAP_SETPCAP) {
-        tracing::warn!("not running with CAP_SETPCAP (not root?): capabilities left as they are");
-        return Ok(());
-    }
-    for c in caps::all() {
-        if !keep.contains(&c) {
-            caps::drop(None, CapSet::Bounding, c)
-                .with_context(|| format!("dropping {c} from the bounding set"))?;
+    if permitted.contains(&caps::Capability::CAP_SETPCAP) {
+        // Dropping from the bounding set needs CAP_SETPCAP (still effective here, even
+        // after its own bounding bit is gone); it leaves the permitted set below.
+        for c in caps::all() {
+            if !keep.contains(&c) {
+                caps::drop(None, CapSet::Bounding, c)
+                    .with_context(|| format!("dropping {c} from the bounding set"))?;
+            }
         }
+    } else {
+        // Under the shipped unit the service manager has set the bounding set already
+        // (CapabilityBoundingSet= equals KEEP, tested below); lowering the other sets needs
+        // no capability.
+        tracing::debug!("no CAP_SETPCAP: bounding set left to the service manager");
     }
     let mine: CapsHashSet = permitted.intersection(&keep).copied().collect();
     caps::set(None, CapSet::Inheritable, &CapsHashSet::new()).context("clearing inheritable")?;
@@ -123,4 +129,30 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         docker_socket: args.docker_host,
     }))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KEEP;
+
+    /// The unit's CapabilityBoundingSet is exactly what the daemon keeps (no more: the
+    /// daemon drops the rest anyway; no less: the daemon would miss a capability under the
+    /// unit only), and CAP_SETPCAP is in neither.
+    #[test]
+    fn unit_bounding_set_equals_keep_without_setpcap() {
+        let unit = include_str!("../systemd/dindhelperd.service");
+        let line = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+            .expect("CapabilityBoundingSet= in the unit");
+        let mut in_unit: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        let mut kept: Vec<String> = KEEP.iter().map(|c| c.to_string()).collect();
+        in_unit.sort();
+        kept.sort();
+        assert_eq!(in_unit, kept);
+        assert!(
+            !kept.iter().any(|c| c == "CAP_SETPCAP"),
+            "CAP_SETPCAP is unused"
+        );
+    }
 }

@@ -318,7 +318,7 @@ impl StateStore {
         let mut st = self.load()?;
         if st.state_id.is_empty() {
             st.state_id = new_state_id().map_err(|source| StateError::Read {
-                path: "/dev/urandom".into(),
+                path: "getrandom(2)".into(),
                 source,
             })?;
             self.save(&st)?;
@@ -387,10 +387,7 @@ impl StateStore {
 }
 
 fn new_state_id() -> std::io::Result<String> {
-    use std::io::Read;
-    let mut b = [0u8; 6];
-    File::open("/dev/urandom")?.read_exact(&mut b)?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+    crate::random::hex(6)
 }
 
 #[cfg(test)]

@@ -448,7 +448,7 @@ fn capture_file_is_created_beneath_state_with_owner_and_mode() {
     let m = std::fs::metadata(&path).unwrap();
     assert_eq!(
         (m.uid(), m.gid(), m.permissions().mode() & 0o777),
-        (1234, 1234, 0o640)
+        (1234, 1234, 0o600)
     );
     // exists -> Conflict, never truncated
     let e = capture::create_capture_file(dir.path(), 1234, 1234, "web-1")

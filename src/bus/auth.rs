@@ -1,6 +1,17 @@
 //! Authorization: every mutating method asks polkit with the caller's unique bus name as
 //! the subject (`system-bus-name`), never a PID. Any polkit error denies, except that
 //! uid 0 is allowed when polkit cannot be asked at all (the log says why).
+//!
+//! Rules that hold for every check (issue 9):
+//! - an `-others` action is never enough on its own: the base action is asked first, so a
+//!   rule that grants only `loop-others` grants nothing;
+//! - a "yes" is reused (for [`GRANT_TTL`]) only when it was obtained without user
+//!   interaction and only for a call that is itself non-interactive: an admin's password
+//!   typed once for an interactive call must not silently authorize the scripted calls of
+//!   the same connection;
+//! - polkit gets the call's details (`container`, `container_id`, `instance`,
+//!   `instance_owner`, `device`, `host_port`, `protocol`, `target`), and a cached grant is
+//!   only reused for the same details.
 
 use super::error::BusError;
 use std::collections::HashMap;
@@ -29,9 +40,21 @@ pub enum Action {
     CaptureHost,
     Devices,
     Instances,
+    /// A negative oom_score_adj (an OOM-protected tenant); no `-others` twin.
+    InstancesOomProtect,
+    /// A host port below the configured floor (`privileged_port_floor`); no twin.
+    PortsPrivileged,
 }
 
 impl Action {
+    /// Whether the action has an `-others` twin.
+    pub fn has_others(self) -> bool {
+        !matches!(
+            self,
+            Action::CaptureHost | Action::InstancesOomProtect | Action::PortsPrivileged
+        )
+    }
+
     pub fn id(self, others: bool) -> String {
         let base = match self {
             Action::Loop => "loop",
@@ -41,12 +64,64 @@ impl Action {
             Action::CaptureHost => "capture-host",
             Action::Devices => "devices",
             Action::Instances => "instances",
+            Action::InstancesOomProtect => "instances-oom-protect",
+            Action::PortsPrivileged => "ports-privileged",
         };
-        if others && self != Action::CaptureHost {
+        if others && self.has_others() {
             format!("org.dindhelper1.{base}-others")
         } else {
             format!("org.dindhelper1.{base}")
         }
+    }
+}
+
+/// polkit details of one check (key, value); documented in the policy file and README.
+pub type Details = Vec<(&'static str, String)>;
+
+/// Grants polkit gave without user interaction, per (unique bus name, action id,
+/// details), each kept for [`GRANT_TTL`]. Pure bookkeeping, unit-tested below.
+#[derive(Default)]
+pub struct GrantCache {
+    m: HashMap<(String, String, String), std::time::Instant>,
+}
+
+impl GrantCache {
+    fn key(name: &str, id: &str, details: &Details) -> (String, String, String) {
+        let mut d: Vec<String> = details.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        d.sort();
+        (name.to_owned(), id.to_owned(), d.join("\n"))
+    }
+
+    /// A grant usable for this call: only non-interactive calls reuse anything.
+    pub fn lookup(&mut self, name: &str, id: &str, details: &Details, interactive: bool) -> bool {
+        if interactive {
+            return false;
+        }
+        let key = Self::key(name, id, details);
+        match self.m.get(&key) {
+            Some(t) if t.elapsed() < GRANT_TTL => true,
+            Some(_) => {
+                self.m.remove(&key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Remember a "yes" — only one polkit gave to a non-interactive check (an interactive
+    /// one may stand for a password typed just now: never reused).
+    pub fn store(&mut self, name: &str, id: &str, details: &Details, interactive: bool) {
+        if interactive {
+            return;
+        }
+        if self.m.len() >= UID_CACHE_MAX {
+            self.m.retain(|_, t| t.elapsed() < GRANT_TTL);
+            if self.m.len() >= UID_CACHE_MAX {
+                self.m.clear();
+            }
+        }
+        self.m
+            .insert(Self::key(name, id, details), std::time::Instant::now());
     }
 }
 
@@ -59,9 +134,8 @@ pub struct Caller {
 
 pub struct Authorizer {
     conn: zbus::Connection,
-    /// Positive polkit answers per (unique bus name, action id), kept for
-    /// [`GRANT_TTL`]. See `ask_polkit_cached`.
-    grants: std::sync::Mutex<HashMap<(String, String), std::time::Instant>>,
+    /// Positive non-interactive polkit answers; see [`GrantCache`].
+    grants: std::sync::Mutex<GrantCache>,
     /// uid per unique bus name. A unique name is never reused during a bus's lifetime, so
     /// the bus daemon's answer stays true; bounded by clearing when full.
     uids: std::sync::Mutex<HashMap<String, u32>>,
@@ -74,7 +148,7 @@ impl Authorizer {
         Authorizer {
             conn,
             uids: std::sync::Mutex::new(HashMap::new()),
-            grants: std::sync::Mutex::new(HashMap::new()),
+            grants: std::sync::Mutex::new(GrantCache::default()),
             dbus: tokio::sync::OnceCell::new(),
             authority: tokio::sync::OnceCell::new(),
         }
@@ -151,7 +225,7 @@ impl Authorizer {
     }
 
     /// Check `action` for an already identified caller (e.g. the `-others` twin after the
-    /// resource's owner is known).
+    /// resource's owner is known). With `others`, the base action is checked first.
     pub async fn check_caller(
         &self,
         hdr: &Header<'_>,
@@ -160,28 +234,51 @@ impl Authorizer {
         others: bool,
         interactive: bool,
     ) -> Result<(), BusError> {
-        let id = action.id(others);
-        let key = (caller.name.clone(), id.clone());
-        if !interactive {
-            let mut g = self.grants.lock().expect("grant cache");
-            match g.get(&key) {
-                Some(t) if t.elapsed() < GRANT_TTL => return Ok(()),
-                Some(_) => {
-                    g.remove(&key);
-                }
-                None => {}
-            }
+        self.check_with(hdr, caller, action, others, interactive, &Vec::new())
+            .await
+    }
+
+    /// [`Authorizer::check_caller`] with polkit details.
+    pub async fn check_with(
+        &self,
+        hdr: &Header<'_>,
+        caller: &Caller,
+        action: Action,
+        others: bool,
+        interactive: bool,
+        details: &Details,
+    ) -> Result<(), BusError> {
+        if others && action.has_others() {
+            // Never the twin alone: a rule granting only `-others` grants nothing.
+            self.check_one(hdr, caller, &action.id(false), interactive, details)
+                .await?;
         }
-        let answer = self.ask_polkit(hdr, &id, interactive).await;
+        self.check_one(hdr, caller, &action.id(others), interactive, details)
+            .await
+    }
+
+    async fn check_one(
+        &self,
+        hdr: &Header<'_>,
+        caller: &Caller,
+        id: &str,
+        interactive: bool,
+        details: &Details,
+    ) -> Result<(), BusError> {
+        if self
+            .grants
+            .lock()
+            .expect("grant cache")
+            .lookup(&caller.name, id, details, interactive)
+        {
+            return Ok(());
+        }
+        let answer = self.ask_polkit(hdr, id, interactive, details).await;
         if let Ok(true) = answer {
-            let mut g = self.grants.lock().expect("grant cache");
-            if g.len() >= UID_CACHE_MAX {
-                g.retain(|_, t| t.elapsed() < GRANT_TTL);
-                if g.len() >= UID_CACHE_MAX {
-                    g.clear();
-                }
-            }
-            g.insert(key, std::time::Instant::now());
+            self.grants
+                .lock()
+                .expect("grant cache")
+                .store(&caller.name, id, details, interactive);
         }
         match answer {
             Ok(true) => Ok(()),
@@ -216,6 +313,7 @@ impl Authorizer {
         hdr: &Header<'_>,
         action_id: &str,
         interactive: bool,
+        details: &Details,
     ) -> Result<bool, String> {
         let subject = Subject::new_for_message_header(hdr).map_err(|e| e.to_string())?;
         let authority = self.authority().await.map_err(|e| e.to_string())?;
@@ -224,7 +322,7 @@ impl Authorizer {
         } else {
             Default::default()
         };
-        let details: HashMap<&str, &str> = HashMap::new();
+        let details: HashMap<&str, &str> = details.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let r = authority
             .check_authorization(&subject, action_id, &details, flags, "")
             .await
@@ -248,6 +346,8 @@ mod tests {
             Action::CaptureHost,
             Action::Devices,
             Action::Instances,
+            Action::InstancesOomProtect,
+            Action::PortsPrivileged,
         ] {
             for others in [false, true] {
                 let id = a.id(others);
@@ -257,5 +357,34 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn grants_from_interactive_checks_are_never_reused() {
+        let d: Details = vec![("instance", "a".into())];
+        let mut c = GrantCache::default();
+        // A yes obtained interactively (a password typed) is not kept...
+        c.store(":1.5", "org.dindhelper1.loop", &d, true);
+        assert!(!c.lookup(":1.5", "org.dindhelper1.loop", &d, false));
+        // ...a non-interactive yes is, for non-interactive calls with the same details only.
+        c.store(":1.5", "org.dindhelper1.loop", &d, false);
+        assert!(c.lookup(":1.5", "org.dindhelper1.loop", &d, false));
+        assert!(!c.lookup(":1.5", "org.dindhelper1.loop", &d, true));
+        assert!(!c.lookup(":1.6", "org.dindhelper1.loop", &d, false));
+        let other: Details = vec![("instance", "b".into())];
+        assert!(!c.lookup(":1.5", "org.dindhelper1.loop", &other, false));
+    }
+
+    #[test]
+    fn twinless_actions_ignore_others() {
+        assert_eq!(
+            Action::InstancesOomProtect.id(true),
+            "org.dindhelper1.instances-oom-protect"
+        );
+        assert_eq!(
+            Action::PortsPrivileged.id(true),
+            "org.dindhelper1.ports-privileged"
+        );
+        assert_eq!(Action::CaptureHost.id(true), "org.dindhelper1.capture-host");
     }
 }

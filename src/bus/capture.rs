@@ -107,6 +107,22 @@ impl CaptureManager {
         )
         .await?;
         let resolved = self.captures.resolve(&spec).await.map_err(BusError::map)?;
+        if let Some(id) = &resolved.container_id {
+            // Owned targets: a container of another uid's instance, or of none, needs
+            // capture-others.
+            super::authorize_container_id(
+                &self.auth,
+                &self.core,
+                hdr,
+                caller,
+                Action::Capture,
+                target,
+                id,
+                inter,
+                vec![("target", target.to_owned())],
+            )
+            .await?;
+        }
         if resolved.host_netns && !spec.is_admin() {
             // A container on the host network sees the host's traffic.
             self.auth
@@ -234,7 +250,7 @@ fn row(s: &Session) -> CaptureRow {
 impl CaptureManager {
     /// Capture in a container's network namespace (`pid:N` and `host` need the
     /// capture-host action) into `<state>/captures/<uid>/<name>.pcap`, owned by the caller,
-    /// mode 0640. Options: interface s, filter s, snaplen u, duration u (seconds, default
+    /// mode 0600. Options: interface s, filter s, snaplen u, duration u (seconds, default
     /// 60, capped by config), max_bytes t, max_packets t, name s, instance s.
     #[zbus(out_args("session", "path"))]
     async fn start_capture(
@@ -244,27 +260,29 @@ impl CaptureManager {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<(OwnedObjectPath, String), BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
-        let r = self
-            .do_start(&hdr, &caller, &emitter, &target, &options, None)
-            .await
-            .map(|s| {
-                (
-                    capture_path(s.id),
-                    s.path
-                        .as_ref()
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_default(),
-                )
-            });
-        audit(
-            &caller,
+        let args = format!("{target} {}", describe(&options));
+        let (hdr, emitter) = (&hdr, &emitter);
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
             "StartCapture",
-            &format!("{target} {}", describe(&options)),
-            &r,
-        );
-        r
+            &args,
+            |caller| async move {
+                self.do_start(hdr, &caller, emitter, &target, &options, None)
+                    .await
+                    .map(|s| {
+                        (
+                            capture_path(s.id),
+                            s.path
+                                .as_ref()
+                                .map(|p| p.display().to_string())
+                                .unwrap_or_default(),
+                        )
+                    })
+            },
+        )
+        .await
     }
 
     /// Capture like StartCapture but stream the pcap into `fd` (a pipe: `| tcpdump -r -`).
@@ -277,20 +295,62 @@ impl CaptureManager {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<OwnedObjectPath, BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
+        let args = format!("{target} {}", describe(&options));
+        let (hdr, emitter) = (&hdr, &emitter);
         let file = File::from(std::os::fd::OwnedFd::from(fd));
-        let r = self
-            .do_start(&hdr, &caller, &emitter, &target, &options, Some(file))
-            .await
-            .map(|s| capture_path(s.id));
-        audit(
-            &caller,
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
             "StartCaptureFd",
-            &format!("{target} {}", describe(&options)),
-            &r,
-        );
-        r
+            &args,
+            |caller| async move {
+                self.do_start(hdr, &caller, emitter, &target, &options, Some(file))
+                    .await
+                    .map(|s| capture_path(s.id))
+            },
+        )
+        .await
+    }
+
+    /// Delete one of the caller's capture files (`name` without .pcap); option
+    /// `owner_uid` u: another uid's file (needs capture-others). Busy while a session
+    /// still writes it. This is what frees the per-uid byte quota.
+    async fn delete_capture(
+        &self,
+        name: String,
+        options: Options,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<(), BusError> {
+        let args = format!("{name} {}", describe(&options)).to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
+            "DeleteCapture",
+            &args,
+            |caller| async move {
+                let mut o = Opts::new(&options);
+                let owner = match o.u64("owner_uid")? {
+                    None => caller.uid,
+                    Some(u) => u32::try_from(u).map_err(|_| {
+                        BusError::InvalidArgs(format!("owner_uid {u} is out of range"))
+                    })?,
+                };
+                let inter = interactive(&options)?;
+                o.finish()?;
+                self.auth
+                    .check_caller(hdr, &caller, Action::Capture, owner != caller.uid, inter)
+                    .await?;
+                self.captures
+                    .delete_file(owner, &name)
+                    .await
+                    .map_err(BusError::map)?;
+                Ok(())
+            },
+        )
+        .await
     }
 
     /// Sessions (running and recently finished): object, target, owner uid, state

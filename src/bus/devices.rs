@@ -3,7 +3,6 @@
 //! uid's loop device), call `ops::devices`, update the Loop object's Exposures property,
 //! map the error.
 
-use super::audit;
 use super::auth::{Action, Authorizer, Caller};
 use super::error::BusError;
 use super::objects::{
@@ -128,44 +127,57 @@ impl Devices {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<(Vec<String>, Vec<String>), BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
-        let r = async {
-            let inter = interactive(&options)?;
-            let mut o = Opts::new(&options);
-            let alias = o.string("as")?;
-            let follow = o.bool("follow")?.unwrap_or(true) && self.follow.is_some();
-            o.finish()?;
-            if let Some(a) = &alias {
-                crate::expose::check_alias(a).map_err(BusError::map)?;
-            }
-            let number = self.authorize_device(&hdr, &caller, &device, inter).await?;
-            let (rep, rec) = ops::devices::expose_to_container(
-                &self.core,
-                number,
-                &container,
-                ops::devices::ExposeOptions { alias, follow },
-            )
-            .await
-            .map_err(BusError::map)?;
-            if let Some(f) = &self.follow {
-                for e in rec.exposures.iter().filter(|x| x.follow) {
-                    f.watch(number, e);
-                }
-            }
-            self.loop_changed(server, rec).await;
-            let mut created = rep.created;
-            created.extend(rep.replaced);
-            Ok((created, rep.removed))
-        }
-        .await;
-        audit(
-            &caller,
+        let args = format!("{device} {container}");
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
             "ExposeToContainer",
-            &format!("{device} {container}"),
-            &r,
-        );
-        r
+            &args,
+            |caller| async move {
+                let inter = interactive(&options)?;
+                let mut o = Opts::new(&options);
+                let alias = o.string("as")?;
+                let follow = o.bool("follow")?.unwrap_or(true) && self.follow.is_some();
+                o.finish()?;
+                if let Some(a) = &alias {
+                    crate::expose::check_alias(a).map_err(BusError::map)?;
+                }
+                let number = self.authorize_device(hdr, &caller, &device, inter).await?;
+                // Owned targets: the container must belong to one of the caller's instances,
+                // else devices-others. The resolved id is what is acted on.
+                let id = super::authorize_container(
+                    &self.auth,
+                    &self.core,
+                    hdr,
+                    &caller,
+                    Action::Devices,
+                    &container,
+                    inter,
+                    vec![("device", format!("/dev/loop{number}"))],
+                )
+                .await?;
+                let (rep, rec) = ops::devices::expose_to_container(
+                    &self.core,
+                    number,
+                    &id,
+                    ops::devices::ExposeOptions { alias, follow },
+                )
+                .await
+                .map_err(BusError::map)?;
+                if let Some(f) = &self.follow {
+                    for e in rec.exposures.iter().filter(|x| x.follow) {
+                        f.watch(number, e);
+                    }
+                }
+                self.loop_changed(server, rec).await;
+                let mut created = rep.created;
+                created.extend(rep.replaced);
+                Ok((created, rep.removed))
+            },
+        )
+        .await
     }
 
     /// Take a device away from a container: its nodes are unlinked in the container's
@@ -179,29 +191,29 @@ impl Devices {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<Vec<String>, BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
-        let r = async {
-            let inter = interactive(&options)?;
-            let mut o = Opts::new(&options);
-            let force = o.bool("force")?.unwrap_or(false);
-            o.finish()?;
-            let number = self.authorize_device(&hdr, &caller, &device, inter).await?;
-            let (notes, rec) =
-                ops::devices::revoke_from_container(&self.core, number, &container, force)
-                    .await
-                    .map_err(BusError::map)?;
-            self.loop_changed(server, rec).await;
-            Ok(notes)
-        }
-        .await;
-        audit(
-            &caller,
+        let args = format!("{device} {container}");
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
             "RevokeFromContainer",
-            &format!("{device} {container}"),
-            &r,
-        );
-        r
+            &args,
+            |caller| async move {
+                let inter = interactive(&options)?;
+                let mut o = Opts::new(&options);
+                let force = o.bool("force")?.unwrap_or(false);
+                o.finish()?;
+                let number = self.authorize_device(hdr, &caller, &device, inter).await?;
+                let (notes, rec) =
+                    ops::devices::revoke_from_container(&self.core, number, &container, force)
+                        .await
+                        .map_err(BusError::map)?;
+                self.loop_changed(server, rec).await;
+                Ok(notes)
+            },
+        )
+        .await
     }
 
     /// A followed device's partition table changed and was applied (new nodes and exact

@@ -8,8 +8,7 @@
 //! type; a negative or out-of-range value is InvalidArgs naming the knob. In SetLimits a
 //! knob given as the string `"default"` is reset (no limit / kernel default).
 
-use super::audit;
-use super::auth::{Action, Authorizer, Caller};
+use super::auth::{Action, Authorizer, Caller, Details};
 use super::error::BusError;
 use super::objects::{escape_label, image_path, loop_path, ImageObject, LoopObject};
 use super::options::{describe, interactive, Options, Opts};
@@ -105,6 +104,33 @@ pub fn limits_dict(l: &Limits) -> HashMap<String, OwnedValue> {
     m
 }
 
+/// A negative oom_score_adj makes the instance's processes the last the OOM killer picks
+/// (-1000: never): the kernel reserves lowering it for CAP_SYS_RESOURCE, so the daemon
+/// asks `org.dindhelper1.instances-oom-protect` on top of `instances`.
+async fn oom_protect_check(
+    auth: &Authorizer,
+    hdr: &Header<'_>,
+    caller: &Caller,
+    oom_score_adj: Option<i32>,
+    inter: bool,
+    details: &Details,
+) -> Result<(), BusError> {
+    match oom_score_adj {
+        Some(v) if v < 0 => {
+            auth.check_with(
+                hdr,
+                caller,
+                Action::InstancesOomProtect,
+                false,
+                inter,
+                details,
+            )
+            .await
+        }
+        _ => Ok(()),
+    }
+}
+
 fn driver_option(o: &mut Opts<'_>) -> Result<Option<DockerCgroupDriver>, BusError> {
     match o.string("docker_cgroup_driver")?.as_deref() {
         None => Ok(None),
@@ -181,8 +207,12 @@ impl Instances {
             },
         };
         if owner != caller.uid {
+            let details: Details = vec![
+                ("instance", name.to_owned()),
+                ("instance_owner", owner.to_string()),
+            ];
             self.auth
-                .check_caller(hdr, caller, Action::Instances, true, inter)
+                .check_with(hdr, caller, Action::Instances, true, inter, &details)
                 .await?;
         }
         Ok(())
@@ -203,36 +233,49 @@ impl Instances {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<(OwnedObjectPath, String, String), BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
-        let r = async {
-            let options = &limits_and_options;
-            let mut o = Opts::new(options);
-            let limits = read_limits(&mut o, false)?.set;
-            let driver = driver_option(&mut o)?;
-            let inter = interactive(options)?;
-            o.finish()?;
-            self.auth
-                .check_caller(&hdr, &caller, Action::Instances, false, inter)
+        let args = format!("{name} {}", describe(&limits_and_options)).to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
+            "CreateInstance",
+            &args,
+            |caller| async move {
+                let options = &limits_and_options;
+                let mut o = Opts::new(options);
+                let limits = read_limits(&mut o, false)?.set;
+                let driver = driver_option(&mut o)?;
+                let inter = interactive(options)?;
+                o.finish()?;
+                let details: Details = vec![("instance", name.clone())];
+                self.auth
+                    .check_with(hdr, &caller, Action::Instances, false, inter, &details)
+                    .await?;
+                oom_protect_check(
+                    &self.auth,
+                    hdr,
+                    &caller,
+                    limits.oom_score_adj,
+                    inter,
+                    &details,
+                )
                 .await?;
-            let rec = ops::instances::create(&self.core, caller.uid, &name, limits, driver)
+                let exempt = crate::config::quota_exempt(caller.uid, caller.uid);
+                let rec = ops::instances::create_limited(
+                    &self.core, caller.uid, &name, limits, driver, exempt,
+                )
                 .await
                 .map_err(BusError::map)?;
-            self.publish(server, &name).await;
-            Ok((
-                instance_path(&name),
-                rec.instance.slice_unit,
-                rec.instance.cgroup_parent,
-            ))
-        }
-        .await;
-        audit(
-            &caller,
-            "CreateInstance",
-            &format!("{name} {}", describe(&limits_and_options)),
-            &r,
-        );
-        r
+                self.publish(server, &name).await;
+                Ok((
+                    instance_path(&name),
+                    rec.instance.slice_unit,
+                    rec.instance.cgroup_parent,
+                ))
+            },
+        )
+        .await
     }
 
     /// Change limits live: named knobs are set, a knob given as "default" is reset, the
@@ -244,28 +287,38 @@ impl Instances {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<(), BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
-        let r = async {
-            let mut o = Opts::new(&limits);
-            let upd = read_limits(&mut o, true)?;
-            let inter = interactive(&limits)?;
-            o.finish()?;
-            self.authorize(&hdr, &caller, &name, inter, false).await?;
-            ops::instances::set_limits(&self.core, &name, &upd)
-                .await
-                .map_err(BusError::map)?;
-            self.publish(server, &name).await;
-            Ok(())
-        }
-        .await;
-        audit(
-            &caller,
+        let args = format!("{name} {}", describe(&limits)).to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
             "SetLimits",
-            &format!("{name} {}", describe(&limits)),
-            &r,
-        );
-        r
+            &args,
+            |caller| async move {
+                let mut o = Opts::new(&limits);
+                let upd = read_limits(&mut o, true)?;
+                let inter = interactive(&limits)?;
+                o.finish()?;
+                self.authorize(hdr, &caller, &name, inter, false).await?;
+                let details: Details = vec![("instance", name.clone())];
+                oom_protect_check(
+                    &self.auth,
+                    hdr,
+                    &caller,
+                    upd.set.oom_score_adj,
+                    inter,
+                    &details,
+                )
+                .await?;
+                ops::instances::set_limits(&self.core, &name, &upd)
+                    .await
+                    .map_err(BusError::map)?;
+                self.publish(server, &name).await;
+                Ok(())
+            },
+        )
+        .await
     }
 
     /// Instances: object, name, slice unit, cgroup parent, owner uid, limits.
@@ -299,26 +352,39 @@ impl Instances {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<(String, String, Vec<u32>, i32), BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
-        let r = async {
-            let inter = interactive(&options)?;
-            Opts::new(&options).finish()?;
-            self.authorize(&hdr, &caller, &name, inter, false).await?;
-            let (id, a) = ops::instances::adopt(&self.core, &name, &container)
-                .await
-                .map_err(BusError::map)?;
-            self.publish(server, &name).await;
-            Ok((id, a.cgroup, a.pids, a.oom_score_adj))
-        }
-        .await;
-        audit(
-            &caller,
+        let args = format!("{name} {container}").to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
             "AdoptContainer",
-            &format!("{name} {container}"),
-            &r,
-        );
-        r
+            &args,
+            |caller| async move {
+                let inter = interactive(&options)?;
+                Opts::new(&options).finish()?;
+                self.authorize(hdr, &caller, &name, inter, false).await?;
+                // Owned targets: adopting a container that is in another uid's instance, or
+                // in none, needs instances-others (the provisioning group adopts for tenants).
+                let id = super::authorize_container(
+                    &self.auth,
+                    &self.core,
+                    hdr,
+                    &caller,
+                    Action::Instances,
+                    &container,
+                    inter,
+                    vec![("instance", name.clone())],
+                )
+                .await?;
+                let (id, a) = ops::instances::adopt(&self.core, &name, &id)
+                    .await
+                    .map_err(BusError::map)?;
+                self.publish(server, &name).await;
+                Ok((id, a.cgroup, a.pids, a.oom_score_adj))
+            },
+        )
+        .await
     }
 
     /// Tear the instance down (its loop devices; with `delete_images` b their images;
@@ -331,65 +397,65 @@ impl Instances {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<Vec<String>, BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
-        let r = async {
-            let mut o = Opts::new(&options);
-            let opts = ops::instances::DestroyOptions {
-                delete_images: o.bool("delete_images")?.unwrap_or(false),
-                force: o.bool("force")?.unwrap_or(false),
-            };
-            let inter = interactive(&options)?;
-            o.finish()?;
-            self.authorize(&hdr, &caller, &name, inter, true).await?;
-            let before = {
-                let st = self.core.state.lock().await;
-                let loops: Vec<_> = st
-                    .loops
-                    .iter()
-                    .filter(|l| l.instance.as_deref() == Some(name.as_str()))
-                    .map(|l| (l.number, l.image.clone()))
-                    .collect();
-                loops
-            };
-            let r = ops::instances::destroy(&self.core, &name, opts, &self.teardown).await;
-            // Drop the objects of detached devices and deleted images, refresh the rest.
-            {
-                let st = self.core.state.lock().await.clone();
-                for (n, img) in &before {
-                    if !st.loops.iter().any(|l| l.number == *n) {
-                        let _ = server.remove::<LoopObject, _>(&loop_path(*n)).await;
-                    }
-                    if let Some((uid, img)) = img {
-                        if !st
-                            .images
-                            .iter()
-                            .any(|i| i.owner_uid == *uid && &i.name == img)
-                        {
-                            let _ = server
-                                .remove::<ImageObject, _>(&image_path(*uid, img))
-                                .await;
+        let args = format!("{name} {}", describe(&options)).to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
+            "DestroyInstance",
+            &args,
+            |caller| async move {
+                let mut o = Opts::new(&options);
+                let opts = ops::instances::DestroyOptions {
+                    delete_images: o.bool("delete_images")?.unwrap_or(false),
+                    force: o.bool("force")?.unwrap_or(false),
+                };
+                let inter = interactive(&options)?;
+                o.finish()?;
+                self.authorize(hdr, &caller, &name, inter, true).await?;
+                let before = {
+                    let st = self.core.state.lock().await;
+                    let loops: Vec<_> = st
+                        .loops
+                        .iter()
+                        .filter(|l| l.instance.as_deref() == Some(name.as_str()))
+                        .map(|l| (l.number, l.image.clone()))
+                        .collect();
+                    loops
+                };
+                let r = ops::instances::destroy(&self.core, &name, opts, &self.teardown).await;
+                // Drop the objects of detached devices and deleted images, refresh the rest.
+                {
+                    let st = self.core.state.lock().await.clone();
+                    for (n, img) in &before {
+                        if !st.loops.iter().any(|l| l.number == *n) {
+                            let _ = server.remove::<LoopObject, _>(&loop_path(*n)).await;
+                        }
+                        if let Some((uid, img)) = img {
+                            if !st
+                                .images
+                                .iter()
+                                .any(|i| i.owner_uid == *uid && &i.name == img)
+                            {
+                                let _ = server
+                                    .remove::<ImageObject, _>(&image_path(*uid, img))
+                                    .await;
+                            }
                         }
                     }
                 }
-            }
-            let m = super::manager::Manager {
-                core: self.core.clone(),
-                auth: self.auth.clone(),
-                gate: self.gate.clone(),
-            };
-            m.publish_all(server).await;
-            self.publish(server, &name).await;
-            r.map_err(BusError::map)
-        }
-        .await;
-        audit(
-            &caller,
-            "DestroyInstance",
-            &format!("{name} {}", describe(&options)),
-            &r,
-        );
-        r
+                let m = super::manager::Manager {
+                    core: self.core.clone(),
+                    auth: self.auth.clone(),
+                    gate: self.gate.clone(),
+                };
+                m.publish_all(server).await;
+                self.publish(server, &name).await;
+                r.map_err(BusError::map)
+            },
+        )
+        .await
     }
 }
 

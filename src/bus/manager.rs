@@ -1,7 +1,6 @@
 //! `org.dindhelper1.Manager` at `/org/dindhelper1`. Each method: authorize, convert the
 //! arguments, call one `ops` function, publish the objects, map the error, audit-log.
 
-use super::audit;
 use super::auth::{Action, Authorizer, Caller};
 use super::error::BusError;
 use super::objects::{
@@ -40,6 +39,7 @@ fn attach_request(o: &mut Opts<'_>) -> Result<AttachRequest, BusError> {
         offset: o.u64("offset")?.unwrap_or(0),
         size_limit: o.u64("size")?.unwrap_or(0),
         instance,
+        quota_exempt: false,
     })
 }
 
@@ -187,8 +187,12 @@ impl Manager {
             .await
             .map_err(BusError::map)?;
         if rec.owner_uid != caller.uid {
+            let mut details: super::auth::Details = vec![("device", rec.device())];
+            if let Some(i) = &rec.instance {
+                details.push(("instance", i.clone()));
+            }
             self.auth
-                .check_caller(hdr, &caller, action, true, inter)
+                .check_with(hdr, &caller, action, true, inter, &details)
                 .await?;
         }
         Ok((caller, rec))
@@ -206,21 +210,26 @@ impl Manager {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<OwnedObjectPath, BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
-        let r = async {
-            let mut o = Opts::new(&options);
-            let owner = owner_option(&mut o, &caller)?;
-            self.authorize_for_owner(&hdr, &caller, owner, o).await?;
-            let rec = ops::loops::create_image(&self.core, owner, &name, size)
-                .await
-                .map_err(BusError::map)?;
-            self.publish_image(server, owner, &rec.name).await;
-            Ok(image_path(owner, &rec.name))
-        }
-        .await;
-        audit(&caller, "CreateImage", &format!("{name} {size}"), &r);
-        r
+        let args = format!("{name} {size}").to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
+            "CreateImage",
+            &args,
+            |caller| async move {
+                let mut o = Opts::new(&options);
+                let owner = owner_option(&mut o, &caller)?;
+                self.authorize_for_owner(hdr, &caller, owner, o).await?;
+                let rec = ops::loops::create_image(&self.core, owner, &name, size)
+                    .await
+                    .map_err(BusError::map)?;
+                self.publish_image(server, owner, &rec.name).await;
+                Ok(image_path(owner, &rec.name))
+            },
+        )
+        .await
     }
 
     /// Delete an image that is not attached.
@@ -231,23 +240,28 @@ impl Manager {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<(), BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
-        let r = async {
-            let mut o = Opts::new(&options);
-            let owner = owner_option(&mut o, &caller)?;
-            self.authorize_for_owner(&hdr, &caller, owner, o).await?;
-            ops::loops::delete_image(&self.core, owner, &name)
-                .await
-                .map_err(BusError::map)?;
-            let _ = server
-                .remove::<ImageObject, _>(&image_path(owner, &name))
-                .await;
-            Ok(())
-        }
-        .await;
-        audit(&caller, "DeleteImage", &name, &r);
-        r
+        let args = name.to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
+            "DeleteImage",
+            &args,
+            |caller| async move {
+                let mut o = Opts::new(&options);
+                let owner = owner_option(&mut o, &caller)?;
+                self.authorize_for_owner(hdr, &caller, owner, o).await?;
+                ops::loops::delete_image(&self.core, owner, &name)
+                    .await
+                    .map_err(BusError::map)?;
+                let _ = server
+                    .remove::<ImageObject, _>(&image_path(owner, &name))
+                    .await;
+                Ok(())
+            },
+        )
+        .await
     }
 
     /// Images: object, name, size, owner uid, attached device ("" if none).
@@ -277,36 +291,37 @@ impl Manager {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<(OwnedObjectPath, String), BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
-        let r = async {
-            let mut o = Opts::new(&options);
-            let owner = owner_option(&mut o, &caller)?;
-            let req = attach_request(&mut o)?;
-            let inter = o.interactive()?;
-            self.authorize_for_owner(&hdr, &caller, owner, o).await?;
-            super::authorize_instance_tag(
-                &self.auth,
-                &self.core,
-                &hdr,
-                &caller,
-                req.instance.as_deref(),
-                inter,
-            )
-            .await?;
-            let rec = ops::loops::attach_image(&self.core, owner, &name, req)
-                .await
-                .map_err(BusError::map)?;
-            Ok(self.attach_done(server, &rec).await)
-        }
-        .await;
-        audit(
-            &caller,
+        let args = format!("{name} {}", describe(&options)).to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
             "AttachImage",
-            &format!("{name} {}", describe(&options)),
-            &r,
-        );
-        r
+            &args,
+            |caller| async move {
+                let mut o = Opts::new(&options);
+                let owner = owner_option(&mut o, &caller)?;
+                let mut req = attach_request(&mut o)?;
+                req.quota_exempt = crate::config::quota_exempt(caller.uid, owner);
+                let inter = o.interactive()?;
+                self.authorize_for_owner(hdr, &caller, owner, o).await?;
+                super::authorize_instance_tag(
+                    &self.auth,
+                    &self.core,
+                    hdr,
+                    &caller,
+                    req.instance.as_deref(),
+                    inter,
+                )
+                .await?;
+                let rec = ops::loops::attach_image(&self.core, owner, &name, req)
+                    .await
+                    .map_err(BusError::map)?;
+                Ok(self.attach_done(server, &rec).await)
+            },
+        )
+        .await
     }
 
     /// Attach the regular file behind `fd` (opened by the caller, which proves access).
@@ -319,32 +334,38 @@ impl Manager {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<(OwnedObjectPath, String), BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
-        let r = async {
-            let mut o = Opts::new(&options);
-            let req = attach_request(&mut o)?;
-            let inter = interactive(&options)?;
-            o.finish()?;
-            super::authorize_into_instance(
-                &self.auth,
-                &self.core,
-                &hdr,
-                &caller,
-                Action::Loop,
-                req.instance.as_deref(),
-                inter,
-            )
-            .await?;
-            let file = File::from(std::os::fd::OwnedFd::from(fd));
-            let rec = ops::loops::attach_fd(&self.core, caller.uid, file, req)
-                .await
-                .map_err(BusError::map)?;
-            Ok(self.attach_done(server, &rec).await)
-        }
-        .await;
-        audit(&caller, "AttachFd", &describe(&options), &r);
-        r
+        let args = describe(&options).to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
+            "AttachFd",
+            &args,
+            |caller| async move {
+                let mut o = Opts::new(&options);
+                let mut req = attach_request(&mut o)?;
+                req.quota_exempt = crate::config::quota_exempt(caller.uid, caller.uid);
+                let inter = interactive(&options)?;
+                o.finish()?;
+                super::authorize_into_instance(
+                    &self.auth,
+                    &self.core,
+                    hdr,
+                    &caller,
+                    Action::Loop,
+                    req.instance.as_deref(),
+                    inter,
+                )
+                .await?;
+                let file = File::from(std::os::fd::OwnedFd::from(fd));
+                let rec = ops::loops::attach_fd(&self.core, caller.uid, file, req)
+                    .await
+                    .map_err(BusError::map)?;
+                Ok(self.attach_done(server, &rec).await)
+            },
+        )
+        .await
     }
 
     /// Detach a loop device the daemon manages (`/dev/loopN` or `loopN`).
@@ -355,32 +376,37 @@ impl Manager {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<(), BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
-        let r = async {
-            let mut o = Opts::new(&options);
-            // force: free the device even when a container's grant cannot be withdrawn.
-            let force = o.bool("force")?.unwrap_or(false);
-            o.finish()?;
-            let (_, rec) = self
-                .authorize_device(&hdr, Action::Loop, &device, &options)
-                .await?;
-            let (rec, notes) = ops::loops::detach_with(&self.core, rec.number, force)
-                .await
-                .map_err(BusError::map)?;
-            for n in notes {
-                tracing::info!(device = %rec.device(), "Detach: {n}");
-            }
-            let _ = server.remove::<LoopObject, _>(&loop_path(rec.number)).await;
-            if let Some((uid, name)) = &rec.image {
-                self.set_image_device(server, *uid, name, String::new())
-                    .await;
-            }
-            Ok(())
-        }
-        .await;
-        audit(&caller, "Detach", &device, &r);
-        r
+        let args = device.to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
+            "Detach",
+            &args,
+            |_caller| async move {
+                let mut o = Opts::new(&options);
+                // force: free the device even when a container's grant cannot be withdrawn.
+                let force = o.bool("force")?.unwrap_or(false);
+                o.finish()?;
+                let (_, rec) = self
+                    .authorize_device(hdr, Action::Loop, &device, &options)
+                    .await?;
+                let (rec, notes) = ops::loops::detach_with(&self.core, rec.number, force)
+                    .await
+                    .map_err(BusError::map)?;
+                for n in notes {
+                    tracing::info!(device = %rec.device(), "Detach: {n}");
+                }
+                let _ = server.remove::<LoopObject, _>(&loop_path(rec.number)).await;
+                if let Some((uid, name)) = &rec.image {
+                    self.set_image_device(server, *uid, name, String::new())
+                        .await;
+                }
+                Ok(())
+            },
+        )
+        .await
     }
 
     /// Loop devices: object, device, backing file, size, read-only, owner uid, instance.
@@ -416,23 +442,28 @@ impl Manager {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<Vec<PartitionTuple>, BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
-        let r = async {
-            Opts::new(&options).finish()?;
-            let (_, rec) = self
-                .authorize_device(&hdr, Action::Partitions, &device, &options)
-                .await?;
-            let parts = ops::loops::rescan(&self.core, rec.number)
-                .await
-                .map_err(BusError::map)?;
-            if let Ok(rec) = ops::loops::managed(&self.core, rec.number).await {
-                self.publish_loop(server, &rec).await;
-            }
-            Ok(parts.iter().map(partition_tuple).collect::<Vec<_>>())
-        }
-        .await;
-        audit(&caller, "Rescan", &device, &r);
-        r
+        let args = device.to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
+            "Rescan",
+            &args,
+            |_caller| async move {
+                Opts::new(&options).finish()?;
+                let (_, rec) = self
+                    .authorize_device(hdr, Action::Partitions, &device, &options)
+                    .await?;
+                let parts = ops::loops::rescan(&self.core, rec.number)
+                    .await
+                    .map_err(BusError::map)?;
+                if let Ok(rec) = ops::loops::managed(&self.core, rec.number).await {
+                    self.publish_loop(server, &rec).await;
+                }
+                Ok(parts.iter().map(partition_tuple).collect::<Vec<_>>())
+            },
+        )
+        .await
     }
 }

@@ -55,6 +55,29 @@ pub async fn authorize_instance_tag(
     Ok(())
 }
 
+/// The call frame of every mutating method, written once: hold the gate shared (shutdown
+/// takes it exclusively and so waits for calls in flight), identify the caller, run the
+/// call, write the audit line with its outcome. A caller that cannot be identified is
+/// refused before anything runs (no audit line: there is nobody to name).
+pub(crate) async fn audited<T, F, Fut>(
+    auth: &auth::Authorizer,
+    gate: &tokio::sync::RwLock<()>,
+    hdr: &zbus::message::Header<'_>,
+    method: &str,
+    args: &str,
+    call: F,
+) -> Result<T, error::BusError>
+where
+    F: FnOnce(auth::Caller) -> Fut,
+    Fut: std::future::Future<Output = Result<T, error::BusError>>,
+{
+    let _g = gate.read().await;
+    let caller = auth.caller(hdr).await?;
+    let r = call(caller.clone()).await;
+    audit(&caller, method, args, &r);
+    r
+}
+
 /// The audit line of a mutating call: caller uid and bus name, method, arguments, outcome.
 pub(crate) fn audit<T>(
     caller: &auth::Caller,
@@ -67,4 +90,78 @@ pub(crate) fn audit<T>(
         Err(e) => tracing::info!(uid = caller.uid, caller = %caller.name, method, args,
             error = e.kind_name(), message = %e, "refused or failed"),
     }
+}
+
+/// The instance a container belongs to (the one that adopted it): (name, owner uid).
+async fn container_owner(core: &crate::ops::Core, id: &str) -> Option<(String, u32)> {
+    let st = core.state.lock().await;
+    st.instances
+        .iter()
+        .find(|i| i.containers.iter().any(|c| c == id))
+        .map(|i| (i.instance.name.clone(), i.owner_uid))
+}
+
+/// Authorize `action` on container `container` (as the caller named it), already resolved
+/// to `id`: the base action when it belongs to one of the caller's own instances, the
+/// `-others` twin (base checked first) when it belongs to another uid's instance or to
+/// none. polkit gets `container`, `container_id`, `instance`, `instance_owner` plus
+/// `extra`. Returns the details (for further checks of the same call).
+#[allow(clippy::too_many_arguments)] // the call's identity plus the target's
+pub async fn authorize_container_id(
+    auth: &auth::Authorizer,
+    core: &crate::ops::Core,
+    hdr: &zbus::message::Header<'_>,
+    caller: &auth::Caller,
+    action: auth::Action,
+    container: &str,
+    id: &str,
+    interactive: bool,
+    extra: auth::Details,
+) -> Result<auth::Details, error::BusError> {
+    let owner = container_owner(core, id).await;
+    let mut details: auth::Details = vec![
+        ("container", container.to_owned()),
+        ("container_id", id.to_owned()),
+    ];
+    if let Some((name, uid)) = &owner {
+        details.push(("instance", name.clone()));
+        details.push(("instance_owner", uid.to_string()));
+    }
+    details.extend(extra);
+    let others = owner.is_none_or(|(_, uid)| uid != caller.uid);
+    auth.check_with(hdr, caller, action, others, interactive, &details)
+        .await?;
+    Ok(details)
+}
+
+/// [`authorize_container_id`] after resolving `container` (name, id or `pid:N`) through
+/// the container resolver. Returns the resolved id: callers pass it on instead of the
+/// name, so the container checked is the container acted on.
+#[allow(clippy::too_many_arguments)] // the call's identity plus the target's
+pub async fn authorize_container(
+    auth: &auth::Authorizer,
+    core: &crate::ops::Core,
+    hdr: &zbus::message::Header<'_>,
+    caller: &auth::Caller,
+    action: auth::Action,
+    container: &str,
+    interactive: bool,
+    extra: auth::Details,
+) -> Result<String, error::BusError> {
+    let rc = crate::ops::instances::resolve_container(core, container)
+        .await
+        .map_err(error::BusError::map)?;
+    authorize_container_id(
+        auth,
+        core,
+        hdr,
+        caller,
+        action,
+        container,
+        &rc.id,
+        interactive,
+        extra,
+    )
+    .await?;
+    Ok(rc.id)
 }

@@ -14,7 +14,6 @@
 //! `docker rm`) updates its object (PropertiesChanged) and emits `MappingChanged(o, s)` or
 //! `MappingRemoved(o)` on this interface.
 
-use super::audit;
 use super::auth::{Action, Authorizer, Caller};
 use super::error::BusError;
 use super::options::{describe, interactive, Options, Opts};
@@ -250,6 +249,66 @@ pub async fn follow(
 }
 
 impl Ports {
+    /// Before anything is resolved: PublishMany's size (`max_publish_many`), then
+    /// `ports-privileged` for every host port below `privileged_port_floor` (each with its
+    /// details, so a rule may allow 80 and 443 only).
+    async fn authorize_ports(
+        &self,
+        hdr: &Header<'_>,
+        caller: &Caller,
+        ports: &[(String, String, u16, u16)],
+        instance: Option<&str>,
+        inter: bool,
+    ) -> Result<(), BusError> {
+        let max = self.core.cfg.max_publish_many;
+        if ports.len() > max {
+            return Err(BusError::InvalidArgs(format!(
+                "{} ports in one call; max_publish_many is {max}",
+                ports.len()
+            )));
+        }
+        ops::ports::check_mapping_quota(&self.core, caller.uid, ports.len())
+            .map_err(BusError::map)?;
+        let floor = self.core.cfg.privileged_port_floor;
+        for (container, protocol, host_port, _) in ports {
+            if *host_port < floor {
+                let mut details: super::auth::Details = vec![
+                    ("container", container.clone()),
+                    ("host_port", host_port.to_string()),
+                    ("protocol", protocol.clone()),
+                ];
+                if let Some(i) = instance {
+                    details.push(("instance", i.to_owned()));
+                }
+                self.auth
+                    .check_with(hdr, caller, Action::PortsPrivileged, false, inter, &details)
+                    .await?;
+            }
+        }
+        // Owned targets: every container must belong to one of the caller's instances,
+        // else ports-others.
+        let mut seen = std::collections::HashSet::new();
+        for (container, protocol, host_port, _) in ports {
+            if seen.insert(container.clone()) {
+                super::authorize_container(
+                    &self.auth,
+                    &self.core,
+                    hdr,
+                    caller,
+                    Action::Ports,
+                    container,
+                    inter,
+                    vec![
+                        ("host_port", host_port.to_string()),
+                        ("protocol", protocol.clone()),
+                    ],
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Authorize acting on mappings: the base action, plus `-others` when any of them
     /// belongs to another uid.
     async fn authorize_mappings(
@@ -300,42 +359,55 @@ impl Ports {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<OwnedObjectPath, BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
         let args = format!(
             "{container} {protocol} {host_port}:{container_port} {}",
             describe(&options)
         );
-        let r = async {
-            let o = publish_opts(&options)?;
-            let inter = interactive(&options)?;
-            super::authorize_into_instance(
-                &self.auth,
-                &self.core,
-                &hdr,
-                &caller,
-                Action::Ports,
-                o.instance.as_deref(),
-                inter,
-            )
-            .await?;
-            let req = request(
-                &o,
-                caller.uid,
-                container,
-                protocol,
-                host_port,
-                container_port,
-            );
-            let m = ops::ports::publish(&self.core, req)
-                .await
-                .map_err(BusError::map)?;
-            self.export_new(server, std::slice::from_ref(&m)).await;
-            Ok(port_path(&m.id))
-        }
-        .await;
-        audit(&caller, "Publish", &args, &r);
-        r
+        let args = args.to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
+            "Publish",
+            &args,
+            |caller| async move {
+                let o = publish_opts(&options)?;
+                let inter = interactive(&options)?;
+                super::authorize_into_instance(
+                    &self.auth,
+                    &self.core,
+                    hdr,
+                    &caller,
+                    Action::Ports,
+                    o.instance.as_deref(),
+                    inter,
+                )
+                .await?;
+                let one = [(
+                    container.clone(),
+                    protocol.clone(),
+                    host_port,
+                    container_port,
+                )];
+                self.authorize_ports(hdr, &caller, &one, o.instance.as_deref(), inter)
+                    .await?;
+                let req = request(
+                    &o,
+                    caller.uid,
+                    container,
+                    protocol,
+                    host_port,
+                    container_port,
+                );
+                let m = ops::ports::publish(&self.core, req)
+                    .await
+                    .map_err(BusError::map)?;
+                self.export_new(server, std::slice::from_ref(&m)).await;
+                Ok(port_path(&m.id))
+            },
+        )
+        .await
     }
 
     /// Publish many ports at once, all or nothing, as one iptables batch: entries are
@@ -348,35 +420,42 @@ impl Ports {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<Vec<OwnedObjectPath>, BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
         let args = format!("{} ports {}", ports.len(), describe(&options));
-        let r = async {
-            let o = publish_opts(&options)?;
-            let inter = interactive(&options)?;
-            super::authorize_into_instance(
-                &self.auth,
-                &self.core,
-                &hdr,
-                &caller,
-                Action::Ports,
-                o.instance.as_deref(),
-                inter,
-            )
-            .await?;
-            let reqs = ports
-                .into_iter()
-                .map(|(c, p, h, cp)| request(&o, caller.uid, c, p, h, cp))
-                .collect();
-            let ms = ops::ports::publish_many(&self.core, reqs)
-                .await
-                .map_err(BusError::map)?;
-            self.export_new(server, &ms).await;
-            Ok(ms.iter().map(|m| port_path(&m.id)).collect())
-        }
-        .await;
-        audit(&caller, "PublishMany", &args, &r);
-        r
+        let args = args.to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
+            "PublishMany",
+            &args,
+            |caller| async move {
+                let o = publish_opts(&options)?;
+                let inter = interactive(&options)?;
+                super::authorize_into_instance(
+                    &self.auth,
+                    &self.core,
+                    hdr,
+                    &caller,
+                    Action::Ports,
+                    o.instance.as_deref(),
+                    inter,
+                )
+                .await?;
+                self.authorize_ports(hdr, &caller, &ports, o.instance.as_deref(), inter)
+                    .await?;
+                let reqs = ports
+                    .into_iter()
+                    .map(|(c, p, h, cp)| request(&o, caller.uid, c, p, h, cp))
+                    .collect();
+                let ms = ops::ports::publish_many(&self.core, reqs)
+                    .await
+                    .map_err(BusError::map)?;
+                self.export_new(server, &ms).await;
+                Ok(ms.iter().map(|m| port_path(&m.id)).collect())
+            },
+        )
+        .await
     }
 
     /// Remove a mapping and its rules: `mapping` is its object path or its id.
@@ -387,28 +466,33 @@ impl Ports {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<(), BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
-        let r = async {
-            Opts::new(&options).finish()?;
-            let inter = interactive(&options)?;
-            let id = mapping_id(&mapping)?;
-            // The base action first: a caller without it learns nothing about mappings.
-            self.auth
-                .check_caller(&hdr, &caller, Action::Ports, false, inter)
-                .await?;
-            let m = ops::ports::get(&self.core, &id).map_err(BusError::map)?;
-            self.authorize_mappings(&hdr, &caller, std::slice::from_ref(&m), inter)
-                .await?;
-            ops::ports::unpublish(&self.core, &id)
-                .await
-                .map_err(BusError::map)?;
-            let _ = server.remove::<PortObject, _>(&port_path(&id)).await;
-            Ok(())
-        }
-        .await;
-        audit(&caller, "Unpublish", &mapping, &r);
-        r
+        let args = mapping.to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
+            "Unpublish",
+            &args,
+            |caller| async move {
+                Opts::new(&options).finish()?;
+                let inter = interactive(&options)?;
+                let id = mapping_id(&mapping)?;
+                // The base action first: a caller without it learns nothing about mappings.
+                self.auth
+                    .check_caller(hdr, &caller, Action::Ports, false, inter)
+                    .await?;
+                let m = ops::ports::get(&self.core, &id).map_err(BusError::map)?;
+                self.authorize_mappings(hdr, &caller, std::slice::from_ref(&m), inter)
+                    .await?;
+                ops::ports::unpublish(&self.core, &id)
+                    .await
+                    .map_err(BusError::map)?;
+                let _ = server.remove::<PortObject, _>(&port_path(&id)).await;
+                Ok(())
+            },
+        )
+        .await
     }
 
     /// Remove every mapping of a container (name, id or id prefix; the container may be
@@ -420,33 +504,40 @@ impl Ports {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<u32, BusError> {
-        let _g = self.gate.read().await;
-        let caller = self.auth.caller(&hdr).await?;
-        let r = async {
-            Opts::new(&options).finish()?;
-            let inter = interactive(&options)?;
-            self.auth
-                .check_caller(&hdr, &caller, Action::Ports, false, inter)
-                .await?;
-            let ms = ops::ports::of_container(&self.core, &container).await;
-            if ms.is_empty() {
-                return Err(BusError::NotFound(format!(
-                    "container {container:?} has no published port"
-                )));
-            }
-            self.authorize_mappings(&hdr, &caller, &ms, inter).await?;
-            let removed =
-                ops::ports::unpublish_ids(&self.core, ms.iter().map(|m| m.id.clone()).collect())
-                    .await
-                    .map_err(BusError::map)?;
-            for m in &removed {
-                let _ = server.remove::<PortObject, _>(&port_path(&m.id)).await;
-            }
-            Ok(removed.len() as u32)
-        }
-        .await;
-        audit(&caller, "UnpublishContainer", &container, &r);
-        r
+        let args = container.to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
+            "UnpublishContainer",
+            &args,
+            |caller| async move {
+                Opts::new(&options).finish()?;
+                let inter = interactive(&options)?;
+                self.auth
+                    .check_caller(hdr, &caller, Action::Ports, false, inter)
+                    .await?;
+                let ms = ops::ports::of_container(&self.core, &container).await;
+                if ms.is_empty() {
+                    return Err(BusError::NotFound(format!(
+                        "container {container:?} has no published port"
+                    )));
+                }
+                self.authorize_mappings(hdr, &caller, &ms, inter).await?;
+                let removed = ops::ports::unpublish_ids(
+                    &self.core,
+                    ms.iter().map(|m| m.id.clone()).collect(),
+                )
+                .await
+                .map_err(BusError::map)?;
+                for m in &removed {
+                    let _ = server.remove::<PortObject, _>(&port_path(&m.id)).await;
+                }
+                Ok(removed.len() as u32)
+            },
+        )
+        .await
     }
 
     /// The firewall backend ports go to (`iptables-nft`, `iptables-legacy`); "" while none

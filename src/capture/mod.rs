@@ -15,10 +15,10 @@
 pub mod bpf;
 pub mod file;
 pub mod pcap;
+pub mod sink;
 pub mod socket;
 
 use std::fs::File;
-use std::io::BufWriter;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -191,6 +191,9 @@ pub enum Reason {
     MaxPackets,
     MaxBytes,
     TargetExited,
+    /// The sink took no data for `sink::STALL` (a pipe nobody reads) or could not take
+    /// the last data at the end: the session ended so it never blocks the daemon.
+    SinkStalled,
     Error(String),
 }
 
@@ -203,6 +206,7 @@ impl Reason {
             Reason::MaxPackets => "max-packets",
             Reason::MaxBytes => "max-bytes",
             Reason::TargetExited => "target-exited",
+            Reason::SinkStalled => "sink-stalled",
             Reason::Error(_) => "error",
         }
     }
@@ -353,7 +357,7 @@ pub fn start(target: Target, options: CaptureOptions, sink: File) -> Result<Hand
     };
     let linktype = sock.linktype;
     let writer = pcap::PcapWriter::new(
-        BufWriter::with_capacity(256 << 10, sink),
+        sink::QueueSink::new(sink, Some(stop.clone())).map_err(CaptureError::Sink)?,
         linktype,
         snaplen,
         res,
@@ -382,9 +386,18 @@ pub fn start(target: Target, options: CaptureOptions, sink: File) -> Result<Hand
     })
 }
 
+/// A sink error as the session's end reason.
+fn sink_reason(e: std::io::Error) -> Reason {
+    if sink::is_stall(&e) {
+        Reason::SinkStalled
+    } else {
+        Reason::Error(format!("sink: {e}"))
+    }
+}
+
 struct Session {
     sock: socket::RingSocket,
-    writer: pcap::PcapWriter<BufWriter<File>>,
+    writer: pcap::PcapWriter<sink::QueueSink>,
     pidfd: OwnedFd,
     stop: Arc<OwnedFd>,
     shared: Arc<Shared>,
@@ -447,9 +460,9 @@ impl Session {
             }
         };
         self.update_drops();
-        if let Err(e) = self.writer.flush() {
-            if !matches!(reason, Reason::Error(_)) {
-                return self.finish(Reason::Error(format!("sink: {e}")));
+        if let Err(e) = self.writer.get_mut().finish() {
+            if !matches!(reason, Reason::Error(_) | Reason::SinkStalled) {
+                return self.finish(sink_reason(e));
             }
         }
         self.finish(reason)
@@ -530,7 +543,7 @@ impl Session {
                     return false;
                 }
                 if let Err(e) = writer.write_packet(p.sec, p.nsec, p.len + extra, &parts) {
-                    end = Some(Reason::Error(format!("sink: {e}")));
+                    end = Some(sink_reason(e));
                     return false;
                 }
                 if max_packets.is_some_and(|m| writer.packets >= m) {
@@ -544,7 +557,7 @@ impl Session {
             }
             if end.is_none() {
                 if let Err(e) = self.writer.flush() {
-                    end = Some(Reason::Error(format!("sink: {e}")));
+                    end = Some(sink_reason(e));
                 }
             }
             self.update_drops();

@@ -110,6 +110,10 @@ impl<W: Write> PcapWriter<W> {
         self.out.flush()
     }
 
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.out
+    }
+
     pub fn into_inner(self) -> W {
         self.out
     }

@@ -299,12 +299,59 @@ pub fn set_oom_score_adj(pid: u32, value: i32) -> Result<(), InstanceError> {
     }
 }
 
+/// SIGKILL every process of the cgroup `dir` and below, never a pid that was reused by
+/// a process elsewhere:
+/// - cgroup v2 with `cgroup.kill` (Linux 5.14): one write, the kernel kills the subtree;
+/// - otherwise each pid is pinned with `pidfd_open`, then looked up in the tree's
+///   `cgroup.procs` again, and signalled through the pidfd (`pidfd_send_signal`). Once the
+///   pidfd exists it names one process; if that process is still listed it is in the
+///   cgroup, and if its pid was reused meanwhile the pidfd names the dead one (ESRCH).
+///   (This closes the race the freezer would; a v1 freezer is not always mounted.)
+fn kill_tree(dir: &Path, pids: &[u32]) {
+    let kill = dir.join("cgroup.kill");
+    if kill.exists() && fs::write(&kill, b"1").is_ok() {
+        return;
+    }
+    let pinned: Vec<(u32, std::os::fd::OwnedFd)> = pids
+        .iter()
+        .filter_map(|&p| pidfd_open(p).ok().map(|fd| (p, fd)))
+        .collect();
+    let Ok(now) = procs_in_tree(dir) else { return };
+    for (pid, fd) in pinned {
+        if now.binary_search(&pid).is_ok() {
+            use std::os::fd::AsRawFd;
+            // SAFETY: pidfd_send_signal on a pidfd we own, no siginfo.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                );
+            }
+        }
+    }
+}
+
+fn pidfd_open(pid: u32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscall returning a new fd.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// How long [`ensure_empty`] waits for killed processes to leave.
 pub const KILL_WAIT: Duration = Duration::from_secs(10);
 
 /// Make sure no process is in any of `dirs` (or below). Without `force`: `Busy` naming the
-/// first non-empty cgroup and its pids. With `force`: SIGKILL them (repeatedly: a process
-/// may fork meanwhile) until every cgroup is empty, at most [`KILL_WAIT`].
+/// first non-empty cgroup and its pids. With `force`: kill the trees (repeatedly: a process
+/// may fork meanwhile; see `kill_tree`, never a bare kill(pid) of a pid read earlier)
+/// until every cgroup is empty, at most [`KILL_WAIT`].
 pub fn ensure_empty(name: &str, dirs: &[PathBuf], force: bool) -> Result<(), InstanceError> {
     let dirs: Vec<&PathBuf> = dirs.iter().filter(|d| d.exists()).collect();
     let busy = || -> Result<Option<(PathBuf, Vec<u32>)>, InstanceError> {
@@ -329,11 +376,8 @@ pub fn ensure_empty(name: &str, dirs: &[PathBuf], force: bool) -> Result<(), Ins
     let deadline = Instant::now() + KILL_WAIT;
     let mut last = pids;
     loop {
-        for p in &last {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(*p as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        for d in &dirs {
+            kill_tree(d, &last);
         }
         std::thread::sleep(Duration::from_millis(50));
         match busy()? {

@@ -27,6 +27,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+/// Longest a capture filter may take to compile.
+pub const FILTER_COMPILE_LIMIT: Duration = Duration::from_secs(2);
+
 /// How long a finished session stays listed (and exported).
 pub const FINISHED_KEEP: Duration = Duration::from_secs(600);
 
@@ -55,6 +58,8 @@ pub enum CaptureOpsError {
     },
     #[error("internal task failed: {0}")]
     Task(String),
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl Classify for CaptureOpsError {
@@ -69,6 +74,7 @@ impl Classify for CaptureOpsError {
             | CaptureOpsError::FdNotWritable => Kind::InvalidArgs,
             CaptureOpsError::NoSession { .. } => Kind::NotFound,
             CaptureOpsError::Io { .. } | CaptureOpsError::Task(_) => Kind::Failed,
+            CaptureOpsError::Busy(_) => Kind::Busy,
         }
     }
 }
@@ -136,7 +142,7 @@ pub struct Resolved {
 
 /// Where the pcap goes.
 pub enum Sink {
-    /// `<state>/captures/<uid>/<name>.pcap`, owned by the caller, 0640.
+    /// `<state>/captures/<uid>/<name>.pcap`, owned by the caller, 0600.
     File { name: Option<String> },
     /// The caller's fd (a pipe, usually).
     Fd(File),
@@ -297,7 +303,7 @@ impl Captures {
                 (c.target, Some(c.id))
             }
         };
-        let host_netns = same_netns(target.pid, 1);
+        let host_netns = in_host_netns(target.pid);
         target.verify()?;
         Ok(Resolved {
             spec: spec.clone(),
@@ -327,8 +333,25 @@ impl Captures {
         if let Sink::Fd(f) = &sink {
             check_writable(f)?;
         }
-        // Options are checked (filter compiled) before any limit or file is touched.
-        req.options.validate()?;
+        // Options are checked (filter compiled) before any limit or file is touched. The
+        // compile runs off the runtime (libpcap's optimizer is not bounded in time for a
+        // filter of MAX_FILTER_LEN bytes) and is given FILTER_COMPILE_LIMIT.
+        let opts = req.options.clone();
+        match tokio::time::timeout(
+            FILTER_COMPILE_LIMIT,
+            tokio::task::spawn_blocking(move || opts.validate()),
+        )
+        .await
+        {
+            Ok(Ok(r)) => r?,
+            Ok(Err(e)) => return Err(CaptureOpsError::Task(e.to_string())),
+            Err(_) => {
+                return Err(CaptureOpsError::Capture(CaptureError::InvalidOption {
+                    option: "filter",
+                    why: format!("did not compile within {FILTER_COMPILE_LIMIT:?}; simplify it"),
+                }))
+            }
+        }
 
         let _g = self.inner.start_lock.lock().await;
         let uid = req.uid;
@@ -434,6 +457,36 @@ impl Captures {
         Ok(session)
     }
 
+    /// Delete the capture file `<state>/captures/<uid>/<name>.pcap` (frees the per-uid byte
+    /// quota). Busy while a running session writes it; NotFound when there is none.
+    pub async fn delete_file(&self, uid: u32, name: &str) -> Result<PathBuf, CaptureOpsError> {
+        crate::names::check_file_name("capture name", name)?;
+        let _g = self.inner.start_lock.lock().await;
+        let want = self
+            .inner
+            .core
+            .store
+            .dir()
+            .join("captures")
+            .join(uid.to_string())
+            .join(format!("{name}.pcap"));
+        if self
+            .list()
+            .iter()
+            .any(|s| s.is_running() && s.path.as_ref() == Some(&want))
+        {
+            return Err(CaptureOpsError::Busy(format!(
+                "capture {name:?} is still being written; Stop its session first"
+            )));
+        }
+        let state_dir = self.inner.core.store.dir().to_owned();
+        let n = name.to_owned();
+        tokio::task::spawn_blocking(move || capture::file::delete_capture_file(&state_dir, uid, &n))
+            .await
+            .map_err(|e| CaptureOpsError::Task(e.to_string()))?
+            .map_err(CaptureOpsError::Capture)
+    }
+
     /// Stop every running capture (daemon shutdown) and wait for them; returns how many.
     pub async fn stop_all(&self) -> usize {
         let hit: Vec<Arc<Session>> = self.list().into_iter().filter(|s| s.is_running()).collect();
@@ -485,15 +538,22 @@ fn check_writable(f: &File) -> Result<(), CaptureOpsError> {
     }
 }
 
-/// Do two processes share a network namespace?
-fn same_netns(a: i32, b: i32) -> bool {
+/// Is `pid` in the host's network namespace? "Host" is the daemon's own namespace (the
+/// unit has no PrivateNetwork; in tests the daemon may run in dockerd's namespace, whose
+/// host-network containers share it) and, when it can be read, pid 1's. pid 1's link is
+/// not always readable, even by root (this project's test machine: EACCES); before, that
+/// made every container count as "host" and a tenant with `capture` but not
+/// `capture-host` could capture nothing. A target whose own namespace cannot be read
+/// still counts as the host (the stricter action).
+fn in_host_netns(pid: i32) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let ino = |p: i32| std::fs::metadata(format!("/proc/{p}/ns/net")).map(|m| (m.dev(), m.ino()));
-    match (ino(a), ino(b)) {
-        (Ok(x), Ok(y)) => x == y,
-        // Unknown: treat as the host (the stricter action).
-        _ => true,
-    }
+    let ino = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
+    let Ok(target) = ino(&format!("/proc/{pid}/ns/net")) else {
+        return true;
+    };
+    let own = ino("/proc/self/ns/net").ok();
+    let init = ino("/proc/1/ns/net").ok();
+    own.is_none_or(|o| o == target) || init == Some(target)
 }
 
 /// Bytes of the regular files directly in `dir` (0 when it does not exist).

@@ -151,6 +151,19 @@ pub async fn create(
     limits: Limits,
     driver: Option<DockerCgroupDriver>,
 ) -> Result<InstanceRecord, OpsError> {
+    create_limited(core, owner_uid, name, limits, driver, owner_uid == 0).await
+}
+
+/// [`create`] with the per-uid limit `max_instances_per_uid` checked under the state lock
+/// unless `exempt` (root acting for uid 0, see `config::quota_exempt`).
+pub async fn create_limited(
+    core: &Arc<Core>,
+    owner_uid: u32,
+    name: &str,
+    limits: Limits,
+    driver: Option<DockerCgroupDriver>,
+    exempt: bool,
+) -> Result<InstanceRecord, OpsError> {
     crate::names::check_instance_name(name)?;
     let backend = core.instances.backend()?;
     let driver = driver.unwrap_or_else(|| core.instances.default_driver());
@@ -161,6 +174,17 @@ pub async fn create(
             what: format!("instance {name:?}"),
             why: "exists already (SetLimits changes its limits)".into(),
         });
+    }
+    let owned = st
+        .instances
+        .iter()
+        .filter(|i| i.owner_uid == owner_uid)
+        .count();
+    if !exempt && owned >= core.cfg.max_instances_per_uid {
+        return Err(OpsError::Limit(format!(
+            "uid {owner_uid} already owns {owned} instances (max_instances_per_uid = {})",
+            core.cfg.max_instances_per_uid
+        )));
     }
     let (b, n) = (backend.clone(), name.to_owned());
     if blocking(move || Ok(b.exists(&n)?)).await? {
@@ -283,6 +307,15 @@ fn parse_pid_ref(container: &str) -> Option<Result<u32, OpsError>> {
             .filter(|p| *p > 1)
             .ok_or_else(|| OpsError::Invalid(format!("{container:?}: pid:N needs a pid > 1"))),
     )
+}
+
+/// Resolve a container reference (Docker name/id, or `pid:N`) the way AdoptContainer does;
+/// the bus layer uses it to find who owns a target before acting on it.
+pub async fn resolve_container(
+    core: &Core,
+    container: &str,
+) -> Result<ResolvedContainer, OpsError> {
+    resolve(core, container).await
 }
 
 async fn resolve(core: &Core, container: &str) -> Result<ResolvedContainer, OpsError> {

@@ -17,6 +17,8 @@ pub struct AttachRequest {
     pub offset: u64,
     pub size_limit: u64,
     pub instance: Option<String>,
+    /// The caller is root acting for uid 0: no per-uid limit (see `config::quota_exempt`).
+    pub quota_exempt: bool,
 }
 
 pub async fn create_image(
@@ -86,9 +88,14 @@ pub async fn delete_image(core: &Arc<Core>, uid: u32, name: &str) -> Result<(), 
     core.persist(&st)
 }
 
-fn check_loop_quota(core: &Core, loops: &[LoopRecord], uid: u32) -> Result<(), OpsError> {
+fn check_loop_quota(
+    core: &Core,
+    loops: &[LoopRecord],
+    uid: u32,
+    exempt: bool,
+) -> Result<(), OpsError> {
     let n = loops.iter().filter(|l| l.owner_uid == uid).count();
-    if uid != 0 && n >= core.cfg.max_loops_per_uid {
+    if !exempt && n >= core.cfg.max_loops_per_uid {
         return Err(OpsError::Limit(format!(
             "uid {uid} already has {n} loop devices attached (max_loops_per_uid = {})",
             core.cfg.max_loops_per_uid
@@ -136,7 +143,14 @@ async fn attach(
     req: AttachRequest,
 ) -> Result<LoopRecord, OpsError> {
     let mut st = core.state.lock().await;
-    check_loop_quota(core, &st.loops, uid)?;
+    check_loop_quota(core, &st.loops, uid, req.quota_exempt)?;
+    // Checked again under the lock that the attach holds to the end: two concurrent
+    // AttachImage calls of one image both passed the first check (the open runs without
+    // the lock); only one may attach, the other is Busy (two writable loops on one file
+    // corrupt it).
+    if let Some((owner, name)) = &image {
+        check_image_unattached(&st, *owner, name)?;
+    }
     let opts = AttachOptions {
         read_only: req.read_only,
         partscan: req.partscan,

@@ -19,6 +19,7 @@
 
 use super::{Core, OpsError};
 use crate::ports::{Mapping, PortsManager, PublishRequest};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
@@ -111,6 +112,86 @@ pub async fn persist(core: &Core) -> Result<(), OpsError> {
     Ok(())
 }
 
+/// Mappings being published right now, per owner uid: counted with the existing ones so
+/// concurrent publishes (which the manager coalesces, so they are not serialized here)
+/// cannot overshoot `max_mappings_per_uid` together.
+static IN_FLIGHT: std::sync::Mutex<BTreeMap<u32, usize>> = std::sync::Mutex::new(BTreeMap::new());
+
+/// A slot in [`IN_FLIGHT`], released on drop (success or failure: a published mapping is
+/// in the manager's table by then).
+struct Reservation {
+    per_uid: Vec<(u32, usize)>,
+}
+
+impl Reservation {
+    /// Check `max_mappings_per_uid` for every owner in `reqs` and reserve the new entries.
+    /// uid 0 is exempt (its mappings are only ever made by root callers: Publish has no
+    /// owner option).
+    fn take(core: &Core, reqs: &[PublishRequest]) -> Result<Reservation, OpsError> {
+        let mut want: BTreeMap<u32, usize> = BTreeMap::new();
+        for r in reqs {
+            *want.entry(r.owner_uid).or_default() += 1;
+        }
+        let existing = core.ports.mappings();
+        let mut g = IN_FLIGHT.lock().expect("in-flight publishes");
+        for (&uid, &n) in &want {
+            if crate::config::quota_exempt(uid, uid) {
+                continue;
+            }
+            let have = existing.iter().filter(|m| m.owner_uid == uid).count()
+                + g.get(&uid).copied().unwrap_or(0);
+            let max = core.cfg.max_mappings_per_uid;
+            if have + n > max {
+                return Err(OpsError::Limit(format!(
+                    "uid {uid} has {have} port mappings; {n} more would exceed \
+                     max_mappings_per_uid = {max}"
+                )));
+            }
+        }
+        for (&uid, &n) in &want {
+            *g.entry(uid).or_default() += n;
+        }
+        Ok(Reservation {
+            per_uid: want.into_iter().collect(),
+        })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut g = IN_FLIGHT.lock().expect("in-flight publishes");
+        for (uid, n) in &self.per_uid {
+            if let Some(v) = g.get_mut(uid) {
+                *v = v.saturating_sub(*n);
+                if *v == 0 {
+                    g.remove(uid);
+                }
+            }
+        }
+    }
+}
+
+/// Would `n` more mappings of `uid` exceed `max_mappings_per_uid`? A fast refusal before
+/// any container lookup; [`publish_many`] checks again exactly (with reservations).
+pub fn check_mapping_quota(core: &Core, uid: u32, n: usize) -> Result<(), OpsError> {
+    if crate::config::quota_exempt(uid, uid) {
+        return Ok(());
+    }
+    let have = core
+        .ports
+        .mappings()
+        .iter()
+        .filter(|m| m.owner_uid == uid)
+        .count();
+    let max = core.cfg.max_mappings_per_uid;
+    if have + n > max {
+        return Err(OpsError::Limit(format!(
+            "uid {uid} has {have} port mappings; {n} more would exceed max_mappings_per_uid = {max}"
+        )));
+    }
+    Ok(())
+}
+
 /// Publish one port (see [`publish_many`]).
 pub async fn publish(core: &Arc<Core>, req: PublishRequest) -> Result<Mapping, OpsError> {
     let mut v = publish_many(core, vec![req]).await?;
@@ -125,6 +206,7 @@ pub async fn publish_many(
     core: &Arc<Core>,
     reqs: Vec<PublishRequest>,
 ) -> Result<Vec<Mapping>, OpsError> {
+    let _reserved = Reservation::take(core, &reqs)?;
     let added = core.ports.publish_many(reqs).await?;
     if let Err(e) = persist(core).await {
         let ids = added.iter().map(|m| m.id.clone()).collect();

@@ -85,12 +85,15 @@ impl NetnsContext {
     pub fn command(&self, program: &Path) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(program);
         if let Some(fd) = &self.fd {
-            let raw = fd.as_raw_fd();
-            // SAFETY: only setns(2) (async-signal-safe) runs between fork and exec; the
-            // fd stays open for the lifetime of `self`, which outlives the spawn.
+            // The closure owns a clone of the Arc: the fd lives as long as the command,
+            // whatever happens to `self` (a raw fd captured alone could be closed, and its
+            // number reused, before the spawn).
+            let fd = fd.clone();
+            // SAFETY: only setns(2) (async-signal-safe) runs between fork and exec, on an
+            // fd the closure keeps open.
             unsafe {
                 cmd.pre_exec(move || {
-                    if libc::setns(raw, libc::CLONE_NEWNET) != 0 {
+                    if libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
@@ -415,4 +418,28 @@ pub async fn docker_nftables(netns: &NetnsContext) -> Option<PortsError> {
                      \"firewall-backend\": \"iptables\")"
                 .into(),
         })
+}
+
+#[cfg(test)]
+mod pre_exec_tests {
+    use super::*;
+
+    /// The namespace fd is owned by the command: dropping the context before the spawn
+    /// must not leave `setns` a closed (or reused) fd number. Needs root (setns).
+    #[test]
+    fn command_keeps_the_namespace_fd_alive() {
+        let ctx = NetnsContext::open(Path::new("/proc/self/ns/net")).expect("own netns");
+        let mut cmd = ctx.command(Path::new("/bin/true"));
+        drop(ctx);
+        // Reuse the freed fd number for something that is not a namespace.
+        let _other = std::fs::File::open("/dev/null").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let st = rt
+            .block_on(async { cmd.status().await })
+            .expect("spawn in the namespace");
+        assert!(st.success());
+    }
 }

@@ -83,12 +83,8 @@ pub struct PortsManager {
 }
 
 fn new_id() -> String {
-    let mut b = [0u8; 8];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut b);
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    // getrandom(2); never the zeros the old /dev/urandom fallback produced.
+    crate::random::hex_or_panic(8)
 }
 
 impl PortsManager {

@@ -4,10 +4,16 @@
 //! - root: every action (polkit authorizes uid 0);
 //! - dhtest-member (group dindhelper): every action, the `-others` ones included;
 //! - dhtest-own (test-only rule): every base action, no `-others` action;
+//! - dhtest-tenant (group dindhelper-tenant, the shipped rules): the base actions only;
+//! - dhtest-othersonly (test-only rule): the `-others` actions only (which the daemon
+//!   never accepts without the base action);
 //! - dhtest-plain: nothing (defaults are auth_admin_keep for active sessions only and
 //!   there is no session and no agent here), so every mutating call is NotAuthorized.
 
-use crate::bed::{gv_str, Bed, DaemonLoop, ACTIONS, BUS_NAME, MANAGER_PATH, MEMBER, OWN, PLAIN};
+use crate::bed::{
+    gv_str, Bed, DaemonLoop, ACTIONS, BUS_NAME, MANAGER_PATH, MEMBER, OTHERS_ONLY, OWN, PLAIN,
+    TENANT,
+};
 use crate::Test;
 
 const MIB: u64 = 1 << 20;
@@ -92,6 +98,24 @@ fn polkit_policy_grants_group_members(bed: &Bed) {
         let own = bed.pkcheck_as(OWN, a);
         let want = if a.ends_with("-others") { 1 } else { 0 };
         assert_eq!(own.status, want, "{OWN}, {a}: {own:?}");
+        let base = [
+            "loop",
+            "partitions",
+            "ports",
+            "capture",
+            "devices",
+            "instances",
+        ]
+        .iter()
+        .any(|b| *a == format!("org.dindhelper1.{b}"));
+        let tenant = bed.pkcheck_as(TENANT, a);
+        assert_eq!(
+            tenant.status,
+            if base { 0 } else { 1 },
+            "{TENANT} (shipped group dindhelper-tenant), {a}: {tenant:?}"
+        );
+        let oo = bed.pkcheck_as(OTHERS_ONLY, a);
+        assert_eq!(oo.status, want ^ 1, "{OTHERS_ONLY}, {a}: {oo:?}");
     }
 }
 
@@ -258,7 +282,7 @@ fn dbus_policy_admits_root_and_group_only(bed: &Bed) {
             "{user} → Loop"
         );
     }
-    for user in ["root", MEMBER] {
+    for user in ["root", MEMBER, TENANT] {
         let out = bed.gdbus_raw(
             user,
             &bus.address,

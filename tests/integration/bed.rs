@@ -29,6 +29,14 @@ pub const PLAIN: &str = "dhtest-plain";
 /// Granted every `org.dindhelper1.*` action except the `-others` ones (test-only rule).
 pub const OWN: &str = "dhtest-own";
 pub const GROUP: &str = "dindhelper";
+/// The shipped delegation group: base actions on the member's own resources only.
+pub const TENANT_GROUP: &str = "dindhelper-tenant";
+/// Members of `dindhelper-tenant` (the shipped rules, no test rule).
+pub const TENANT: &str = "dhtest-tenant";
+pub const TENANT2: &str = "dhtest-tenant2";
+/// Granted only the `-others` actions (test-only rule): proves the base action is
+/// checked too.
+pub const OTHERS_ONLY: &str = "dhtest-othersonly";
 pub const BUS_NAME: &str = "org.dindhelper1";
 pub const MANAGER_PATH: &str = "/org/dindhelper1";
 pub const MANAGER_IFACE: &str = "org.dindhelper1.Manager";
@@ -48,6 +56,8 @@ pub const ACTIONS: &[&str] = &[
     "org.dindhelper1.instances",
     "org.dindhelper1.instances-others",
     "org.dindhelper1.capture-host",
+    "org.dindhelper1.instances-oom-protect",
+    "org.dindhelper1.ports-privileged",
 ];
 
 const SHARED_DIR: &str = "/run/dht-shared";
@@ -57,6 +67,9 @@ polkit.addRule(function(action, subject) {
     if (subject.user == "dhtest-own" &&
         action.id.indexOf("org.dindhelper1.") == 0 &&
         !/-others$/.test(action.id)) {
+        return polkit.Result.YES;
+    }
+    if (subject.user == "dhtest-othersonly" && /-others$/.test(action.id)) {
         return polkit.Result.YES;
     }
 });
@@ -242,7 +255,7 @@ impl Bed {
         fs::create_dir_all(&self.state_dir).map_err(|err| e("create state dir", err))?;
 
         *self.shared.borrow_mut() = Some(Shared::enter()?);
-        for u in [MEMBER, PLAIN, OWN] {
+        for u in [MEMBER, PLAIN, OWN, TENANT, TENANT2, OTHERS_ONLY] {
             let out = run("id", &["-u", u]);
             let uid = out
                 .stdout
@@ -472,6 +485,11 @@ impl Bed {
         *self.daemon_place.borrow_mut() = place;
     }
 
+    /// The extra arguments set by [`Bed::set_daemon_args`].
+    pub fn daemon_args(&self) -> Vec<String> {
+        self.daemon_args.borrow().clone()
+    }
+
     /// Extra arguments for every later (re)start of the daemon; takes effect at the next
     /// [`Bed::restart_daemon`].
     pub fn set_daemon_args(&self, args: &[String]) {
@@ -601,6 +619,13 @@ impl Bed {
     pub fn ctl_as(&self, user: &str, args: &[&str]) -> Out {
         let mut cmd = self.as_user(user, Self::ctl_bin());
         cmd.arg("--bus-address").arg(&self.address).args(args);
+        run_cmd(&mut cmd)
+    }
+
+    /// Any program as `user` (runuser), e.g. to prove what a user can read.
+    pub fn ctl_like(&self, user: &str, prog: &str, args: &[&str]) -> Out {
+        let mut cmd = self.as_user(user, prog);
+        cmd.args(args);
         run_cmd(&mut cmd)
     }
 
@@ -1087,11 +1112,20 @@ impl Shared {
                 .map_err(|e| format!("chmod {dest}: {e}"))?;
         }
 
-        if !run("getent", &["group", GROUP]).ok() {
-            run("groupadd", &["--system", GROUP]).expect_ok_or(format!("groupadd {GROUP}"))?;
-            Self::record(&format!("group {GROUP}"));
+        for g in [GROUP, TENANT_GROUP] {
+            if !run("getent", &["group", g]).ok() {
+                run("groupadd", &["--system", g]).expect_ok_or(format!("groupadd {g}"))?;
+                Self::record(&format!("group {g}"));
+            }
         }
-        for (user, in_group) in [(MEMBER, true), (PLAIN, false), (OWN, false)] {
+        for (user, group) in [
+            (MEMBER, Some(GROUP)),
+            (PLAIN, None),
+            (OWN, None),
+            (TENANT, Some(TENANT_GROUP)),
+            (TENANT2, Some(TENANT_GROUP)),
+            (OTHERS_ONLY, None),
+        ] {
             if !run("id", &["-u", user]).ok() {
                 let mut args = vec![
                     "--system",
@@ -1099,22 +1133,24 @@ impl Shared {
                     "--shell",
                     "/usr/sbin/nologin",
                 ];
-                if in_group {
-                    args.extend(["-G", GROUP]);
+                if let Some(g) = group {
+                    args.extend(["-G", g]);
                 }
                 args.push(user);
                 run("useradd", &args).expect_ok_or(format!("useradd {user}"))?;
                 Self::record(&format!("user {user}"));
             }
             let groups = run("id", &["-nG", user]).stdout;
-            let is_in = groups.split_whitespace().any(|g| g == GROUP);
-            if in_group && !is_in {
-                run("usermod", &["-aG", GROUP, user]).expect_ok_or(format!("usermod {user}"))?;
-            }
-            if !in_group && is_in {
-                return Err(format!(
-                    "user {user} exists and is in group {GROUP}: the tests need it outside"
-                ));
+            for g in [GROUP, TENANT_GROUP] {
+                let is_in = groups.split_whitespace().any(|x| x == g);
+                if group == Some(g) && !is_in {
+                    run("usermod", &["-aG", g, user]).expect_ok_or(format!("usermod {user}"))?;
+                }
+                if group != Some(g) && is_in {
+                    return Err(format!(
+                        "user {user} exists and is in group {g}: the tests need it outside"
+                    ));
+                }
             }
         }
         Ok(())

@@ -12,7 +12,9 @@
 //!
 //! Signals are observed with `gdbus monitor` (line-buffered through `stdbuf -oL`).
 
-use crate::bed::{gv_str, run, sfdisk, Bed, Out, BUS_NAME, MANAGER_PATH, MEMBER, OWN, PLAIN};
+use crate::bed::{
+    gv_str, run, sfdisk, Bed, Out, BUS_NAME, MANAGER_PATH, MEMBER, OWN, PLAIN, TENANT,
+};
 use crate::dockerd::Dockerd;
 use crate::Test;
 use std::fs;
@@ -52,6 +54,11 @@ pub fn tests() -> Vec<Test> {
             name: "capture_bad_filter_and_plain_user_are_refused",
             needs_daemon: true,
             run: capture_bad_filter_and_plain_user_are_refused,
+        },
+        Test {
+            name: "capture_tenant_without_capture_host_captures_a_bridge_container",
+            needs_daemon: true,
+            run: capture_tenant_without_capture_host_captures_a_bridge_container,
         },
         Test {
             name: "expose_partition_nodes_follow_rescan_inside_the_container",
@@ -325,7 +332,7 @@ fn capture_filter_tcp80_finds_the_gets_and_nothing_else(bed: &Bed) {
 
         let meta = fs::metadata(&path).expect("capture file");
         assert_eq!(meta.uid(), uid, "owned by the caller");
-        assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
 
         let (st, plain, err) = tcpdump_read(&path, false, None);
         assert_eq!(st, 0, "tcpdump -r {path}: {err}");
@@ -498,6 +505,113 @@ fn capture_killed_container_leaves_a_valid_file(bed: &Bed) {
         assert_eq!(packet_lines(&lines) as u64, p);
         assert!(p >= 6, "3 pings and 3 replies at least: {p}\n{lines:?}");
         assert_eq!(fs::metadata(&path).unwrap().len(), b);
+    })
+}
+
+/// Owned targets and the host-network check, for a tenant (shipped group: `capture`, no
+/// `capture-host`, no `-others`): it captures in a bridge container its own instance
+/// adopted, and is refused (capture-others) on a container of no instance. Before the fix
+/// "is it on the host network" compared with /proc/1/ns/net, which root cannot stat on
+/// this machine (EACCES): every container counted as the host and the tenant was refused
+/// capture-host; and any container could be captured by any `capture` holder.
+fn capture_tenant_without_capture_host_captures_a_bridge_container(bed: &Bed) {
+    docker(bed, |d| {
+        let tag = std::process::id();
+        let inst = format!("dhc{tag}-t");
+        let ctr = format!("dhd-tenant-{tag}");
+        let name = format!("tenant-{tag}");
+        let instances = "org.dindhelper1.Instances";
+        let out = gdbus(
+            bed,
+            TENANT,
+            MANAGER_PATH,
+            &format!("{instances}.CreateInstance"),
+            &[&gv_str(&inst), "@a{sv} {}"],
+        );
+        assert!(out.ok(), "tenant CreateInstance: {out:?}");
+        let cleanup = |d: &Dockerd| {
+            d.docker(&["rm", "-f", &ctr]);
+            gdbus(
+                bed,
+                "root",
+                MANAGER_PATH,
+                &format!("{instances}.DestroyInstance"),
+                &[&gv_str(&inst), "{'force': <true>}"],
+            );
+        };
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            d.run_web(&ctr, "/www", &["--cgroup-parent", &format!("/dind/{inst}")]);
+            // The tenant may not adopt a container of no instance; the provisioning
+            // group adopts it into the tenant's instance.
+            let out = gdbus(
+                bed,
+                TENANT,
+                MANAGER_PATH,
+                &format!("{instances}.AdoptContainer"),
+                &[&gv_str(&inst), &gv_str(&ctr), "@a{sv} {}"],
+            );
+            expect_dbus_error(
+                &out,
+                "NotAuthorized",
+                "tenant adopts a container of no instance",
+            );
+            let out = gdbus(
+                bed,
+                MEMBER,
+                MANAGER_PATH,
+                &format!("{instances}.AdoptContainer"),
+                &[&gv_str(&inst), &gv_str(&ctr), "@a{sv} {}"],
+            );
+            assert!(
+                out.ok(),
+                "member adopts into the tenant's instance: {out:?}"
+            );
+            let out = gdbus(
+                bed,
+                TENANT,
+                MANAGER_PATH,
+                &format!("{CAPTURES}.StartCapture"),
+                &[
+                    &gv_str(&ctr),
+                    &format!("{{'name': <{}>, 'duration': <uint32 1>}}", gv_str(&name)),
+                ],
+            );
+            assert!(
+                out.ok(),
+                "tenant StartCapture of its own container: {out:?}"
+            );
+            let obj = out.stdout.split('\'').nth(1).expect("object").to_owned();
+            let t = Instant::now();
+            while prop_str(bed, &obj, "Reason").is_empty() {
+                assert!(t.elapsed() < Duration::from_secs(10), "did not end");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let out = gdbus(
+                bed,
+                TENANT,
+                MANAGER_PATH,
+                &format!("{CAPTURES}.DeleteCapture"),
+                &[&gv_str(&name), "@a{sv} {}"],
+            );
+            assert!(out.ok(), "DeleteCapture: {out:?}");
+            let out = gdbus(
+                bed,
+                TENANT,
+                MANAGER_PATH,
+                &format!("{CAPTURES}.StartCapture"),
+                &[&gv_str("web"), "@a{sv} {}"],
+            );
+            expect_dbus_error(
+                &out,
+                "NotAuthorized",
+                "tenant captures a container of no instance",
+            );
+            assert!(out.stderr.contains("capture-others"), "{out:?}");
+        }));
+        cleanup(d);
+        if let Err(e) = r {
+            std::panic::resume_unwind(e);
+        }
     })
 }
 

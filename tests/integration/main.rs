@@ -11,6 +11,7 @@
 //! - the last line is always `N passed, N failed` (CI reads it); exit 1 on any failure.
 
 mod api_doc_tests;
+mod attack_tests;
 mod auth_tests;
 mod bed;
 mod capture_tests;
@@ -59,6 +60,7 @@ fn all_tests() -> Vec<Test> {
     v.extend(provision_tests::tests());
     v.extend(crash_tests::tests());
     v.extend(devices_tests::tests());
+    v.extend(attack_tests::tests());
     v
 }
 
