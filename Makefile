@@ -58,11 +58,11 @@ install: build
 	# Completions and the man page, generated from dindhelperctl's own clap definition.
 	$(INSTALL) -d $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(BASHCOMPDIR) $(DESTDIR)$(ZSHCOMPDIR) \
 		$(DESTDIR)$(FISHCOMPDIR)
-	$(RELEASE)/dindhelperctl man >$(DESTDIR)$(MANDIR)/man1/dindhelperctl.1
+	$(RELEASE)/dindhelperctl man $(DESTDIR)$(MANDIR)/man1
 	$(RELEASE)/dindhelperctl completions bash >$(DESTDIR)$(BASHCOMPDIR)/dindhelperctl
 	$(RELEASE)/dindhelperctl completions zsh >$(DESTDIR)$(ZSHCOMPDIR)/_dindhelperctl
 	$(RELEASE)/dindhelperctl completions fish >$(DESTDIR)$(FISHCOMPDIR)/dindhelperctl.fish
-	chmod 0644 $(DESTDIR)$(MANDIR)/man1/dindhelperctl.1 $(DESTDIR)$(BASHCOMPDIR)/dindhelperctl \
+	chmod 0644 $(DESTDIR)$(MANDIR)/man1/dindhelperctl*.1 $(DESTDIR)$(BASHCOMPDIR)/dindhelperctl \
 		$(DESTDIR)$(ZSHCOMPDIR)/_dindhelperctl $(DESTDIR)$(FISHCOMPDIR)/dindhelperctl.fish
 	@if [ -z "$(DESTDIR)" ]; then \
 		if [ -S /run/dbus/system_bus_socket ]; then \
@@ -82,7 +82,8 @@ uninstall:
 	rm -f $(DESTDIR)$(DBUS_SERVICES)/org.dindhelper1.service
 	rm -f $(DESTDIR)$(SYSTEMD_UNITDIR)/dindhelperd.service
 	rm -rf $(DESTDIR)$(DOCDIR)
-	rm -f $(DESTDIR)$(MANDIR)/man1/dindhelperctl.1 $(DESTDIR)$(BASHCOMPDIR)/dindhelperctl \
+	rm -f $(DESTDIR)$(MANDIR)/man1/dindhelperctl.1 $(DESTDIR)$(MANDIR)/man1/dindhelperctl-*.1 \
+		$(DESTDIR)$(BASHCOMPDIR)/dindhelperctl \
 		$(DESTDIR)$(ZSHCOMPDIR)/_dindhelperctl $(DESTDIR)$(FISHCOMPDIR)/dindhelperctl.fish
 	@if [ -z "$(DESTDIR)" ]; then \
 		if [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi; \

@@ -14,6 +14,7 @@ mod api_doc_tests;
 mod auth_tests;
 mod bed;
 mod capture_tests;
+mod ctl_tests;
 // The dockerd fixture of tests/common (dockerd in its own netns, image bb:latest), shared
 // by the modules that need Docker.
 #[path = "../common/dockerd.rs"]
@@ -53,6 +54,7 @@ fn all_tests() -> Vec<Test> {
     v.extend(instance_tests::tests());
     v.extend(capture_tests::tests());
     v.extend(ports_tests::tests());
+    v.extend(ctl_tests::tests());
     v
 }
 

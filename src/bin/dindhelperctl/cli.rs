@@ -8,7 +8,7 @@ use std::path::PathBuf;
 pub const AFTER_HELP: &str = "\
 Exit status:
   0   success
-  1   a local error (a file could not be opened, bad output, …)
+  1   a local error (a file could not be opened, bad output, ...)
   2   usage error (bad arguments)
   3   org.dindhelper1.Error.NotAuthorized (polkit said no)
   4   org.dindhelper1.Error.InvalidArgs
@@ -29,7 +29,7 @@ Exit status:
     after_help = AFTER_HELP
 )]
 pub struct Cli {
-    /// D-Bus address instead of the system bus (unix:path=/run/…/socket).
+    /// D-Bus address instead of the system bus (unix:path=/run/.../socket).
     #[arg(long, global = true, value_name = "ADDR")]
     pub bus_address: Option<String>,
     /// Machine-readable output: JSON on stdout for every listing and result.
@@ -66,7 +66,7 @@ pub enum Cmd {
         device: String,
         /// Container name or id.
         container: String,
-        /// Name of the node inside the container (`disk` -> /dev/disk, /dev/disk1…).
+        /// Name of the node inside the container (`disk` -> /dev/disk, /dev/disk1...).
         #[arg(long = "as", value_name = "NAME")]
         as_name: Option<String>,
         /// Do not follow partition-table changes (option follow=false).
@@ -77,8 +77,8 @@ pub enum Cmd {
     Revoke { device: String, container: String },
     /// Devices exposed to containers (ListExposures).
     Exposures,
-    /// Packet captures. `capture TARGET …` streams pcap to stdout (short for
-    /// `capture follow TARGET …`): `dindhelperctl capture web --filter 'tcp port 80' |
+    /// Packet captures. `capture TARGET ...` streams pcap to stdout (short for
+    /// `capture follow TARGET ...`): `dindhelperctl capture web --filter 'tcp port 80' |
     /// tcpdump -r -`.
     Capture(CaptureArgs),
     /// Print the daemon's signals, one line each (Ctrl-C ends).
@@ -88,8 +88,10 @@ pub enum Cmd {
         #[arg(value_enum)]
         shell: Shell,
     },
-    /// The man page (roff) on stdout: `dindhelperctl man | man -l -`.
-    Man,
+    /// The man page (roff) on stdout (`dindhelperctl man | man -l -`), or with DIR every
+    /// page (dindhelperctl.1 and one per subcommand, dindhelperctl-port-publish.1, ...)
+    /// written into DIR.
+    Man { dir: Option<std::path::PathBuf> },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -231,7 +233,7 @@ pub enum InstanceCmd {
         name: String,
         #[command(flatten)]
         limits: LimitFlags,
-        /// Knob to reset (cpu_quota_percent, memory_max, tasks_max, …); repeatable.
+        /// Knob to reset (cpu_quota_percent, memory_max, tasks_max, ...); repeatable.
         #[arg(long, value_name = "KNOB")]
         reset: Vec<String>,
     },

@@ -5,6 +5,16 @@
 use std::process::ExitCode;
 
 pub const LOCAL: u8 = 1;
+
+/// Context marking "the bus could not be reached" (set by `connect`).
+#[derive(Debug)]
+pub struct Unreachable;
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("cannot reach the bus")
+    }
+}
 pub const UNREACHABLE: u8 = 10;
 pub const UNKNOWN_METHOD: u8 = 11;
 
@@ -32,12 +42,17 @@ fn fdo_name(f: &zbus::fdo::Error) -> String {
 
 /// Whether the error is "could not talk to the daemon at all".
 fn is_unreachable(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        matches!(
-            c.downcast_ref::<zbus::Error>(),
-            Some(zbus::Error::InputOutput(_) | zbus::Error::Address(_) | zbus::Error::Handshake(_))
-        )
-    })
+    e.downcast_ref::<Unreachable>().is_some()
+        || e.chain().any(|c| {
+            matches!(
+                c.downcast_ref::<zbus::Error>(),
+                Some(
+                    zbus::Error::InputOutput(_)
+                        | zbus::Error::Address(_)
+                        | zbus::Error::Handshake(_)
+                )
+            )
+        })
 }
 
 /// The exit code for a D-Bus error name (None: not a daemon error).

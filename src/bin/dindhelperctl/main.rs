@@ -138,8 +138,7 @@ async fn connect(addr: &Option<String>) -> anyhow::Result<zbus::Connection> {
         }
         None => zbus::Connection::system().await,
     };
-    c.map_err(anyhow::Error::from)
-        .context("connecting to the bus")
+    c.map_err(anyhow::Error::from).context(exit::Unreachable)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -155,10 +154,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             clap_complete::generate(sh, &mut cmd, "dindhelperctl", &mut std::io::stdout());
             return Ok(());
         }
-        Cmd::Man => {
+        Cmd::Man { dir: None } => {
             clap_mangen::Man::new(Cli::command())
                 .render(&mut std::io::stdout())
                 .context("writing the man page")?;
+            return Ok(());
+        }
+        Cmd::Man { dir: Some(dir) } => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), dir)
+                .with_context(|| format!("writing the man pages into {}", dir.display()))?;
             return Ok(());
         }
         _ => {}
@@ -169,7 +174,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         interactive: cli.interactive,
     };
     match cli.cmd {
-        Cmd::Completions { .. } | Cmd::Man => unreachable!("handled above"),
+        Cmd::Completions { .. } | Cmd::Man { .. } => unreachable!("handled above"),
         Cmd::List => {
             if c.json {
                 let images = images_table(&c).await?.json();
