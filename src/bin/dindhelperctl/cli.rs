@@ -69,12 +69,15 @@ pub enum Cmd {
         /// Name of the node inside the container (`disk` -> /dev/disk, /dev/disk1...).
         #[arg(long = "as", value_name = "NAME")]
         as_name: Option<String>,
-        /// Do not follow partition-table changes (option follow=false).
-        #[arg(long)]
-        no_follow: bool,
     },
     /// Take an exposed device away from a container again (RevokeFromContainer).
-    Revoke { device: String, container: String },
+    Revoke {
+        device: String,
+        container: String,
+        /// Forget the exposure even when the grant cannot be withdrawn.
+        #[arg(long)]
+        force: bool,
+    },
     /// Devices exposed to containers (ListExposures).
     Exposures,
     /// Packet captures. `capture TARGET ...` streams pcap to stdout (short for
@@ -317,9 +320,12 @@ pub enum CaptureCmd {
     Stop {
         session: String,
     },
-    /// Delete a finished capture file (its path or name; DeleteCapture).
+    /// Delete a capture file (its path, or its name without .pcap; DeleteCapture).
     Delete {
         file: String,
+        /// Another uid's file (needs the capture-others action).
+        #[arg(long)]
+        owner_uid: Option<u32>,
     },
     List,
 }

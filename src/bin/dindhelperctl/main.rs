@@ -62,6 +62,17 @@ type InstanceRow = (
     HashMap<String, OwnedValue>,
 );
 type CaptureRow = (OwnedObjectPath, String, u32, String, String, String);
+/// ListExposures: loop object, device, container id, container name, cgroup grant, nodes
+/// under the container's /dev, rules granted.
+type ExposureRow = (
+    OwnedObjectPath,
+    String,
+    String,
+    String,
+    String,
+    Vec<String>,
+    Vec<String>,
+);
 
 struct Client {
     conn: zbus::Connection,
@@ -217,14 +228,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             device,
             container,
             as_name,
-            no_follow,
         } => {
             let mut o = c.opts();
             if let Some(a) = as_name {
                 o.insert("as".into(), Value::from(a));
-            }
-            if no_follow {
-                o.insert("follow".into(), Value::Bool(false));
             }
             let (created, removed): (Vec<String>, Vec<String>) = c
                 .call(
@@ -239,28 +246,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &[("created", json!(created)), ("removed", json!(removed))],
             );
         }
-        Cmd::Revoke { device, container } => {
-            // The reply's shape is the daemon's business: show whatever it says.
-            let reply = c
-                .conn
-                .call_method(
-                    Some(SERVICE),
+        Cmd::Revoke {
+            device,
+            container,
+            force,
+        } => {
+            let mut o = c.opts();
+            if force {
+                o.insert("force".into(), Value::Bool(true));
+            }
+            let done: Vec<String> = c
+                .call(
                     ROOT,
-                    Some(DEVICES),
+                    DEVICES,
                     "RevokeFromContainer",
-                    &(device.as_str(), container.as_str(), c.opts()),
+                    &(device.as_str(), container.as_str(), o),
                 )
-                .await
-                .context("org.dindhelper1.Devices.RevokeFromContainer")?;
-            print_body(&c, &reply)?;
+                .await?;
+            result(c.json, &[("done", json!(done))]);
         }
         Cmd::Exposures => {
-            let reply = c
-                .conn
-                .call_method(Some(SERVICE), ROOT, Some(DEVICES), "ListExposures", &())
-                .await
-                .context("org.dindhelper1.Devices.ListExposures")?;
-            print_rows(&c, &reply)?;
+            let rows: Vec<ExposureRow> = c.call(ROOT, DEVICES, "ListExposures", &()).await?;
+            let mut t = Table::new(&[
+                "device",
+                "container name",
+                "container id",
+                "grant",
+                "nodes",
+                "rules",
+            ]);
+            for (_, dev, cid, name, grant, nodes, rules) in rows {
+                t.row(vec![
+                    dev.into(),
+                    name.into(),
+                    cid.into(),
+                    grant.into(),
+                    json!(nodes),
+                    json!(rules),
+                ]);
+            }
+            t.print(c.json);
         }
         Cmd::Capture(args) => capture_cmd(&c, args).await?,
         Cmd::Monitor => monitor(&c).await?,
@@ -678,7 +703,7 @@ async fn instance(c: &Client, cmd: InstanceCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-// ---- replies of unknown shape --------------------------------------------------------
+// ---- signal bodies of any shape ------------------------------------------------------
 
 fn body_json(reply: &zbus::Message) -> anyhow::Result<Vec<Json>> {
     let body = reply.body();
@@ -687,44 +712,6 @@ fn body_json(reply: &zbus::Message) -> anyhow::Result<Vec<Json>> {
     }
     let s: zbus::zvariant::Structure<'_> = body.deserialize().context("reply body")?;
     Ok(s.fields().iter().map(to_json).collect())
-}
-
-/// A reply printed as JSON (or as its values, one per line).
-fn print_body(c: &Client, reply: &zbus::Message) -> anyhow::Result<()> {
-    let v = body_json(reply)?;
-    if c.json {
-        println!("{}", Json::Array(v));
-    } else {
-        for x in v {
-            println!("{}", output::human(&x));
-        }
-    }
-    Ok(())
-}
-
-/// A listing whose rows are structs: one line per row (fields space-separated) or a JSON
-/// array of arrays.
-fn print_rows(c: &Client, reply: &zbus::Message) -> anyhow::Result<()> {
-    let v = body_json(reply)?;
-    let rows = match v.into_iter().next() {
-        Some(Json::Array(rows)) => rows,
-        Some(other) => vec![other],
-        None => Vec::new(),
-    };
-    if c.json {
-        println!("{}", Json::Array(rows));
-    } else {
-        for r in rows {
-            match r {
-                Json::Array(f) => println!(
-                    "{}",
-                    f.iter().map(output::human).collect::<Vec<_>>().join("  ")
-                ),
-                other => println!("{}", output::human(&other)),
-            }
-        }
-    }
-    Ok(())
 }
 
 // ---- captures -----------------------------------------------------------------------
@@ -751,6 +738,13 @@ fn capture_opts(c: &Client, f: CaptureFlags) -> Opts {
         o.insert("instance".into(), Value::from(v));
     }
     o
+}
+
+/// DeleteCapture takes the file's name without `.pcap`; a path (as `capture start` and
+/// `capture list` print it) is reduced to that.
+fn capture_name(file: &str) -> &str {
+    let base = file.rsplit('/').next().unwrap_or(file);
+    base.strip_suffix(".pcap").unwrap_or(base)
 }
 
 fn session_path(s: &str) -> String {
@@ -800,21 +794,14 @@ async fn capture_cmd(c: &Client, args: CaptureArgs) -> anyhow::Result<()> {
                 .call(&session_path(&session), CAPTURE, "Stop", &(c.opts(),))
                 .await?;
         }
-        CaptureCmd::Delete { file } => {
-            let reply = c
-                .conn
-                .call_method(
-                    Some(SERVICE),
-                    ROOT,
-                    Some(CAPTURES),
-                    "DeleteCapture",
-                    &(file.as_str(), c.opts()),
-                )
-                .await
-                .context("org.dindhelper1.Captures.DeleteCapture")?;
-            if c.json {
-                print_body(c, &reply)?;
+        CaptureCmd::Delete { file, owner_uid } => {
+            let mut o = c.opts();
+            if let Some(u) = owner_uid {
+                o.insert("owner_uid".into(), Value::U32(u));
             }
+            let () = c
+                .call(ROOT, CAPTURES, "DeleteCapture", &(capture_name(&file), o))
+                .await?;
         }
         CaptureCmd::List => {
             let rows: Vec<CaptureRow> = c.call(ROOT, CAPTURES, "ListCaptures", &()).await?;
@@ -975,6 +962,12 @@ mod tests {
         assert!(parse_port_spec("web:tcp:8080").is_err());
         assert!(parse_port_spec("web:tcp:x:80").is_err());
         assert!(parse_port_spec("web:tcp:70000:80").is_err());
+    }
+
+    #[test]
+    fn capture_names_from_paths() {
+        assert_eq!(capture_name("/var/lib/x/captures/0/web-1.pcap"), "web-1");
+        assert_eq!(capture_name("web-1"), "web-1");
     }
 
     #[test]
