@@ -64,6 +64,7 @@ stop() {
   say "stopping the demo"
   # The daemon first (it may still hold loop devices and captures), dockerd next (it stops
   # its containers and its containerd), then polkitd and the bus.
+  stop_pid monitor 2
   stop_pid daemon 10
   stop_pid dockerd 30
   stop_pid polkitd 5
@@ -235,6 +236,9 @@ done
 busctl --address="$ADDR" status org.dindhelper1 >/dev/null
 say "dindhelperd pid $(cat "$RUN/daemon.pid") owns org.dindhelper1"
 RUNV busctl --address="$ADDR" tree org.dindhelper1
+# Every signal of the daemon from here on, shown at the end.
+"$BIN/dindhelperctl" --bus-address "$ADDR" monitor >"$RUN/monitor.log" 2>/dev/null </dev/null &
+echo $! >"$RUN/monitor.pid"
 say "polkit decides: a plain user (nobody) is refused, exit code 3 = NotAuthorized:"
 printf '\033[36m$ runuser -u nobody -- dindhelperctl image create x 1M\033[0m\n'
 rc=0
@@ -300,8 +304,9 @@ CTL rescan "$dev"
 CTL list
 CTL expose "$dev" lab-1-web
 n=${dev#/dev/}
-RUNV docker -H "unix://$DOCKER_SOCK" exec lab-1-web sh -c "ls -l /dev/$n*"
-printf '\033[36m$ docker exec lab-1-web sh -c "echo written-inside >/dev/%sp1"\033[0m\n' "$n"
+printf '\033[36m$ docker exec lab-1-web sh -c "ls -l /dev/%s*"\033[0m\n' "$n" >&2
+DOCKER exec lab-1-web sh -c "ls -l /dev/$n*"
+printf '\033[36m$ docker exec lab-1-web sh -c "echo written-inside >/dev/%sp1"\033[0m\n' "$n" >&2
 DOCKER exec lab-1-web sh -c "echo written-inside | dd of=/dev/${n}p1 bs=512 conv=sync 2>/dev/null"
 say "read back on the host: $(dd if="${dev}p1" bs=14 count=1 2>/dev/null)"
 if busctl --address="$ADDR" introspect org.dindhelper1 /org/dindhelper1 org.dindhelper1.Devices 2>/dev/null |
@@ -316,6 +321,9 @@ CTL instance destroy lab-1 --force --delete-images
 DOCKER rm -f lab-1-web >/dev/null 2>&1 || true
 CTL list
 CTL port list
+say ""
+say "signals the daemon sent meanwhile (dindhelperctl monitor, first 12 of $(wc -l <"$RUN/monitor.log")):"
+head -n 12 "$RUN/monitor.log" | cut -c1-150
 say ""
 say "demo took $((SECONDS - T0))s. dindhelperd is running (pid $(cat "$RUN/daemon.pid"), log $RUN/daemon.log)."
 say "try:   $BIN/dindhelperctl --bus-address $ADDR --help"
