@@ -205,6 +205,33 @@ fn completions_and_man_page(_bed: &Bed) {
         }
     }
     std::fs::remove_dir_all(&dir).ok();
+
+    // `make install` (staged with DESTDIR; this build's binaries, no cargo run) puts the
+    // man pages and the three completion files where man and the shells look.
+    let stage = std::env::temp_dir().join(format!("dindhelperctl-stage-{}", std::process::id()));
+    let bin_dir = Path::new(Bed::ctl_bin()).parent().unwrap();
+    let out = run_cmd(
+        Command::new("make")
+            .arg("-C")
+            .arg(env!("CARGO_MANIFEST_DIR"))
+            .arg("install")
+            .arg(format!("DESTDIR={}", stage.display()))
+            .arg(format!("RELEASE={}", bin_dir.display()))
+            .arg("CARGO=true"),
+    );
+    let installed: Vec<&str> = [
+        "usr/local/share/man/man1/dindhelperctl.1",
+        "usr/local/share/man/man1/dindhelperctl-port-publish.1",
+        "usr/local/share/bash-completion/completions/dindhelperctl",
+        "usr/local/share/zsh/site-functions/_dindhelperctl",
+        "usr/local/share/fish/vendor_completions.d/dindhelperctl.fish",
+    ]
+    .into_iter()
+    .filter(|f| stage.join(f).is_file())
+    .collect();
+    std::fs::remove_dir_all(&stage).ok();
+    out.expect_ok("make install DESTDIR=…");
+    assert_eq!(installed.len(), 5, "installed only {installed:?}");
 }
 
 fn monitor_prints_signals(bed: &Bed) {
