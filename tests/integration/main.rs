@@ -17,6 +17,7 @@ mod bed;
 mod capture_tests;
 mod crash_tests;
 mod devices_tests;
+mod ctl_tests;
 // The dockerd fixture of tests/common (dockerd in its own netns, image bb:latest), shared
 // by the modules that need Docker.
 #[path = "../common/dockerd.rs"]
@@ -61,6 +62,7 @@ fn all_tests() -> Vec<Test> {
     v.extend(crash_tests::tests());
     v.extend(devices_tests::tests());
     v.extend(attack_tests::tests());
+    v.extend(ctl_tests::tests());
     v
 }
 
