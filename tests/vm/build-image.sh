@@ -104,11 +104,17 @@ if [ ! -f "$KDEB" ]; then
   for old in "$CACHE"/linux-image-*.deb; do [ "$old" = "$KDEB" ] || rm -f "$old"; done
   log "kernel package $KPKG downloaded: $(el "$T") s"
 fi
-dpkg-deb -x "$KDEB" "$KX"
-KVER=$(ls "$KX/lib/modules")
-/sbin/depmod -b "$KX" "$KVER"
+KVER=${KPKG#linux-image-}
+# the kernel tree (~0.5 GB unpacked) only when the initramfs or a root filesystem is built
+unpack_kernel() {
+  [ -d "$KX/lib/modules/$KVER" ] && return 0
+  dpkg-deb -x "$KDEB" "$KX"
+  [ -d "$KX/lib/modules/$KVER" ] || { log "$KDEB has no lib/modules/$KVER"; exit 1; }
+  /sbin/depmod -b "$KX" "$KVER"
+}
 if [ ! -f "$KDIR/initrd.cpio" ]; then
   T=$(ts)
+  unpack_kernel
   rm -rf "$KDIR"; mkdir -p "$KDIR.tmp"
   cp "$KX/boot/vmlinuz-$KVER" "$KDIR.tmp/vmlinuz"
   python3 "$HERE/mkinitrd.py" "$KX" "$KVER" "$KDIR.tmp/initrd.cpio" \
@@ -137,6 +143,7 @@ if [ -f "$OUT/rootfs.ext4" ] && [ -f "$OUT/.warm" ]; then
 fi
 for old in "$CACHE/$SUITE"-*/; do [ -d "$old" ] && rm -rf "$old"; done
 T0=$(ts)
+unpack_kernel
 WORK=$(mktemp -d "$CACHE/work-$SUITE.XXXXXX")
 case $SUITE in bookworm) SEC=bookworm-security ;; trixie) SEC=trixie-security ;; esac
 T=$(ts)
