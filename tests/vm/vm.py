@@ -16,9 +16,15 @@ What was learned booting Debian guests on this machine kind (2 cores shared by 8
   forces one).
 - `-cpu qemu64` + `mitigations=off` boots faster under TCG than `-cpu max`.  qemu64 has no
   SSE4.2: the initramfs must carry crc32c_generic for ext4.
-- Boot to guest agent 16-21 s, to `is-system-running` 30-45 s on an idle host; several times
-  that when the other agents build.  qemu RSS ~0.9 GB with -m 1536.  Guest user space runs
-  7-25x slower than the host; `docker run` takes 3-6 s.
+- Boot to guest agent 16-21 s, to `is-system-running` 30-45 s on an idle host (recipe);
+  measured here with the other agents compiling (load 8-18): agent 42-108 s, running 84-240 s
+  with one qemu, up to 620 s with three qemus at once.  Nothing in the suite has a fixed
+  sleep tied to boot speed: waits are `is-system-running --wait` and polls.  qemu RSS
+  ~0.9 GB with -m 1536.  Guest user space runs 7-25x slower than the host; `docker run`
+  takes 3-6 s; `systemctl restart docker` with a running container ~60 s.
+- A CPU quota is still measurable under TCG on a loaded host: a hog under CPUQuota=20%
+  used 20.1 % (trixie) and 20.2 % (bookworm) of guest wall time over 8 s: the guest clock
+  follows host time and throttling happens inside the guest kernel.
 - qemu-guest-agent's virtio-serial socket serves one client at a time, and guest-exec returns
   output only when the process ends: one connection for the whole run, output of a test
   arrives in one piece.  guest-exec-status output is capped (~16 MB base64): tests print little.
