@@ -466,6 +466,7 @@ mod tests {
             offset: 0,
             size_limit: 0,
             partitions: Vec::new(),
+            exposures: Vec::new(),
         };
         let st = State {
             images: vec![img(1, "a"), img(2, "a"), img(1, "b")],
