@@ -94,6 +94,7 @@ fn loop_rec(i: usize) -> LoopRecord {
         offset: 0,
         size_limit: 0,
         partitions: Vec::new(),
+        exposures: Vec::new(),
     }
 }
 

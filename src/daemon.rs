@@ -90,8 +90,10 @@ async fn lock_and_load(opts: &DaemonOptions) -> Result<Arc<Core>, DaemonError> {
         },
     )
     .map_err(DaemonError::Images)?;
-    let instances =
-        ops::instances::InstanceCtx::new(slice_backend(&state.state_id).await, opts.config.docker_cgroup_driver);
+    let instances = ops::instances::InstanceCtx::new(
+        slice_backend(&state.state_id).await,
+        opts.config.docker_cgroup_driver,
+    );
     let docker = crate::docker::Docker::new(&opts.docker_socket);
     Ok(Arc::new(Core {
         cfg: opts.config.clone(),
@@ -105,9 +107,7 @@ async fn lock_and_load(opts: &DaemonOptions) -> Result<Arc<Core>, DaemonError> {
 }
 
 /// The slice backend for instances; without one the daemon still serves the rest.
-async fn slice_backend(
-    state_id: &str,
-) -> Result<Arc<dyn crate::instances::SliceBackend>, String> {
+async fn slice_backend(state_id: &str) -> Result<Arc<dyn crate::instances::SliceBackend>, String> {
     match crate::instances::pick_backend_async(tokio::runtime::Handle::current(), state_id).await {
         Ok(b) => {
             tracing::info!("instance slice backend: {:?}", b.kind());

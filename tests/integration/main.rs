@@ -16,8 +16,8 @@ mod auth_tests;
 mod bed;
 mod capture_tests;
 mod crash_tests;
-mod devices_tests;
 mod ctl_tests;
+mod devices_tests;
 // The dockerd fixture of tests/common (dockerd in its own netns, image bb:latest), shared
 // by the modules that need Docker.
 #[path = "../common/dockerd.rs"]
