@@ -214,7 +214,11 @@ pub fn procs_in_tree(dir: &Path) -> Result<Vec<u32>, InstanceError> {
     let procs = dir.join("cgroup.procs");
     match fs::read_to_string(&procs) {
         Ok(t) => out.extend(t.lines().filter_map(|l| l.trim().parse::<u32>().ok())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        // A cgroup being removed (a container's scope while Docker stops it) answers
+        // ENODEV, not ENOENT: it is gone just the same (seen on a Debian 13 guest).
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV) => {
+            return Ok(out)
+        }
         Err(e) => return Err(InstanceError::io("read", &procs, e)),
     }
     for child in child_dirs(dir)? {
