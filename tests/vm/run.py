@@ -11,7 +11,9 @@ it) and ends with `N passed, N failed`; exits 1 on any failure.  A missing qemu,
 image build or a failed boot is a failure, never a skip.
 
 --with-pending (or DH_VM_PENDING=1) also runs the tests that wait for fixes on other
-branches (guest/tests.sh PENDING).
+branches (guest/tests.sh PENDING).  DH_VM_BENCH=1 runs guest/bench.sh after the tests
+(instances through dindhelperd vs systemctl, DH_VM_BENCH_N instances, default 20; measured
+on trixie under TCG with a loaded host: 37.9 s vs 40.9 s for 20, ratio 0.93).
 """
 import argparse
 import os
@@ -112,9 +114,12 @@ def run_guest(suite, args, res):
                     res.record(f"{suite}/{t}", rc == 0, time.time() - ts, out + err)
                     print(out if os.environ.get("DH_VM_VERBOSE") and rc == 0 else "", end="")
                 if os.environ.get("DH_VM_BENCH"):
-                    rc, out, err = vm.sh("bash /mnt/payload/guest/bench.sh", timeout=1200)
+                    n = int(os.environ.get("DH_VM_BENCH_N", "20"))
+                    ts = time.time()
+                    rc, out, err = vm.sh(f"DH_VM_BENCH_N={n} bash /mnt/payload/guest/bench.sh",
+                                         timeout=1200)
                     print(out + err, flush=True)
-                    res.record(f"{suite}/bench", rc == 0, 0, out + err)
+                    res.record(f"{suite}/bench", rc == 0, time.time() - ts, out + err)
                 # the daemon's log, for the record
                 _, log, _ = vm.sh("journalctl -u dindhelperd --no-pager -p warning | tail -20")
                 if log.strip() and res.failed:
