@@ -94,11 +94,17 @@ pub(crate) fn docker<R>(bed: &Bed, f: impl FnOnce(&Dockerd) -> R) -> R {
         );
         // The plain-path form (documented as valid): it used to leave captures and
         // ExposeToContainer without a Docker client (issue 12); unix:// is used elsewhere.
-        bed.set_daemon_args(&["--docker-host".to_owned(), d.socket.display().to_string()]);
-        bed.restart_daemon();
         *g = Some(d);
     }
-    f(g.as_ref().expect("dockerd"))
+    let d = g.as_ref().expect("dockerd");
+    // Other modules (ports, provision, ctl) start the daemon with arguments of their own
+    // and clear them afterwards: point it at this dockerd again whenever it is not.
+    let want = vec!["--docker-host".to_owned(), d.socket.display().to_string()];
+    if bed.daemon_args() != want {
+        bed.set_daemon_args(&want);
+        bed.restart_daemon();
+    }
+    f(d)
 }
 
 // ---- helpers -----------------------------------------------------------------------
