@@ -20,9 +20,10 @@ pub struct DaemonOptions {
     pub bus_address: Option<String>,
     pub state_dir: PathBuf,
     pub config: Config,
-    /// `--docker-host` (unix:///path): where AdoptContainer resolves container names,
-    /// captures and ExposeToContainer resolve containers, and ports follow dockerd.
-    pub docker_host: String,
+    /// dockerd's socket (`--docker-host`, parsed by
+    /// [`crate::docker::parse_docker_host`]): the one Docker client for ports, captures,
+    /// ExposeToContainer and AdoptContainer.
+    pub docker_socket: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,8 +42,6 @@ pub enum DaemonError {
     NameTaken { owner: String },
     #[error("cannot request the name {BUS_NAME}: {0}")]
     RequestName(zbus::Error),
-    #[error("{0}")]
-    Ports(ops::OpsError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -72,19 +71,16 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
             Err(e.to_string())
         }
     };
-    let instances = ops::instances::InstanceCtx::new(
-        backend,
-        opts.config.docker_cgroup_driver,
-        Arc::new(ops::instances::DockerSocketResolver::new(&opts.docker_host)),
-    );
-    let ports = ops::ports::manager_for(&opts.docker_host).map_err(DaemonError::Ports)?;
+    let instances = ops::instances::InstanceCtx::new(backend, opts.config.docker_cgroup_driver);
+    let docker = crate::docker::Docker::new(&opts.docker_socket);
     let core = Arc::new(Core {
         cfg: opts.config.clone(),
         store,
         state: tokio::sync::Mutex::new(state),
         images,
         instances,
-        ports,
+        ports: ops::ports::manager_for(docker.clone()),
+        containers: ops::containers::Containers::new(docker),
     });
 
     let bus = opts
@@ -165,11 +161,7 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
         auth: auth.clone(),
         gate: gate.clone(),
     };
-    let docker = crate::docker::Docker::from_host_url(&opts.docker_host);
-    if docker.is_none() {
-        tracing::warn!(docker_host = %opts.docker_host, "not a unix:// URL: container targets are unavailable");
-    }
-    let captures = ops::capture::Captures::new(core.clone(), docker.clone());
+    let captures = ops::capture::Captures::new(core.clone());
     let capture_iface = CaptureManager {
         core: core.clone(),
         captures: captures.clone(),
@@ -178,7 +170,6 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     };
     let devices_iface = Devices {
         core: core.clone(),
-        docker,
         auth: auth.clone(),
         gate: gate.clone(),
     };

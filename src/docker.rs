@@ -8,6 +8,17 @@
 //! Endpoints: `GET /_ping`, `GET /containers/{id}/json`, `GET /containers/json`,
 //! `GET /networks/{id}`, `GET /events` (streamed, chunked; one JSON object per line).
 //!
+//! Limits (dockerd runs as root but is a separate program, reachable by everyone in the
+//! `docker` group, and `--docker-host` may name a proxy): a response head is at most
+//! [`MAX_HEAD_BYTES`], a body at most [`MAX_BODY_BYTES`], every chunk size is checked
+//! against what is left of that before anything is allocated, a chunk must end in CRLF,
+//! and one event line of the endless `/events` stream is at most [`MAX_BODY_BYTES`] too.
+//! Without them a misbehaving peer made the root daemon allocate without bound (and a
+//! chunk size near `usize::MAX` overflowed `size + 2`).
+//!
+//! `--docker-host` is parsed once, by [`parse_docker_host`]: `unix:///path` or `/path`;
+//! anything else is a start-up error naming the flag.
+//!
 //! Why not bollard: it adds the hyper/http stack (~50 s of a clean debug build on this
 //! 2-core machine, measured) for five GET requests; this file is the whole client.
 
@@ -49,6 +60,42 @@ pub enum DockerError {
     },
     #[error("cannot parse dockerd's answer to {request}: {reason}")]
     Parse { request: String, reason: String },
+    #[error("dockerd's answer to {request}: {what} larger than {limit} bytes; refused")]
+    TooLarge {
+        request: String,
+        what: &'static str,
+        limit: usize,
+    },
+}
+
+/// Largest response head (status line + headers) accepted from dockerd.
+pub const MAX_HEAD_BYTES: usize = 64 << 10;
+/// Largest response body (and largest single event line) accepted from dockerd.
+pub const MAX_BODY_BYTES: usize = 16 << 20;
+/// Largest chunk-size line (hex size plus extensions).
+const MAX_CHUNK_LINE: usize = 1024;
+
+/// `--docker-host` that is neither `unix:///path` nor `/path`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("--docker-host {given:?}: expected unix:///path/to/docker.sock or /path/to/docker.sock (only a unix socket is supported)")]
+pub struct DockerHostError {
+    pub given: String,
+}
+
+/// The one parser of `--docker-host`: `unix:///path` or `/path` → the socket path.
+pub fn parse_docker_host(s: &str) -> Result<PathBuf, DockerHostError> {
+    let path = s.strip_prefix("unix://").unwrap_or(s);
+    let ok = path.starts_with('/')
+        && path.len() > 1
+        && !path.ends_with('/')
+        && !path.bytes().any(|b| b == 0 || b.is_ascii_control());
+    if ok {
+        Ok(PathBuf::from(path))
+    } else {
+        Err(DockerHostError {
+            given: s.to_owned(),
+        })
+    }
 }
 
 impl Classify for DockerError {
@@ -95,6 +142,18 @@ pub struct ContainerInfo {
     /// network name.
     pub network_mode: String,
     pub networks: Vec<NetworkAttachment>,
+}
+
+/// [`ContainerInfo`] plus the fields only the container resolver needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerDetails {
+    pub info: ContainerInfo,
+    /// State.Status: created, running, paused, restarting, removing, exited, dead.
+    pub status: String,
+    /// HostConfig.CgroupParent, "" when unset.
+    pub cgroup_parent: String,
+    /// HostConfig.DeviceCgroupRules (`--device-cgroup-rule`).
+    pub device_cgroup_rules: Vec<String>,
 }
 
 /// A port published by Docker itself (`docker run -p`), from `GET /containers/json`.
@@ -156,6 +215,8 @@ struct RawState {
     running: bool,
     #[serde(default)]
     pid: i64,
+    #[serde(default)]
+    status: String,
 }
 
 #[derive(Deserialize)]
@@ -163,6 +224,10 @@ struct RawState {
 struct RawHostConfig {
     #[serde(default)]
     network_mode: String,
+    #[serde(default)]
+    cgroup_parent: String,
+    #[serde(default)]
+    device_cgroup_rules: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -251,9 +316,9 @@ impl Docker {
         }
     }
 
-    /// From a `unix:///path` URL (the daemon's `--docker-host`).
-    pub fn from_host_url(url: &str) -> Option<Docker> {
-        url.strip_prefix("unix://").map(Docker::new)
+    /// From the daemon's `--docker-host` (see [`parse_docker_host`]).
+    pub fn from_host(docker_host: &str) -> Result<Docker, DockerHostError> {
+        parse_docker_host(docker_host).map(Docker::new)
     }
 
     pub fn with_timeout(mut self, timeout: Duration) -> Docker {
@@ -288,15 +353,55 @@ impl Docker {
         }
     }
 
+    fn too_large(&self, request: &str, what: &'static str, limit: usize) -> DockerError {
+        DockerError::TooLarge {
+            request: request.to_owned(),
+            what,
+            limit,
+        }
+    }
+
+    /// One line (with its `\n`) of at most `*budget` bytes, which it uses up; empty at EOF.
+    async fn read_line_within(
+        &self,
+        r: &mut BufReader<UnixStream>,
+        request: &str,
+        budget: &mut usize,
+        what: &'static str,
+        limit: usize,
+    ) -> Result<String, DockerError> {
+        let mut line = Vec::new();
+        loop {
+            let buf = r.fill_buf().await.map_err(|e| self.io(request, e))?;
+            if buf.is_empty() {
+                break;
+            }
+            let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (buf.len(), false),
+            };
+            if take > *budget {
+                return Err(self.too_large(request, what, limit));
+            }
+            *budget -= take;
+            line.extend_from_slice(&buf[..take]);
+            r.consume(take);
+            if done {
+                break;
+            }
+        }
+        Ok(String::from_utf8_lossy(&line).into_owned())
+    }
+
     async fn read_head(
         &self,
         r: &mut BufReader<UnixStream>,
         request: &str,
     ) -> Result<Head, DockerError> {
-        let mut line = String::new();
-        r.read_line(&mut line)
-            .await
-            .map_err(|e| self.io(request, e))?;
+        let mut budget = MAX_HEAD_BYTES;
+        let mut line = self
+            .read_line_within(r, request, &mut budget, "response head", MAX_HEAD_BYTES)
+            .await?;
         let status = parse_status_line(&line).ok_or_else(|| DockerError::Parse {
             request: request.to_owned(),
             reason: format!("bad status line {line:?}"),
@@ -307,12 +412,10 @@ impl Docker {
             content_length: None,
         };
         loop {
-            line.clear();
-            let n = r
-                .read_line(&mut line)
-                .await
-                .map_err(|e| self.io(request, e))?;
-            if n == 0 || line == "\r\n" || line == "\n" {
+            line = self
+                .read_line_within(r, request, &mut budget, "response head", MAX_HEAD_BYTES)
+                .await?;
+            if line.is_empty() || line == "\r\n" || line == "\n" {
                 break;
             }
             if let Some((k, v)) = line.split_once(':') {
@@ -328,34 +431,52 @@ impl Docker {
         Ok(head)
     }
 
-    /// Reads one chunk of a chunked body; None at the last chunk or EOF.
+    /// Reads one chunk of a chunked body and appends it to `out`; false at the last chunk
+    /// or EOF. `room`: how many more bytes `out` may take (checked before allocating).
     async fn read_chunk(
         &self,
         r: &mut BufReader<UnixStream>,
         request: &str,
-    ) -> Result<Option<Vec<u8>>, DockerError> {
-        let mut line = String::new();
-        let n = r
-            .read_line(&mut line)
-            .await
-            .map_err(|e| self.io(request, e))?;
-        if n == 0 {
-            return Ok(None);
+        out: &mut Vec<u8>,
+        room: usize,
+    ) -> Result<bool, DockerError> {
+        let mut budget = MAX_CHUNK_LINE;
+        let line = self
+            .read_line_within(r, request, &mut budget, "chunk-size line", MAX_CHUNK_LINE)
+            .await?;
+        if line.is_empty() {
+            return Ok(false);
         }
-        let size_str = line.trim().split(';').next().unwrap_or("");
-        let size = usize::from_str_radix(size_str, 16).map_err(|_| DockerError::Parse {
+        let size_str = line.trim().split(';').next().unwrap_or("").trim();
+        let bad = |reason: String| DockerError::Parse {
             request: request.to_owned(),
-            reason: format!("bad chunk size {line:?}"),
-        })?;
-        if size == 0 {
-            return Ok(None);
+            reason,
+        };
+        if size_str.is_empty() || size_str.len() > 16 {
+            return Err(bad(format!("bad chunk size {line:?}")));
         }
-        let mut buf = vec![0u8; size + 2];
-        r.read_exact(&mut buf)
+        let size = u64::from_str_radix(size_str, 16)
+            .map_err(|_| bad(format!("bad chunk size {line:?}")))?;
+        if size == 0 {
+            return Ok(false);
+        }
+        if size > room as u64 {
+            return Err(self.too_large(request, "body", MAX_BODY_BYTES));
+        }
+        let size = size as usize;
+        let start = out.len();
+        out.resize(start + size, 0);
+        r.read_exact(&mut out[start..])
             .await
             .map_err(|e| self.io(request, e))?;
-        buf.truncate(size);
-        Ok(Some(buf))
+        let mut crlf = [0u8; 2];
+        r.read_exact(&mut crlf)
+            .await
+            .map_err(|e| self.io(request, e))?;
+        if &crlf != b"\r\n" {
+            return Err(bad("chunk data not followed by CRLF".into()));
+        }
+        Ok(true)
     }
 
     async fn get_inner(&self, request: &str) -> Result<(u16, Vec<u8>), DockerError> {
@@ -363,18 +484,29 @@ impl Docker {
         let head = self.read_head(&mut r, request).await?;
         let mut body = Vec::new();
         if head.chunked {
-            while let Some(c) = self.read_chunk(&mut r, request).await? {
-                body.extend_from_slice(&c);
+            loop {
+                let room = MAX_BODY_BYTES - body.len();
+                if !self.read_chunk(&mut r, request, &mut body, room).await? {
+                    break;
+                }
             }
         } else if let Some(len) = head.content_length {
+            if len > MAX_BODY_BYTES {
+                return Err(self.too_large(request, "body", MAX_BODY_BYTES));
+            }
             body.resize(len, 0);
             r.read_exact(&mut body)
                 .await
                 .map_err(|e| self.io(request, e))?;
         } else {
-            r.read_to_end(&mut body)
+            (&mut r)
+                .take(MAX_BODY_BYTES as u64 + 1)
+                .read_to_end(&mut body)
                 .await
                 .map_err(|e| self.io(request, e))?;
+            if body.len() > MAX_BODY_BYTES {
+                return Err(self.too_large(request, "body", MAX_BODY_BYTES));
+            }
         }
         Ok((head.status, body))
     }
@@ -429,6 +561,11 @@ impl Docker {
 
     /// Resolve a container by name or id (any unique id prefix).
     pub async fn inspect(&self, name_or_id: &str) -> Result<ContainerInfo, DockerError> {
+        Ok(self.inspect_details(name_or_id).await?.info)
+    }
+
+    /// [`Docker::inspect`] with the state, cgroup parent and device cgroup rules.
+    pub async fn inspect_details(&self, name_or_id: &str) -> Result<ContainerDetails, DockerError> {
         if name_or_id.is_empty()
             || !name_or_id
                 .bytes()
@@ -460,47 +597,24 @@ impl Docker {
                 });
             }
         }
-        Ok(ContainerInfo {
-            id: raw.id,
-            name: raw.name.trim_start_matches('/').to_owned(),
-            running: raw.state.running,
-            pid: u32::try_from(raw.state.pid).unwrap_or(0),
-            network_mode: raw.host_config.map(|h| h.network_mode).unwrap_or_default(),
-            networks,
+        let host = raw.host_config.unwrap_or(RawHostConfig {
+            network_mode: String::new(),
+            cgroup_parent: String::new(),
+            device_cgroup_rules: None,
+        });
+        Ok(ContainerDetails {
+            info: ContainerInfo {
+                id: raw.id,
+                name: raw.name.trim_start_matches('/').to_owned(),
+                running: raw.state.running,
+                pid: u32::try_from(raw.state.pid).unwrap_or(0),
+                network_mode: host.network_mode,
+                networks,
+            },
+            status: raw.state.status,
+            cgroup_parent: host.cgroup_parent,
+            device_cgroup_rules: host.device_cgroup_rules.unwrap_or_default(),
         })
-    }
-
-    /// HostConfig.DeviceCgroupRules of a container (`--device-cgroup-rule`), by exact id
-    /// or name. Separate from [`Docker::inspect`] so `ContainerInfo` stays as it is.
-    pub async fn device_cgroup_rules(&self, id: &str) -> Result<Vec<String>, DockerError> {
-        #[derive(Deserialize)]
-        #[serde(rename_all = "PascalCase")]
-        struct Raw {
-            host_config: Option<RawRules>,
-        }
-        #[derive(Deserialize)]
-        #[serde(rename_all = "PascalCase")]
-        struct RawRules {
-            #[serde(default)]
-            device_cgroup_rules: Option<Vec<String>>,
-        }
-        if id.is_empty()
-            || !id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-        {
-            return Err(DockerError::NotFound {
-                what: "container",
-                name: id.to_owned(),
-            });
-        }
-        let raw: Raw = self
-            .get_json(&format!("/containers/{id}/json"), "container", id)
-            .await?;
-        Ok(raw
-            .host_config
-            .and_then(|h| h.device_cgroup_rules)
-            .unwrap_or_default())
     }
 
     /// Linux bridge interface of a network: the `com.docker.network.bridge.name` option,
@@ -610,10 +724,24 @@ impl EventStream {
             if self.done {
                 return Ok(None);
             }
+            // Every complete line was taken above: what is buffered is one unfinished line.
+            let room = MAX_BODY_BYTES.saturating_sub(self.buf.len());
+            if room == 0 {
+                return Err(self.docker.too_large(REQ, "event line", MAX_BODY_BYTES));
+            }
             if self.chunked {
-                match self.docker.read_chunk(&mut self.reader, REQ).await? {
-                    Some(c) => self.buf.extend_from_slice(&c),
-                    None => self.done = true,
+                if !self
+                    .docker
+                    .read_chunk(&mut self.reader, REQ, &mut self.buf, room)
+                    .await
+                    .map_err(|e| match e {
+                        DockerError::TooLarge { .. } => {
+                            self.docker.too_large(REQ, "event line", MAX_BODY_BYTES)
+                        }
+                        e => e,
+                    })?
+                {
+                    self.done = true;
                 }
             } else {
                 let mut tmp = [0u8; 4096];
@@ -694,6 +822,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn docker_host_has_one_parser() {
+        for (given, path) in [
+            ("unix:///var/run/docker.sock", "/var/run/docker.sock"),
+            ("/var/run/docker.sock", "/var/run/docker.sock"),
+            ("unix:///run/dh x/d.sock", "/run/dh x/d.sock"),
+            ("/d", "/d"),
+        ] {
+            assert_eq!(
+                parse_docker_host(given).unwrap(),
+                PathBuf::from(path),
+                "{given}"
+            );
+            assert_eq!(Docker::from_host(given).unwrap().socket(), Path::new(path));
+        }
+        for bad in [
+            "",
+            "/",
+            "unix://",
+            "unix:///",
+            "unix://var/run/docker.sock",
+            "var/run/docker.sock",
+            "tcp://127.0.0.1:2375",
+            "ssh://user@host",
+            "npipe:////./pipe/docker_engine",
+            "fd://",
+            "/run/docker.sock/",
+            "/run/doc\nker.sock",
+        ] {
+            let e = parse_docker_host(bad).unwrap_err();
+            assert!(e.to_string().starts_with("--docker-host "), "{e}");
+            assert!(e.to_string().contains("unix://"), "{e}");
+        }
+    }
+
+    #[test]
     fn status_line() {
         assert_eq!(parse_status_line("HTTP/1.1 404 Not Found\r\n"), Some(404));
         assert_eq!(parse_status_line("garbage"), None);
@@ -745,9 +908,21 @@ mod tests {
 
     #[test]
     fn container_json() {
-        let j = br#"{"Id":"abc","Name":"/web","State":{"Running":true,"Pid":42},"HostConfig":{"NetworkMode":"default"},"NetworkSettings":{"Networks":{"bridge":{"NetworkID":"n1","IPAddress":"172.17.0.2"}}}}"#;
+        let j = br#"{"Id":"abc","Name":"/web","State":{"Running":true,"Pid":42,"Status":"running"},"HostConfig":{"NetworkMode":"default","CgroupParent":"/dind/a","DeviceCgroupRules":["b 7:* rmw"]},"NetworkSettings":{"Networks":{"bridge":{"NetworkID":"n1","IPAddress":"172.17.0.2"}}}}"#;
         let r: RawContainer = serde_json::from_slice(j).unwrap();
         assert_eq!(r.state.pid, 42);
+        assert_eq!(r.state.status, "running");
+        let h = r.host_config.as_ref().unwrap();
+        assert_eq!(h.cgroup_parent, "/dind/a");
+        assert_eq!(
+            h.device_cgroup_rules.as_deref(),
+            Some(&["b 7:* rmw".to_owned()][..])
+        );
+        let n: RawContainer = serde_json::from_slice(
+            br#"{"Id":"x","Name":"/n","State":{"Running":false},"HostConfig":{"DeviceCgroupRules":null}}"#,
+        )
+        .unwrap();
+        assert!(n.host_config.unwrap().device_cgroup_rules.is_none());
         let nets = r.network_settings.unwrap().networks.unwrap();
         assert_eq!(nets["bridge"].ip_address, "172.17.0.2");
     }
@@ -763,5 +938,146 @@ mod tests {
         assert!(matches!(e, DockerError::NotFound { .. }));
         let e = rt.block_on(d.inspect("web")).unwrap_err();
         assert!(e.is_unreachable());
+    }
+    /// A fake dockerd: answers every connection (after reading the request head) with
+    /// `resp`, then closes. Write errors are ignored (the client may hang up early).
+    async fn fake_dockerd(resp: Vec<u8>) -> (tempfile::TempDir, Docker) {
+        use tokio::io::AsyncWriteExt;
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("docker.sock");
+        let l = tokio::net::UnixListener::bind(&sock).unwrap();
+        let resp = Arc::new(resp);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let resp = resp.clone();
+                tokio::spawn(async move {
+                    let mut s = BufReader::new(s);
+                    let mut line = String::new();
+                    while s.read_line(&mut line).await.unwrap_or(0) > 0 {
+                        if line == "\r\n" {
+                            break;
+                        }
+                        line.clear();
+                    }
+                    let _ = s.get_mut().write_all(&resp).await;
+                    let _ = s.get_mut().shutdown().await;
+                });
+            }
+        });
+        (d, Docker::new(sock).with_timeout(Duration::from_secs(20)))
+    }
+
+    fn too_large(r: Result<(u16, Vec<u8>), DockerError>) -> String {
+        match r {
+            Ok((status, body)) => panic!(
+                "accepted an oversized answer: HTTP {status}, {} body bytes",
+                body.len()
+            ),
+            Err(e) => {
+                let m = e.to_string();
+                assert!(m.contains("larger than"), "wrong error: {m}");
+                m
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_within_the_limits_is_read() {
+        let mut r = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..3 {
+            r.extend_from_slice(b"100000\r\n");
+            r.extend(std::iter::repeat_n(b'x', 1 << 20));
+            r.extend_from_slice(b"\r\n");
+        }
+        r.extend_from_slice(b"0\r\n\r\n");
+        let (_d, docker) = fake_dockerd(r).await;
+        let (status, body) = docker.get("/x").await.unwrap();
+        assert_eq!((status, body.len()), (200, 3 << 20));
+        let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n", 1 << 20).into_bytes();
+        r.extend_from_slice(format!("X-Big: {}\r\n\r\n", "h".repeat(60_000)).as_bytes());
+        r.extend(std::iter::repeat_n(b'y', 1 << 20));
+        let (_d, docker) = fake_dockerd(r).await;
+        assert_eq!(docker.get("/x").await.unwrap().1.len(), 1 << 20);
+    }
+
+    #[tokio::test]
+    async fn oversized_headers_are_refused() {
+        // One endless header line, and many short ones: both over 64 KiB.
+        let mut one = b"HTTP/1.1 200 OK\r\nX-A: ".to_vec();
+        one.extend(std::iter::repeat_n(b'a', 200 << 10));
+        one.extend_from_slice(b"\r\nContent-Length: 2\r\n\r\n{}");
+        let (_d, docker) = fake_dockerd(one).await;
+        too_large(docker.get("/x").await);
+        let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..10_000 {
+            many.extend_from_slice(format!("X-{i}: 0123456789\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"Content-Length: 2\r\n\r\n{}");
+        let (_d, docker) = fake_dockerd(many).await;
+        too_large(docker.get("/x").await);
+    }
+
+    #[tokio::test]
+    async fn oversized_bodies_are_refused() {
+        let big = (16 << 20) + 1;
+        // Announced by Content-Length (refused before reading it).
+        let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {big}\r\n\r\n").into_bytes();
+        r.extend(std::iter::repeat_n(b'b', big));
+        let (_d, docker) = fake_dockerd(r).await;
+        too_large(docker.get("/x").await);
+        // Without a length: read until EOF.
+        let mut r = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
+        r.extend(std::iter::repeat_n(b'c', big));
+        let (_d, docker) = fake_dockerd(r).await;
+        too_large(docker.get("/x").await);
+        // Chunked: 17 chunks of 1 MiB.
+        let mut r = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..17 {
+            r.extend_from_slice(b"100000\r\n");
+            r.extend(std::iter::repeat_n(b'd', 1 << 20));
+            r.extend_from_slice(b"\r\n");
+        }
+        r.extend_from_slice(b"0\r\n\r\n");
+        let (_d, docker) = fake_dockerd(r).await;
+        too_large(docker.get("/x").await);
+    }
+
+    #[tokio::test]
+    async fn bad_chunk_sizes_are_refused() {
+        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        // The largest usize: `size + 2` overflowed, or a 16 EiB buffer was asked for.
+        let mut r = head.clone();
+        r.extend_from_slice(b"ffffffffffffffff\r\nxx\r\n0\r\n\r\n");
+        let (_d, docker) = fake_dockerd(r).await;
+        too_large(docker.get("/x").await);
+        // One chunk just over the body limit.
+        let mut r = head.clone();
+        r.extend_from_slice(b"1000001\r\nxx\r\n0\r\n\r\n");
+        let (_d, docker) = fake_dockerd(r).await;
+        too_large(docker.get("/x").await);
+        // An endless chunk-size line.
+        let mut r = head.clone();
+        r.extend(std::iter::repeat_n(b'0', 1 << 20));
+        let (_d, docker) = fake_dockerd(r).await;
+        too_large(docker.get("/x").await);
+        // Chunk data not followed by CRLF.
+        let mut r = head;
+        r.extend_from_slice(b"2\r\nxxyy0\r\n\r\n");
+        let (_d, docker) = fake_dockerd(r).await;
+        assert!(docker.get("/x").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn an_endless_event_line_is_refused() {
+        let mut r = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..20 {
+            r.extend_from_slice(b"100000\r\n");
+            r.extend(std::iter::repeat_n(b'e', 1 << 20));
+            r.extend_from_slice(b"\r\n");
+        }
+        let (_d, docker) = fake_dockerd(r).await;
+        let mut ev = docker.events().await.unwrap();
+        let e = ev.next().await.unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
     }
 }

@@ -24,13 +24,14 @@ struct Args {
     /// JSON file with limits (see README, "Configuration").
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Docker Engine API socket (unix:///path or a path).
+    /// Docker Engine API socket: unix:///path or /path (nothing else; checked at start).
     #[arg(
         long,
         value_name = "URL",
-        default_value = "unix:///var/run/docker.sock"
+        default_value = "unix:///var/run/docker.sock",
+        value_parser = dindhelper::docker::parse_docker_host
     )]
-    docker_host: String,
+    docker_host: PathBuf,
     /// Log filter (tracing env-filter syntax); RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     log_level: String,
@@ -119,7 +120,7 @@ fn real_main(args: Args) -> anyhow::Result<()> {
         bus_address: args.bus_address,
         state_dir: args.state_dir,
         config,
-        docker_host: args.docker_host,
+        docker_socket: args.docker_host,
     }))?;
     Ok(())
 }

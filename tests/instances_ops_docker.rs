@@ -1,5 +1,5 @@
 //! `ops::instances` against a real dockerd (tests/common/dockerd.rs) without D-Bus: the
-//! Engine API resolver (`DockerSocketResolver`) finds containers by name, adopt records
+//! container resolver (`ops::containers`) finds containers by name, adopt records
 //! the full id, and `on_container_start` (the hook for Docker `start` events) re-applies
 //! oom_score_adj after `docker restart`. The instances live under their own cgroupfs root
 //! `dhj-ops-<pid>` (not `dind`), removed at the end.
@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use dindhelper::instances::cgroupfs::CgroupfsBackend;
 use dindhelper::instances::{Limits, SliceBackend};
-use dindhelper::ops::instances::{self, DockerSocketResolver, InstanceCtx};
+use dindhelper::ops::instances::{self, InstanceCtx};
 use dindhelper::ops::Core;
 use dindhelper::state::StateStore;
 
@@ -31,6 +31,8 @@ async fn adopt_by_name_and_reapply_on_container_start() {
         "needs root (dockerd, cgroups)"
     );
     let d = common::dockerd::Dockerd::start();
+    let docker =
+        dindhelper::docker::Docker::from_host(&format!("unix://{}", d.socket.display())).unwrap();
     let root = format!("dhj-ops-{}", std::process::id());
     let backend: Arc<dyn SliceBackend> = Arc::new(CgroupfsBackend::detect(&root).unwrap());
     let dir = tempfile::tempdir().unwrap();
@@ -49,16 +51,9 @@ async fn adopt_by_name_and_reapply_on_container_start() {
             },
         )
         .unwrap(),
-        instances: InstanceCtx::new(
-            Ok(backend.clone()),
-            None,
-            Arc::new(DockerSocketResolver::new(&format!(
-                "unix://{}",
-                d.socket.display()
-            ))),
-        ),
-        ports: dindhelper::ops::ports::manager_for(&format!("unix://{}", d.socket.display()))
-            .unwrap(),
+        instances: InstanceCtx::new(Ok(backend.clone()), None),
+        ports: dindhelper::ops::ports::manager_for(docker.clone()),
+        containers: dindhelper::ops::containers::Containers::new(docker),
     });
 
     let rec = instances::create(

@@ -5,7 +5,6 @@ use super::audit;
 use super::auth::{Action, Authorizer};
 use super::error::BusError;
 use super::options::{interactive, Options, Opts};
-use crate::docker::Docker;
 use crate::ops::{self, Core};
 use std::sync::Arc;
 use zbus::interface;
@@ -13,7 +12,6 @@ use zbus::message::Header;
 
 pub struct Devices {
     pub core: Arc<Core>,
-    pub docker: Option<Docker>,
     pub auth: Arc<Authorizer>,
     pub gate: Arc<tokio::sync::RwLock<()>>,
 }
@@ -51,14 +49,9 @@ impl Devices {
                     .check_caller(&hdr, &caller, Action::Devices, true, inter)
                     .await?;
             }
-            let rep = ops::devices::expose_to_container(
-                &self.core,
-                self.docker.as_ref(),
-                number,
-                &container,
-            )
-            .await
-            .map_err(BusError::map)?;
+            let rep = ops::devices::expose_to_container(&self.core, number, &container)
+                .await
+                .map_err(BusError::map)?;
             let mut created = rep.created;
             created.extend(rep.replaced);
             Ok((created, rep.removed))

@@ -16,9 +16,9 @@
 //! the duration cap).
 
 use crate::capture::{self, CaptureError, CaptureOptions, Finished, Stats, StatsReader, Stopper};
-use crate::docker::{Docker, DockerError};
 use crate::error::{Classify, Kind};
 use crate::netns::{NetnsError, Target};
+use crate::ops::containers::ContainerError;
 use crate::ops::Core;
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -35,19 +35,13 @@ pub enum CaptureOpsError {
     #[error(transparent)]
     Capture(#[from] CaptureError),
     #[error(transparent)]
-    Docker(#[from] DockerError),
+    Container(#[from] ContainerError),
     #[error(transparent)]
     Target(#[from] NetnsError),
     #[error(transparent)]
     Name(#[from] crate::names::NameError),
     #[error("invalid capture target {target:?}: {why}")]
     BadTarget { target: String, why: &'static str },
-    #[error("no Docker client configured (start dindhelperd with --docker-host)")]
-    NoDocker,
-    #[error("container {name} is not running")]
-    NotRunning { name: String },
-    #[error("container {name} changed while it was resolved (restarted?); try again")]
-    Changed { name: String },
     #[error("limit reached: {0}")]
     Limit(String),
     #[error("the fd passed is not open for writing")]
@@ -67,14 +61,12 @@ impl Classify for CaptureOpsError {
     fn kind(&self) -> Kind {
         match self {
             CaptureOpsError::Capture(e) => e.kind(),
-            CaptureOpsError::Docker(e) => e.kind(),
+            CaptureOpsError::Container(e) => e.kind(),
             CaptureOpsError::Target(e) => e.kind(),
             CaptureOpsError::Name(e) => e.kind(),
             CaptureOpsError::BadTarget { .. }
             | CaptureOpsError::Limit(_)
             | CaptureOpsError::FdNotWritable => Kind::InvalidArgs,
-            CaptureOpsError::NotRunning { .. } | CaptureOpsError::Changed { .. } => Kind::Busy,
-            CaptureOpsError::NoDocker => Kind::NotSupported,
             CaptureOpsError::NoSession { .. } => Kind::NotFound,
             CaptureOpsError::Io { .. } | CaptureOpsError::Task(_) => Kind::Failed,
         }
@@ -108,13 +100,7 @@ impl TargetSpec {
             }
             return Ok(TargetSpec::Pid(pid));
         }
-        if s.is_empty()
-            || s.len() > 128
-            || !s.as_bytes()[0].is_ascii_alphanumeric()
-            || !s
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-        {
+        if crate::ops::containers::check_ref(s).is_err() {
             return Err(bad(
                 "a container name or id ([A-Za-z0-9][A-Za-z0-9_.-]*), pid:N or host",
             ));
@@ -248,7 +234,6 @@ pub fn reason_text(r: &capture::Reason) -> String {
 
 struct Inner {
     core: Arc<Core>,
-    docker: Option<Docker>,
     next_id: AtomicU64,
     sessions: Mutex<BTreeMap<u64, Arc<Session>>>,
     /// Serializes the limit checks with the session insertion.
@@ -262,20 +247,15 @@ pub struct Captures {
 }
 
 impl Captures {
-    pub fn new(core: Arc<Core>, docker: Option<Docker>) -> Captures {
+    pub fn new(core: Arc<Core>) -> Captures {
         Captures {
             inner: Arc::new(Inner {
                 core,
-                docker,
                 next_id: AtomicU64::new(1),
                 sessions: Mutex::new(BTreeMap::new()),
                 start_lock: tokio::sync::Mutex::new(()),
             }),
         }
-    }
-
-    pub fn docker(&self) -> Option<&Docker> {
-        self.inner.docker.as_ref()
     }
 
     pub fn get(&self, id: u64) -> Result<Arc<Session>, CaptureOpsError> {
@@ -306,29 +286,15 @@ impl Captures {
         }
     }
 
-    /// Resolve a target to a process. A container is looked up, its init pid identified
-    /// by start time, then looked up again: same id, same pid, still running.
+    /// Resolve a target to a process. A container goes through the one resolver
+    /// (`ops::containers`: looked up, its init pid pinned by start time, looked up again).
     pub async fn resolve(&self, spec: &TargetSpec) -> Result<Resolved, CaptureOpsError> {
         let (target, container_id) = match spec {
             TargetSpec::Host => (Target::of_pid(1)?, None),
             TargetSpec::Pid(p) => (Target::of_pid(*p)?, None),
             TargetSpec::Container(name) => {
-                let docker = self
-                    .inner
-                    .docker
-                    .as_ref()
-                    .ok_or(CaptureOpsError::NoDocker)?;
-                let info = docker.inspect(name).await?;
-                if !info.running || info.pid == 0 {
-                    return Err(CaptureOpsError::NotRunning { name: name.clone() });
-                }
-                let t = Target::of_pid(info.pid as i32)?;
-                let again = docker.inspect(&info.id).await?;
-                if again.id != info.id || !again.running || again.pid != info.pid {
-                    return Err(CaptureOpsError::Changed { name: name.clone() });
-                }
-                t.verify()?;
-                (t, Some(info.id))
+                let c = self.inner.core.containers.resolve(name).await?;
+                (c.target, Some(c.id))
             }
         };
         let host_netns = same_netns(target.pid, 1);

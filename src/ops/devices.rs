@@ -2,10 +2,10 @@
 //! container's /dev (see `crate::expose`). The partitions are those of the device's last
 //! Rescan; without a recorded Rescan, the kernel's view (/sys/class/block).
 
-use crate::docker::{Docker, DockerError};
 use crate::error::{Classify, Kind};
 use crate::expose::{self, DeviceNode, ExposeError, ExposeReport};
-use crate::netns::{NetnsError, Target};
+use crate::netns::NetnsError;
+use crate::ops::containers::ContainerError;
 use crate::ops::{loops, Core, OpsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -15,15 +15,9 @@ pub enum DevicesError {
     #[error(transparent)]
     Expose(#[from] ExposeError),
     #[error(transparent)]
-    Docker(#[from] DockerError),
+    Container(#[from] ContainerError),
     #[error(transparent)]
     Target(#[from] NetnsError),
-    #[error("no Docker client configured (start dindhelperd with --docker-host)")]
-    NoDocker,
-    #[error("container {name} is not running")]
-    NotRunning { name: String },
-    #[error("container {name} changed while it was resolved (restarted?); try again")]
-    Changed { name: String },
     #[error("internal task failed: {0}")]
     Task(String),
 }
@@ -33,10 +27,8 @@ impl Classify for DevicesError {
         match self {
             DevicesError::Ops(e) => e.kind(),
             DevicesError::Expose(e) => e.kind(),
-            DevicesError::Docker(e) => e.kind(),
+            DevicesError::Container(e) => e.kind(),
             DevicesError::Target(e) => e.kind(),
-            DevicesError::NoDocker => Kind::NotSupported,
-            DevicesError::NotRunning { .. } | DevicesError::Changed { .. } => Kind::Busy,
             DevicesError::Task(_) => Kind::Failed,
         }
     }
@@ -71,27 +63,12 @@ pub fn wanted_partitions(
 /// device (owner or `-others`).
 pub async fn expose_to_container(
     core: &Core,
-    docker: Option<&Docker>,
     number: u32,
     container: &str,
 ) -> Result<ExposeReport, DevicesError> {
     let rec = loops::managed(core, number).await?;
-    let docker = docker.ok_or(DevicesError::NoDocker)?;
-    let info = docker.inspect(container).await?;
-    if !info.running || info.pid == 0 {
-        return Err(DevicesError::NotRunning {
-            name: container.to_owned(),
-        });
-    }
-    let target = Target::of_pid(info.pid as i32)?;
-    let rules = docker.device_cgroup_rules(&info.id).await?;
-    let again = docker.inspect(&info.id).await?;
-    if again.id != info.id || !again.running || again.pid != info.pid {
-        return Err(DevicesError::Changed {
-            name: container.to_owned(),
-        });
-    }
-    target.verify()?;
+    let c = core.containers.resolve(container).await?;
+    let (target, rules) = (c.target, c.device_cgroup_rules);
     let disk_name = format!("loop{number}");
     let rescanned = rec.partitions.clone();
     tokio::task::spawn_blocking(move || -> Result<ExposeReport, DevicesError> {

@@ -12,9 +12,9 @@
 //! - SetLimits merges: knobs not named keep their value; a reset is explicit.
 //! - Destroy never stops at the first failure and returns what it did; the record goes
 //!   only when every step succeeded, so a retry (e.g. with `force`) finds it.
-//! - Containers are resolved to (id, main pid) by a [`ContainerResolver`]: `pid:N` is
-//!   handled here; names/ids go to the resolver (a minimal Docker Engine API call over the
-//!   unix socket of `--docker-host` until the daemon's Docker client lands).
+//! - Containers are resolved to (id, main pid): `pid:N` is handled here; names/ids go to
+//!   the daemon's one resolver ([`super::containers`], pid pinned by start time). A stopped
+//!   container is Conflict here ("start it first"), as for Publish.
 
 use super::{blocking, Core, OpsError};
 use crate::error::Kind;
@@ -22,48 +22,29 @@ use crate::instances::{
     self, BackendKind, Change, DockerCgroupDriver, Instance, Limits, SliceBackend,
 };
 use crate::state::{InstanceRecord, State};
-use std::future::Future;
-use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
 
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// A container resolved to its Docker id and the pid of its main process.
+/// A container resolved to its Docker id (or `pid:N`) and the pid of its main process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedContainer {
     pub id: String,
     pub pid: u32,
 }
 
-/// Container → (id, main pid). The lead implements it with the Docker client; until then
-/// [`DockerSocketResolver`] does one Engine API call.
-pub trait ContainerResolver: Send + Sync {
-    fn resolve<'a>(
-        &'a self,
-        container: &'a str,
-    ) -> BoxFuture<'a, Result<ResolvedContainer, OpsError>>;
-}
-
 /// What the instance operations need besides the state: the slice backend (or why there
-/// is none), the configured docker cgroup driver and the container resolver.
+/// is none) and the configured docker cgroup driver. (Containers resolve through
+/// `Core::containers`.)
 pub struct InstanceCtx {
     backend: Result<Arc<dyn SliceBackend>, String>,
     driver: Option<DockerCgroupDriver>,
-    pub resolver: Arc<dyn ContainerResolver>,
 }
 
 impl InstanceCtx {
     pub fn new(
         backend: Result<Arc<dyn SliceBackend>, String>,
         driver: Option<DockerCgroupDriver>,
-        resolver: Arc<dyn ContainerResolver>,
     ) -> Self {
-        InstanceCtx {
-            backend,
-            driver,
-            resolver,
-        }
+        InstanceCtx { backend, driver }
     }
 
     pub fn backend(&self) -> Result<Arc<dyn SliceBackend>, OpsError> {
@@ -298,7 +279,33 @@ async fn resolve(core: &Core, container: &str) -> Result<ResolvedContainer, OpsE
                 pid,
             })
         }
-        None => core.instances.resolver.resolve(container).await,
+        None => {
+            use super::containers::ContainerError;
+            let c = core
+                .containers
+                .resolve(container)
+                .await
+                .map_err(|e| match e {
+                    ContainerError::BadRef(_) => OpsError::Invalid(format!(
+                        "container {container:?}: expected a Docker name or id \
+                         ([A-Za-z0-9][A-Za-z0-9_.-]*) or pid:N"
+                    )),
+                    ContainerError::NotRunning { .. } => OpsError::Container {
+                        container: container.to_owned(),
+                        why: "is not running (start it first)".into(),
+                        kind: Kind::Conflict,
+                    },
+                    e => OpsError::Container {
+                        container: container.to_owned(),
+                        kind: crate::error::Classify::kind(&e),
+                        why: e.to_string(),
+                    },
+                })?;
+            Ok(ResolvedContainer {
+                id: c.id,
+                pid: c.target.pid as u32,
+            })
+        }
     }
 }
 
@@ -568,132 +575,6 @@ pub async fn reconcile(core: &Arc<Core>) -> Result<Vec<Decision>, OpsError> {
     Ok(out)
 }
 
-// ---- a minimal Docker Engine API resolver ----------------------------------------------
-
-/// `GET /containers/<ref>/json` over dockerd's unix socket (HTTP/1.0, one request per
-/// connection). Replace with the daemon's Docker client when it lands.
-pub struct DockerSocketResolver {
-    /// `None`: `--docker-host` is not a unix socket (the reason is kept).
-    socket: Result<PathBuf, String>,
-}
-
-impl DockerSocketResolver {
-    /// `unix:///path` or `/path`.
-    pub fn new(docker_host: &str) -> Self {
-        let socket = if let Some(p) = docker_host.strip_prefix("unix://") {
-            Ok(PathBuf::from(p))
-        } else if docker_host.starts_with('/') {
-            Ok(PathBuf::from(docker_host))
-        } else {
-            Err(format!(
-                "--docker-host {docker_host:?} is not a unix socket (unix:///path)"
-            ))
-        };
-        DockerSocketResolver { socket }
-    }
-}
-
-/// Docker container names and ids: `[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`.
-pub fn check_container_ref(c: &str) -> Result<(), OpsError> {
-    let ok = !c.is_empty()
-        && c.len() <= 128
-        && c.as_bytes()[0].is_ascii_alphanumeric()
-        && c.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(OpsError::Invalid(format!(
-            "container {c:?}: expected a Docker name or id ([A-Za-z0-9][A-Za-z0-9_.-]*) or pid:N"
-        )))
-    }
-}
-
-/// Parse an HTTP/1.x response to `GET /containers/<c>/json`.
-pub fn parse_inspect_response(container: &str, resp: &[u8]) -> Result<ResolvedContainer, OpsError> {
-    let err = |why: String, kind| OpsError::Container {
-        container: container.to_owned(),
-        why,
-        kind,
-    };
-    let text = String::from_utf8_lossy(resp);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| err("dockerd sent no HTTP response".into(), Kind::Failed))?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| err(format!("bad HTTP status line {head:?}"), Kind::Failed))?;
-    match status {
-        200 => {}
-        404 => return Err(err("no such container".into(), Kind::NotFound)),
-        s => {
-            return Err(err(
-                format!("dockerd answered {s}: {}", body.trim()),
-                Kind::Failed,
-            ))
-        }
-    }
-    let v: serde_json::Value = serde_json::from_str(body)
-        .map_err(|e| err(format!("bad JSON from dockerd: {e}"), Kind::Failed))?;
-    let id = v["Id"].as_str().unwrap_or_default().to_owned();
-    let running = v["State"]["Running"].as_bool().unwrap_or(false);
-    let pid = v["State"]["Pid"].as_u64().unwrap_or(0);
-    if !running || pid == 0 {
-        return Err(err(
-            "is not running (start it first)".into(),
-            Kind::Conflict,
-        ));
-    }
-    Ok(ResolvedContainer {
-        id,
-        pid: pid as u32,
-    })
-}
-
-impl ContainerResolver for DockerSocketResolver {
-    fn resolve<'a>(
-        &'a self,
-        container: &'a str,
-    ) -> BoxFuture<'a, Result<ResolvedContainer, OpsError>> {
-        Box::pin(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            check_container_ref(container)?;
-            let socket = self.socket.clone().map_err(|why| OpsError::NotSupported {
-                what: "container lookup".into(),
-                why,
-            })?;
-            let fail = |why: String| OpsError::Container {
-                container: container.to_owned(),
-                why,
-                kind: Kind::Failed,
-            };
-            let io = async {
-                let mut s = tokio::net::UnixStream::connect(&socket).await?;
-                s.write_all(
-                    format!("GET /containers/{container}/json HTTP/1.0\r\nHost: docker\r\n\r\n")
-                        .as_bytes(),
-                )
-                .await?;
-                let mut buf = Vec::new();
-                s.read_to_end(&mut buf).await?;
-                Ok::<_, std::io::Error>(buf)
-            };
-            let buf = tokio::time::timeout(std::time::Duration::from_secs(10), io)
-                .await
-                .map_err(|_| {
-                    fail(format!(
-                        "dockerd at {} did not answer in 10 s",
-                        socket.display()
-                    ))
-                })?
-                .map_err(|e| fail(format!("dockerd at {}: {e}", socket.display())))?;
-            parse_inspect_response(container, &buf)
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -742,72 +623,11 @@ mod tests {
     }
 
     #[test]
-    fn pid_refs_and_container_refs() {
+    fn pid_refs() {
         assert_eq!(parse_pid_ref("pid:42").unwrap().unwrap(), 42);
         assert!(parse_pid_ref("pid:1").unwrap().is_err());
         assert!(parse_pid_ref("pid:x").unwrap().is_err());
         assert!(parse_pid_ref("web").is_none());
-        assert!(check_container_ref("web_1.a-b").is_ok());
-        assert!(check_container_ref("0123abcd").is_ok());
-        for bad in ["", "../x", "a/b", "-x", "a b", "a?x"] {
-            assert!(check_container_ref(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn inspect_responses() {
-        let ok = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"Id\":\"abc\",\"State\":{\"Running\":true,\"Pid\":1234}}";
-        assert_eq!(
-            parse_inspect_response("web", ok).unwrap(),
-            ResolvedContainer {
-                id: "abc".into(),
-                pid: 1234
-            }
-        );
-        let nf = b"HTTP/1.0 404 Not Found\r\n\r\n{\"message\":\"No such container: web\"}";
-        let e = parse_inspect_response("web", nf).unwrap_err();
-        assert_eq!(crate::error::Classify::kind(&e), Kind::NotFound);
-        let stopped =
-            b"HTTP/1.0 200 OK\r\n\r\n{\"Id\":\"abc\",\"State\":{\"Running\":false,\"Pid\":0}}";
-        let e = parse_inspect_response("web", stopped).unwrap_err();
-        assert_eq!(crate::error::Classify::kind(&e), Kind::Conflict);
-        assert!(parse_inspect_response("web", b"garbage").is_err());
-    }
-
-    #[tokio::test]
-    async fn docker_socket_resolver_speaks_http_over_a_unix_socket() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let d = tempfile::tempdir().unwrap();
-        let sock = d.path().join("docker.sock");
-        let l = tokio::net::UnixListener::bind(&sock).unwrap();
-        let server = tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
-            let mut buf = [0u8; 1024];
-            let mut req = Vec::new();
-            while !req.ends_with(b"\r\n\r\n") {
-                let n = s.read(&mut buf).await.unwrap();
-                req.extend_from_slice(&buf[..n]);
-            }
-            s.write_all(
-                b"HTTP/1.0 200 OK\r\n\r\n{\"Id\":\"f00\",\"State\":{\"Running\":true,\"Pid\":77}}",
-            )
-            .await
-            .unwrap();
-            String::from_utf8(req).unwrap()
-        });
-        let r = DockerSocketResolver::new(&format!("unix://{}", sock.display()));
-        let c = r.resolve("web").await.unwrap();
-        assert_eq!(c.pid, 77);
-        assert_eq!(c.id, "f00");
-        assert!(server
-            .await
-            .unwrap()
-            .starts_with("GET /containers/web/json HTTP/1.0\r\n"));
-        let r = DockerSocketResolver::new("tcp://1.2.3.4:2375");
-        assert!(matches!(
-            r.resolve("web").await,
-            Err(OpsError::NotSupported { .. })
-        ));
     }
 }
 

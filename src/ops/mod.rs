@@ -3,6 +3,7 @@
 //! calls one function of this module.
 
 pub mod capture;
+pub mod containers;
 pub mod devices;
 pub mod instances;
 pub mod loops;
@@ -22,6 +23,9 @@ pub struct Core {
     pub instances: instances::InstanceCtx,
     /// Published ports (Docker client + iptables); see `ops::ports`.
     pub ports: std::sync::Arc<crate::ports::PortsManager>,
+    /// The one container resolver (captures, ExposeToContainer, AdoptContainer); its
+    /// Docker client is the one the ports manager holds.
+    pub containers: containers::Containers,
 }
 
 impl Core {

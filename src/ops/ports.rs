@@ -188,42 +188,8 @@ pub async fn unpublish_instance(core: &Arc<Core>, instance: &str) -> Result<Vec<
         .collect())
 }
 
-/// The daemon's ports manager for `--docker-host` (`unix:///path` or `/path`), acting in
-/// the daemon's own network namespace.
-pub fn manager_for(docker_host: &str) -> Result<Arc<PortsManager>, OpsError> {
-    let docker = if let Some(d) = crate::docker::Docker::from_host_url(docker_host) {
-        d
-    } else if docker_host.starts_with('/') {
-        crate::docker::Docker::new(docker_host)
-    } else {
-        return Err(OpsError::Invalid(format!(
-            "--docker-host {docker_host:?}: only unix:///path (or /path) is supported"
-        )));
-    };
-    Ok(PortsManager::new(
-        docker,
-        crate::ports::NetnsContext::current(),
-    ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn docker_host_forms() {
-        assert!(manager_for("unix:///var/run/docker.sock").is_ok());
-        assert!(manager_for("/run/x/docker.sock").is_ok());
-        let e = manager_for("tcp://127.0.0.1:2375").err().unwrap();
-        assert!(e.to_string().contains("unix://"));
-        assert_eq!(
-            manager_for("unix:///a/b.sock")
-                .unwrap()
-                .docker()
-                .unwrap()
-                .socket()
-                .to_str(),
-            Some("/a/b.sock")
-        );
-    }
+/// The daemon's ports manager on the daemon's one Docker client (`--docker-host`, parsed
+/// by [`crate::docker::parse_docker_host`]), acting in the daemon's own network namespace.
+pub fn manager_for(docker: crate::docker::Docker) -> Arc<PortsManager> {
+    PortsManager::new(docker, crate::ports::NetnsContext::current())
 }

@@ -8,11 +8,42 @@ use crate::Test;
 use std::collections::{BTreeMap, BTreeSet};
 
 pub fn tests() -> Vec<Test> {
-    vec![Test {
-        name: "dbus_xml_documents_exactly_what_the_daemon_exports",
-        needs_daemon: true,
-        run: dbus_xml_documents_exactly_what_the_daemon_exports,
-    }]
+    vec![
+        Test {
+            name: "dbus_xml_documents_exactly_what_the_daemon_exports",
+            needs_daemon: true,
+            run: dbus_xml_documents_exactly_what_the_daemon_exports,
+        },
+        Test {
+            name: "docker_host_other_than_a_unix_socket_is_a_startup_error",
+            needs_daemon: false,
+            run: docker_host_other_than_a_unix_socket_is_a_startup_error,
+        },
+    ]
+}
+
+/// `--docker-host` has one parser: anything but `unix:///path` or `/path` stops the daemon
+/// before it touches the bus or the kernel, with a message naming the flag.
+fn docker_host_other_than_a_unix_socket_is_a_startup_error(bed: &Bed) {
+    for bad in [
+        "tcp://127.0.0.1:2375",
+        "var/run/docker.sock",
+        "unix://docker.sock",
+    ] {
+        let out = std::process::Command::new(Bed::daemon_bin())
+            .args(["--bus-address", &bed.address])
+            .args([
+                "--state-dir",
+                &bed.scratch("never-used").display().to_string(),
+            ])
+            .args(["--docker-host", bad])
+            .output()
+            .expect("run dindhelperd");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad}: daemon started");
+        assert!(err.contains("--docker-host"), "{bad}: {err}");
+        assert!(!bed.scratch("never-used").exists(), "{bad}: state dir made");
+    }
 }
 
 /// interface -> set of member descriptions ("method M(in)->(out)", "property P t",

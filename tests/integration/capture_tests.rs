@@ -85,10 +85,9 @@ fn docker<R>(bed: &Bed, f: impl FnOnce(&Dockerd) -> R) -> R {
             "web does not answer on 10.99.0.1:8080 from the client netns; dockerd log:\n{}",
             d.log_tail()
         );
-        bed.set_daemon_args(&[
-            "--docker-host".to_owned(),
-            format!("unix://{}", d.socket.display()),
-        ]);
+        // The plain-path form (documented as valid): it used to leave captures and
+        // ExposeToContainer without a Docker client (issue 12); unix:// is used elsewhere.
+        bed.set_daemon_args(&["--docker-host".to_owned(), d.socket.display().to_string()]);
         bed.restart_daemon();
         *g = Some(d);
     }
