@@ -78,7 +78,7 @@ fn smoke() {
             bridge: "docker0".into(),
         })
         .collect();
-    let text = rules::add_batch(&specs).render();
+    let text = rules::add_batch(&specs, "0bench0").render();
     let adds = text
         .lines()
         .filter(|l| l.starts_with("-A") || l.starts_with("-I"))

@@ -383,7 +383,7 @@ async fn no_docker_chain_is_not_supported() {
     let _ = std::process::Command::new("ip")
         .args(["netns", "del", &ns])
         .status();
-    let e = r.err().expect("detected a backend without dockerd");
+    let e = r.expect_err("detected a backend without dockerd");
     println!("{e}");
     assert_eq!(e.kind(), Kind::NotSupported);
 }

@@ -70,15 +70,19 @@ impl PortsManager {
     async fn external_state(
         &self,
     ) -> Result<(Vec<PublishedPort>, Vec<sockets::Bound>), PortsError> {
-        let dp = self.resolver.published_ports().await?;
-        let bound = self
-            .netns
-            .run(sockets::read_bound)?
+        // both at once: the socket read runs on its own thread (it enters the namespace)
+        // while dockerd answers
+        let netns = self.netns.clone();
+        let bound = tokio::task::spawn_blocking(move || netns.run(sockets::read_bound));
+        let dp = self.resolver.published_ports().await;
+        let bound = bound
+            .await
+            .map_err(|e| PortsError::Internal(format!("socket reader: {e}")))??
             .map_err(|source| PortsError::Spawn {
                 command: "read /proc/thread-self/net".into(),
                 source,
             })?;
-        Ok((dp, bound))
+        Ok((dp?, bound))
     }
 
     /// Queue a job and make sure it runs (group commit).
