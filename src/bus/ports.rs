@@ -249,9 +249,10 @@ pub async fn follow(
 }
 
 impl Ports {
-    /// Before anything is resolved: PublishMany's size (`max_publish_many`), then
-    /// `ports-privileged` for every host port below `privileged_port_floor` (each with its
-    /// details, so a rule may allow 80 and 443 only).
+    /// Before anything is resolved: the `ports` action and the `instance` tag, PublishMany's
+    /// size (`max_publish_many`), then `ports-privileged` for every host port below
+    /// `privileged_port_floor` (each with its details, so a rule may allow 80 and 443
+    /// only). Publish and PublishMany both start here.
     async fn authorize_ports(
         &self,
         hdr: &Header<'_>,
@@ -260,6 +261,16 @@ impl Ports {
         instance: Option<&str>,
         inter: bool,
     ) -> Result<(), BusError> {
+        super::authorize_into_instance(
+            &self.auth,
+            &self.core,
+            hdr,
+            caller,
+            Action::Ports,
+            instance,
+            inter,
+        )
+        .await?;
         let max = self.core.cfg.max_publish_many;
         if ports.len() > max {
             return Err(BusError::InvalidArgs(format!(
@@ -374,16 +385,6 @@ impl Ports {
             |caller| async move {
                 let o = publish_opts(&options)?;
                 let inter = interactive(&options)?;
-                super::authorize_into_instance(
-                    &self.auth,
-                    &self.core,
-                    hdr,
-                    &caller,
-                    Action::Ports,
-                    o.instance.as_deref(),
-                    inter,
-                )
-                .await?;
                 let one = [(
                     container.clone(),
                     protocol.clone(),
@@ -432,16 +433,6 @@ impl Ports {
             |caller| async move {
                 let o = publish_opts(&options)?;
                 let inter = interactive(&options)?;
-                super::authorize_into_instance(
-                    &self.auth,
-                    &self.core,
-                    hdr,
-                    &caller,
-                    Action::Ports,
-                    o.instance.as_deref(),
-                    inter,
-                )
-                .await?;
                 self.authorize_ports(hdr, &caller, &ports, o.instance.as_deref(), inter)
                     .await?;
                 let reqs = ports
