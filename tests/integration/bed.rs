@@ -371,6 +371,15 @@ impl Bed {
         }
     }
 
+    /// Freeze polkitd (SIGSTOP): calls that reach it from now on wait for an answer
+    /// that only comes after [`Bed::kill9_polkitd`] (as an error) — a kill window
+    /// that does not depend on how fast the machine is.
+    pub fn stop_polkitd(&self) {
+        if let Some(child) = self.polkitd.borrow().as_ref() {
+            signal(child.id(), libc::SIGSTOP);
+        }
+    }
+
     /// Start polkitd again after [`Bed::kill9_polkitd`]; returns once it owns its name.
     pub fn restart_polkitd(&self) -> Result<(), String> {
         self.kill9_polkitd();
