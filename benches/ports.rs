@@ -74,6 +74,7 @@ fn smoke() {
             host_ip: None,
             host_port: BASE_PORT + i,
             container_ip: "172.17.0.2".parse().unwrap(),
+            container_ip6: None,
             container_port: 80,
             bridge: "docker0".into(),
         })

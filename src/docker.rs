@@ -124,6 +124,8 @@ pub struct NetworkAttachment {
     pub network_id: String,
     /// None when the container is not running (no address assigned).
     pub ip: Option<Ipv4Addr>,
+    /// `GlobalIPv6Address`: Some only on a network with IPv6 enabled (`--ipv6`).
+    pub ip6: Option<std::net::Ipv6Addr>,
     /// Linux bridge of a `bridge`-driver network (`docker0` for the default network);
     /// None for other drivers.
     pub bridge_interface: Option<String>,
@@ -168,13 +170,17 @@ pub struct PublishedPort {
     pub protocol: String,
 }
 
-/// A container event.
+/// A container event, or a network event about one container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerEvent {
-    /// start, die, stop, destroy, restart, …
+    /// start, die, stop, destroy, restart, …; `network-connect` / `network-disconnect` for
+    /// Docker's network events (type `network`, action `connect` / `disconnect`).
     pub action: String,
     pub container_id: String,
+    /// Container name (container events only: a network event's `name` is the network's).
     pub container_name: Option<String>,
+    /// The network of a `network-connect` / `network-disconnect` event.
+    pub network: Option<String>,
 }
 
 impl ContainerEvent {
@@ -244,6 +250,8 @@ struct RawEndpoint {
     network_id: String,
     #[serde(rename = "IPAddress", default)]
     ip_address: String,
+    #[serde(rename = "GlobalIPv6Address", default)]
+    global_ipv6_address: String,
 }
 
 #[derive(Deserialize)]
@@ -591,6 +599,7 @@ impl Docker {
                 let bridge = self.bridge_of(&name, &ep.network_id).await?;
                 networks.push(NetworkAttachment {
                     ip: ep.ip_address.parse().ok(),
+                    ip6: ep.global_ipv6_address.parse().ok(),
                     network_name: name,
                     network_id: ep.network_id,
                     bridge_interface: bridge,
@@ -669,8 +678,9 @@ impl Docker {
 
     /// Subscribe to container events. The stream ends (None / error) when dockerd goes away.
     pub async fn events(&self) -> Result<EventStream, DockerError> {
-        // filters={"type":["container"]}, URL-encoded
-        let request = "/events?filters=%7B%22type%22%3A%5B%22container%22%5D%7D";
+        // filters={"type":["container","network"]}, URL-encoded: network connect and
+        // disconnect change where a container's published ports must point.
+        let request = "/events?filters=%7B%22type%22%3A%5B%22container%22%2C%22network%22%5D%7D";
         let mut r = tokio::time::timeout(self.timeout, self.open(request))
             .await
             .map_err(|_| DockerError::Timeout {
@@ -801,6 +811,23 @@ fn bridge_name(raw: &RawNetwork) -> Option<String> {
 
 fn parse_event(line: &[u8]) -> Option<ContainerEvent> {
     let raw: RawEvent = serde_json::from_slice(line).ok()?;
+    if raw.typ == "network" {
+        // {"Type":"network","Action":"connect","Actor":{"ID":<network id>,
+        //  "Attributes":{"container":<container id>,"name":<network name>,"type":"bridge"}}}
+        let action = match raw.action.as_str() {
+            "connect" => "network-connect",
+            "disconnect" => "network-disconnect",
+            _ => return None,
+        };
+        let mut attrs = raw.actor?.attributes;
+        let container_id = attrs.remove("container").filter(|c| !c.is_empty())?;
+        return Some(ContainerEvent {
+            action: action.into(),
+            container_id,
+            container_name: None,
+            network: attrs.remove("name"),
+        });
+    }
     if raw.typ != "container" && !raw.typ.is_empty() {
         return None;
     }
@@ -814,6 +841,7 @@ fn parse_event(line: &[u8]) -> Option<ContainerEvent> {
         action,
         container_id: id,
         container_name: attrs.get("name").cloned(),
+        network: None,
     })
 }
 
@@ -874,9 +902,26 @@ mod tests {
         let e = parse_event(x).unwrap();
         assert_eq!(e.action, "exec_start");
         assert!(!e.is_lifecycle());
+        // a network event without a container attribute (e.g. `docker network create`)
         assert!(
             parse_event(br#"{"Type":"network","Action":"connect","Actor":{"ID":"n"}}"#).is_none()
         );
+        assert!(parse_event(
+            br#"{"Type":"network","Action":"create","Actor":{"ID":"n","Attributes":{"name":"net2","type":"bridge"}}}"#
+        )
+        .is_none());
+        // what dockerd 20.10 sends for `docker network connect net2 web`
+        let c = br#"{"Type":"network","Action":"connect","Actor":{"ID":"9f0e","Attributes":{"container":"abc123","name":"net2","type":"bridge"}},"scope":"local","time":1,"timeNano":1}"#;
+        let e = parse_event(c).unwrap();
+        assert_eq!(e.action, "network-connect");
+        assert_eq!(e.container_id, "abc123");
+        assert_eq!(e.container_name, None, "the event's name is the network's");
+        assert_eq!(e.network.as_deref(), Some("net2"));
+        assert!(e.is_lifecycle());
+        let d = br#"{"Type":"network","Action":"disconnect","Actor":{"ID":"9f0e","Attributes":{"container":"abc123","name":"net2","type":"bridge"}}}"#;
+        let e = parse_event(d).unwrap();
+        assert_eq!(e.action, "network-disconnect");
+        assert!(e.is_lifecycle());
     }
 
     #[test]

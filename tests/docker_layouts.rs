@@ -438,6 +438,7 @@ fn table(layout: &Layout, pid: u32) -> Arc<Table> {
                 network_name: network.into(),
                 network_id: "n1".into(),
                 ip: Some(layout.container_ip),
+                ip6: None,
                 bridge_interface: Some(layout.bridge.into()),
             }],
         },

@@ -52,11 +52,12 @@ pub fn mapping_id(arg: &str) -> Result<String, BusError> {
     Ok(id.to_owned())
 }
 
-/// `active`, `waiting` or `error`.
+/// `active`, `waiting`, `disconnected` or `error`.
 pub fn state_name(s: &MappingState) -> &'static str {
     match s {
         MappingState::Active { .. } => "active",
         MappingState::Waiting => "waiting",
+        MappingState::Disconnected => "disconnected",
         MappingState::Error(_) => "error",
     }
 }
@@ -99,17 +100,19 @@ pub fn mapping_tuple(m: &Mapping) -> MappingTuple {
     )
 }
 
-/// Options of Publish / PublishMany: host_ip s, network s, instance s.
+/// Options of Publish / PublishMany: host_ip s, network s, instance s, family s.
 struct PublishOpts {
     host_ip: Option<String>,
     network: Option<String>,
     instance: Option<String>,
+    family: Option<String>,
 }
 
 fn publish_opts(options: &Options) -> Result<PublishOpts, BusError> {
     let mut o = Opts::new(options);
     let host_ip = o.string("host_ip")?;
     let network = o.string("network")?;
+    let family = o.string("family")?;
     let instance = o.string("instance")?.filter(|i| !i.is_empty());
     if let Some(i) = &instance {
         crate::names::check_instance_name(i).map_err(BusError::map)?;
@@ -119,6 +122,7 @@ fn publish_opts(options: &Options) -> Result<PublishOpts, BusError> {
         host_ip,
         network,
         instance,
+        family,
     })
 }
 
@@ -139,6 +143,7 @@ fn request(
         network: o.network.clone(),
         owner_uid: uid,
         instance: o.instance.clone(),
+        family: o.family.clone(),
     }
 }
 
@@ -167,6 +172,8 @@ async fn update(iface: &zbus::object_server::InterfaceRef<PortObject>, m: &Mappi
             g.state_changed(em).await?;
             g.error_changed(em).await?;
             g.container_ip_changed(em).await?;
+            g.container_ip6_changed(em).await?;
+            g.families_changed(em).await?;
             g.bridge_changed(em).await?;
         }
         if old.container_name != m.container_name {
@@ -543,6 +550,14 @@ impl Ports {
             .unwrap_or_default()
     }
 
+    /// True when the backend publishes IPv6 too (ip6tables has Docker's DOCKER chain):
+    /// mappings of family `auto` then hold IPv6 where the container has an IPv6 address.
+    /// False while none is detected or Docker publishes IPv4 only (the reason says which).
+    #[zbus(property)]
+    async fn firewall_ipv6(&self) -> bool {
+        self.core.ports.ipv6_now().unwrap_or(false)
+    }
+
     /// Why that backend was chosen, or why none could be (the last detection error).
     #[zbus(property)]
     async fn firewall_backend_reason(&self) -> String {
@@ -623,6 +638,33 @@ impl PortObject {
             _ => String::new(),
         }
     }
+    /// The container's IPv6 address the rules also point at ("" unless active with IPv6).
+    #[zbus(property)]
+    fn container_ip6(&self) -> String {
+        match &self.m.state {
+            MappingState::Active { ip6: Some(a), .. } => a.to_string(),
+            _ => String::new(),
+        }
+    }
+    /// The families asked for: "auto" (IPv4, plus IPv6 where available), "ipv4", "both".
+    #[zbus(property)]
+    fn family(&self) -> String {
+        self.m.family.as_str().to_owned()
+    }
+    /// The families that have rules now: ["ipv4"] or ["ipv4", "ipv6"]; [] unless active.
+    #[zbus(property)]
+    fn families(&self) -> Vec<String> {
+        match &self.m.state {
+            MappingState::Active { ip6, .. } => {
+                let mut v = vec!["ipv4".to_owned()];
+                if ip6.is_some() {
+                    v.push("ipv6".to_owned());
+                }
+                v
+            }
+            _ => vec![],
+        }
+    }
     /// The Linux bridge of the network ("" unless active).
     #[zbus(property)]
     fn bridge(&self) -> String {
@@ -645,7 +687,9 @@ impl PortObject {
     fn instance(&self) -> String {
         self.m.instance.clone().unwrap_or_default()
     }
-    /// "active" (rules written), "waiting" (container stopped) or "error" (see Error).
+    /// "active" (rules written), "waiting" (container stopped), "disconnected" (container
+    /// runs but left the mapping's network; rules back when it is connected again) or
+    /// "error" (see Error).
     #[zbus(property)]
     fn state(&self) -> String {
         state_name(&self.m.state).to_owned()
@@ -695,9 +739,11 @@ mod tests {
             network: "bridge".into(),
             owner_uid: 1000,
             instance: None,
+            family: crate::ports::Family::Auto,
             state: MappingState::Active {
                 ip: "172.17.0.2".parse().unwrap(),
                 bridge: "docker0".into(),
+                ip6: None,
             },
         };
         let t = mapping_tuple(&m);
@@ -708,6 +754,7 @@ mod tests {
         );
         assert_eq!((t.8.as_str(), t.12.as_str()), ("172.17.0.2", "active"));
         assert_eq!(state_name(&MappingState::Waiting), "waiting");
+        assert_eq!(state_name(&MappingState::Disconnected), "disconnected");
         assert_eq!(state_name(&MappingState::Error("x".into())), "error");
     }
 }

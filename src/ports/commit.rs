@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use super::firewall::Change;
 use super::sockets;
 use super::types::{Mapping, MappingChange, MappingState, PortsError};
-use super::validate::{external_conflict, resolve_network};
+use super::validate::{external_conflict, pick_ip6, resolve_network};
 use super::PortsManager;
 use crate::docker::{DockerError, PublishedPort};
 
@@ -58,9 +58,11 @@ impl PortsManager {
                     container: info.name,
                 });
             }
+            let docker_v6 = self.backend().await?.ipv6();
             for m in ms.iter_mut().filter(|m| m.container_id == cid) {
                 let (_, ip, bridge) = resolve_network(&info, Some(&m.network))?;
-                m.state = MappingState::Active { ip, bridge };
+                let ip6 = pick_ip6(&info, &m.network, m.family, m.host_ip, docker_v6)?;
+                m.state = MappingState::Active { ip, bridge, ip6 };
             }
         }
         Ok(())

@@ -71,6 +71,12 @@ pub trait Firewall: Send + Sync + std::fmt::Debug {
     /// The choice and its reason.
     fn detected(&self) -> &Detected;
 
+    /// True when the backend writes IPv6 rules too (Docker publishes IPv6 where it acts):
+    /// specs with a `container_ip6` are accepted. Default: IPv4 only.
+    fn ipv6(&self) -> bool {
+        false
+    }
+
     /// Apply one change atomically. Removing reads the live rules only when what the
     /// backend knows turns out to be stale (the write failed): a round never re-reads what
     /// it wrote itself.

@@ -20,6 +20,13 @@
 //!   table. What it knows can be stale (dockerd restarted and flushed its chains, an admin
 //!   deleted a rule): then the `-D` fails, the batch is cancelled as a whole, and the
 //!   backend re-reads once and retries. Every repair and list re-reads.
+//! - IPv6: `ip6tables-{nft,legacy}-save` / `-restore` of the same flavour. Docker writes
+//!   ip6tables rules only with `ip6tables` on (20.10: `--experimental --ip6tables`; default
+//!   from 27) and IPv6 on a network; the backend writes IPv6 rules only when ip6tables' nat
+//!   table has Docker's DOCKER chain at detection ([`Firewall::ipv6`]); otherwise it stays
+//!   IPv4-only and says why in its reason. The two families are two restore runs: the IPv6
+//!   batch first, then IPv4; when IPv4 fails the IPv6 part is undone, so a change stays all
+//!   or nothing as far as the programs allow.
 //! - Network namespace: the programs act on the netns they run in. With a `netns`
 //!   context, each child `setns()`es into it between fork and exec (`pre_exec`), so the
 //!   calling threads never change namespace. Without one, they act where the daemon runs
@@ -33,7 +40,7 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 
 use super::firewall::{Change, Detected, Firewall, Fut, Repaired, Tagged};
-use super::rules::{self, Batch, Rule, RuleSpec};
+use super::rules::{self, Batch, IpFamily, Rule, RuleSpec};
 use super::types::PortsError;
 
 /// Which iptables flavour holds Docker's chains.
@@ -143,6 +150,8 @@ pub struct Iptables {
     netns: NetnsContext,
     owner: String,
     detected: Detected,
+    /// ip6tables of this flavour has Docker's nat DOCKER chain: IPv6 rules are written too.
+    ipv6: bool,
     /// Our tagged rules as last read or written (None: unknown, read on demand).
     known: tokio::sync::Mutex<Option<Vec<Rule>>>,
 }
@@ -219,6 +228,26 @@ impl Iptables {
                         "Docker's DOCKER chain is in {name}'s nat table ({})",
                         rules::docker_layout(&filter)
                     );
+                    let prog6 = sbin(&format!("ip6tables-{}-save", flavor.name()));
+                    let ipv6 = match run_prog(netns, &prog6, &["-t", "nat"], None).await {
+                        Ok(out) if rules::has_docker_chain(&out) => {
+                            reason.push_str(
+                                "; IPv6 too: ip6tables' nat table has Docker's DOCKER chain",
+                            );
+                            true
+                        }
+                        Ok(_) => {
+                            reason.push_str(
+                                "; IPv4 only: ip6tables' nat table has no DOCKER chain (dockerd \
+                                 runs without ip6tables, or the host has no IPv6)",
+                            );
+                            false
+                        }
+                        Err(e) => {
+                            reason.push_str(&format!("; IPv4 only: {e}"));
+                            false
+                        }
+                    };
                     if !notes.is_empty() {
                         reason.push_str(&format!("; {}", notes.join("; ")));
                     }
@@ -227,6 +256,7 @@ impl Iptables {
                         netns: netns.clone(),
                         owner: owner.to_owned(),
                         detected: Detected { name, reason },
+                        ipv6,
                         known: tokio::sync::Mutex::new(None),
                     });
                 }
@@ -239,13 +269,31 @@ impl Iptables {
         })
     }
 
-    fn prog(&self, what: &str) -> PathBuf {
-        sbin(&format!("iptables-{}-{what}", self.flavor.name()))
+    fn prog_of(&self, family: IpFamily, what: &str) -> PathBuf {
+        sbin(&format!(
+            "{}-{}-{what}",
+            family.program(),
+            self.flavor.name()
+        ))
+    }
+
+    /// The families this backend writes.
+    fn families(&self) -> &'static [IpFamily] {
+        if self.ipv6 {
+            &[IpFamily::V4, IpFamily::V6]
+        } else {
+            &[IpFamily::V4]
+        }
     }
 
     /// `-save` of the nat and filter tables.
     pub async fn save(&self) -> Result<String, PortsError> {
-        let p = self.prog("save");
+        self.save_family(IpFamily::V4).await
+    }
+
+    /// `iptables-save` / `ip6tables-save` of the nat and filter tables.
+    pub async fn save_family(&self, family: IpFamily) -> Result<String, PortsError> {
+        let p = self.prog_of(family, "save");
         let mut out = run_prog(&self.netns, &p, &["-t", "nat"], None).await?;
         out.push_str(&run_prog(&self.netns, &p, &["-t", "filter"], None).await?);
         Ok(out)
@@ -258,22 +306,66 @@ impl Iptables {
 
     /// Every tagged rule of this owner (and legacy tags), read fresh.
     async fn read_mine(&self) -> Result<Vec<Rule>, PortsError> {
-        Ok(rules::parse_tagged(&self.save().await?)
-            .into_iter()
-            .filter(|r| self.mine(r))
-            .collect())
+        let mut out = Vec::new();
+        for &f in self.families() {
+            out.extend(
+                rules::parse_tagged_family(&self.save_family(f).await?, f)
+                    .into_iter()
+                    .filter(|r| self.mine(r)),
+            );
+        }
+        Ok(out)
     }
 
     /// `iptables-restore -w --noflush` with the batch on stdin.
     pub async fn restore(&self, text: &str) -> Result<(), PortsError> {
+        self.restore_family(IpFamily::V4, text).await
+    }
+
+    /// `iptables-restore` / `ip6tables-restore -w --noflush` with the batch on stdin.
+    async fn restore_family(&self, family: IpFamily, text: &str) -> Result<(), PortsError> {
         if text.is_empty() {
             return Ok(());
         }
         debug_assert!(!text.lines().any(|l| l.starts_with(':')));
-        let p = self.prog("restore");
+        let p = self.prog_of(family, "restore");
         run_prog(&self.netns, &p, &["-w", "--noflush"], Some(text))
             .await
             .map(|_| ())
+    }
+
+    /// Write a batch of both families: IPv6 first, then IPv4; when IPv4 fails, the IPv6
+    /// part is undone (best effort, logged) and the IPv4 error returned.
+    async fn write(&self, b: &Batch) -> Result<(), PortsError> {
+        let v6 = b.has(IpFamily::V6);
+        if v6 {
+            self.restore_family(IpFamily::V6, &b.render_family(IpFamily::V6))
+                .await?;
+        }
+        let r = self.restore_family(IpFamily::V4, &b.render()).await;
+        if let (Err(e), true) = (&r, v6) {
+            let is6 = |r: &&Rule| r.family == IpFamily::V6;
+            let undo = Batch {
+                delete: b.add.iter().filter(is6).cloned().collect(),
+                add: b
+                    .delete
+                    .iter()
+                    .filter(is6)
+                    .map(|r| Rule {
+                        insert_top: r.chain == "DOCKER",
+                        ..r.clone()
+                    })
+                    .collect(),
+            };
+            if let Err(u) = self
+                .restore_family(IpFamily::V6, &undo.render_family(IpFamily::V6))
+                .await
+            {
+                tracing::error!(error = %u, ipv4_error = %e,
+                    "cannot undo the IPv6 half of a failed batch; the next reconcile repairs it");
+            }
+        }
+        r
     }
 
     /// The `iptables` program of this flavour (for the benchmark's docker-style way).
@@ -289,6 +381,13 @@ impl Iptables {
         let mut out = Vec::with_capacity(specs.len() * 3);
         for s in specs {
             s.check()?;
+            if s.container_ip6.is_some() && !self.ipv6 {
+                return Err(PortsError::NotSupported {
+                    reason: "Docker does not publish IPv6 here (no DOCKER chain in ip6tables' \
+                             nat table)"
+                        .into(),
+                });
+            }
             out.extend(rules::rules_for(s, &self.owner));
         }
         Ok(out)
@@ -311,7 +410,7 @@ impl Iptables {
             *known = Some(self.read_mine().await?);
         }
         let mut batch = build(known.as_deref().unwrap_or(&[]));
-        if let Err(e) = self.restore(&batch.render()).await {
+        if let Err(e) = self.write(&batch).await {
             if batch.delete.is_empty() {
                 return Err(e);
             }
@@ -326,7 +425,7 @@ impl Iptables {
             };
             batch = build(&live);
             *known = Some(live);
-            self.restore(&batch.render()).await?;
+            self.write(&batch).await?;
         }
         if let Some(k) = known.as_mut() {
             k.retain(|r| !ids.contains(r.id.as_str()));
@@ -350,7 +449,7 @@ impl Iptables {
         let batch = rules::plan_repair(&want, &live, |r| {
             (r.owner.is_some() || legacy.contains(r.id.as_str())) && scope(&r.id)
         });
-        self.restore(&batch.render()).await?;
+        self.write(&batch).await?;
         let mut out = Repaired::default();
         for r in &batch.add {
             *out.added.entry(r.id.clone()).or_default() += 1;
@@ -373,6 +472,10 @@ impl Firewall for Iptables {
         &self.detected
     }
 
+    fn ipv6(&self) -> bool {
+        self.ipv6
+    }
+
     fn apply<'a>(&'a self, change: &'a Change) -> Fut<'a, ()> {
         Box::pin(self.apply_change(change))
     }
@@ -385,7 +488,18 @@ impl Firewall for Iptables {
                 .map(|r| Tagged {
                     mapping_id: r.id.clone(),
                     owner: r.owner.clone(),
-                    text: format!("-t {} -A {} {}", r.table.as_str(), r.chain, r.body),
+                    // IPv4 as `-t T -A C BODY`, IPv6 with `ip6tables ` in front
+                    text: format!(
+                        "{}-t {} -A {} {}",
+                        if r.family == IpFamily::V6 {
+                            "ip6tables "
+                        } else {
+                            ""
+                        },
+                        r.table.as_str(),
+                        r.chain,
+                        r.body
+                    ),
                 })
                 .collect();
             *self.known.lock().await = Some(live);

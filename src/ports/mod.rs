@@ -50,13 +50,13 @@ pub use firewall::{Change, Detected, Firewall, Tagged};
 pub use iptables::{Flavor, Iptables, NetnsContext};
 pub use reconcile::watch;
 pub use resolver::Resolver;
-pub use rules::{Batch, Protocol, Rule, RuleKey, RuleSpec};
+pub use rules::{Batch, IpFamily, Protocol, Rule, RuleKey, RuleSpec};
 pub use types::{
-    Action, Decision, Mapping, MappingChange, MappingState, PortsError, PublishRequest,
+    Action, Decision, Family, Mapping, MappingChange, MappingState, PortsError, PublishRequest,
 };
 
 use commit::JobKind;
-use validate::{resolve_network, validate};
+use validate::{pick_ip6, resolve_network, validate};
 
 /// The ports domain: mappings in memory, the firewall through one lock.
 pub struct PortsManager {
@@ -185,6 +185,11 @@ impl PortsManager {
         self.detect_error.lock().unwrap().clone()
     }
 
+    /// Whether the detected backend publishes IPv6 too (None: not detected yet).
+    pub fn ipv6_now(&self) -> Option<bool> {
+        self.backend.get().map(|b| b.ipv6())
+    }
+
     /// The firewall backend chosen and why, detecting it when that has not happened yet.
     pub async fn firewall(&self) -> Result<Detected, PortsError> {
         Ok(self.backend().await?.detected().clone())
@@ -253,7 +258,7 @@ impl PortsManager {
         }
         let vals = reqs.iter().map(validate).collect::<Result<Vec<_>, _>>()?;
         // fail early (NotSupported) before asking Docker anything
-        self.backend().await?;
+        let docker_v6 = self.backend().await?.ipv6();
 
         let seen = self.event_seq.load(Ordering::SeqCst);
         let mut infos: HashMap<String, ContainerInfo> = HashMap::new();
@@ -283,6 +288,7 @@ impl PortsManager {
                 });
             }
             let (network, ip, bridge) = resolve_network(info, v.network.as_deref())?;
+            let ip6 = pick_ip6(info, &network, v.family, v.host_ip, docker_v6)?;
             mappings.push(Mapping {
                 id: new_id(),
                 container_id: info.id.clone(),
@@ -294,7 +300,8 @@ impl PortsManager {
                 network,
                 owner_uid: v.owner_uid,
                 instance: v.instance.clone(),
-                state: MappingState::Active { ip, bridge },
+                family: v.family,
+                state: MappingState::Active { ip, bridge, ip6 },
             });
         }
         // within the request
@@ -312,7 +319,7 @@ impl PortsManager {
             }
         }
         for info in infos.values() {
-            if let Some(MappingState::Active { ip, bridge }) = mappings
+            if let Some(MappingState::Active { ip, bridge, .. }) = mappings
                 .iter()
                 .find(|m| m.container_id == info.id)
                 .map(|m| &m.state)

@@ -3,7 +3,8 @@
 //! event), and [`watch`], the task that follows Docker events.
 //!
 //! Decisions per mapping: rules right (Unchanged), repaired (missing rules, new container
-//! IP, duplicates, a tag from before state ids), Waiting (container stopped: rules out),
+//! IP, duplicates, a tag from before state ids), Waiting (container stopped, or state
+//! Disconnected: the container left the mapping's network; rules out),
 //! Dropped (container destroyed), Error (cannot be applied), Skipped (Docker could not be
 //! asked: its rules are left as they are), and OrphanRemoved for this state's tagged rules
 //! of ids the state does not know. Rules of another state id are never touched.
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use super::rules::RuleSpec;
 use super::types::{Action, Decision, Mapping, MappingChange, MappingState, PortsError};
-use super::validate::resolve_network;
+use super::validate::{pick_ip6, resolve_network};
 use super::PortsManager;
 use crate::docker::{ContainerEvent, DockerError};
 
@@ -32,6 +33,13 @@ impl PortsManager {
     pub async fn on_event(&self, ev: &ContainerEvent) -> Result<Vec<Decision>, PortsError> {
         if !ev.is_lifecycle() {
             return Ok(vec![]);
+        }
+        if ev.action.starts_with("network-") {
+            // a re-connected container has a new veth (same pid): set hairpin mode again
+            self.hairpin_done
+                .lock()
+                .unwrap()
+                .retain(|(id, _)| *id != ev.container_id);
         }
         let seq = self.event_seq.fetch_add(1, Ordering::SeqCst) + 1;
         self.last_event
@@ -53,6 +61,7 @@ impl PortsManager {
 
     async fn reconcile_locked(&self, scope: Option<&str>) -> Result<Vec<Decision>, PortsError> {
         let backend = self.backend().await?;
+        let docker_v6 = backend.ipv6();
         let snapshot: Vec<Mapping> = self
             .mappings
             .lock()
@@ -73,11 +82,21 @@ impl PortsManager {
             match self.resolver.inspect(cid).await {
                 Ok(info) if info.running => {
                     for m in ms {
-                        match resolve_network(&info, Some(&m.network)) {
-                            Ok((_, ip, bridge)) => {
+                        if !info.networks.iter().any(|a| a.network_name == m.network) {
+                            // `docker network disconnect`: rules out until it is back
+                            new_state.insert(m.id.clone(), Some(MappingState::Disconnected));
+                            continue;
+                        }
+                        let resolved =
+                            resolve_network(&info, Some(&m.network)).and_then(|(_, ip, bridge)| {
+                                pick_ip6(&info, &m.network, m.family, m.host_ip, docker_v6)
+                                    .map(|ip6| (ip, bridge, ip6))
+                            });
+                        match resolved {
+                            Ok((ip, bridge, ip6)) => {
                                 self.ensure_hairpin(&info, ip, &bridge).await;
                                 let mut m2 = m.clone();
-                                m2.state = MappingState::Active { ip, bridge };
+                                m2.state = MappingState::Active { ip, bridge, ip6 };
                                 desired.extend(m2.spec());
                                 new_state.insert(m.id.clone(), Some(m2.state));
                             }
@@ -136,7 +155,9 @@ impl PortsManager {
                             }
                         }
                         match st {
-                            MappingState::Waiting => Action::Waiting { removed: d },
+                            MappingState::Waiting | MappingState::Disconnected => {
+                                Action::Waiting { removed: d }
+                            }
                             MappingState::Error(e) => Action::Error(e.clone()),
                             MappingState::Active { .. } if a == 0 && d == 0 => Action::Unchanged,
                             MappingState::Active { .. } => Action::Repaired {

@@ -16,7 +16,26 @@
 //! COMMIT
 //! ```
 //!
+//! IPv6 (a mapping whose container has an IPv6 address and where Docker publishes IPv6,
+//! i.e. ip6tables has Docker's nat DOCKER chain): the same three rules in `ip6tables-restore`
+//! text, with `/128` and `--to-destination [C6]:P`, as `ip6tables-save` prints them:
+//!
+//! ```text
+//! *nat
+//! -I DOCKER 1 -p tcp -m tcp --dport H -m comment --comment dindhelper:S:ID -j DNAT --to-destination [fd00::2]:P
+//! -A POSTROUTING -s fd00::2/128 -d fd00::2/128 -p tcp -m tcp --dport P -m comment --comment dindhelper:S:ID -j MASQUERADE
+//! COMMIT
+//! *filter
+//! -I DOCKER 1 -d fd00::2/128 -o BR -p tcp -m tcp --dport P -m conntrack --ctstate DNAT -m comment --comment dindhelper:S:ID -j ACCEPT
+//! COMMIT
+//! ```
+//!
 //! Traps:
+//! - IPv6 addresses are written the way `ip6tables-save` prints them (RFC 5952, what
+//!   `Ipv6Addr`'s Display gives): the repair compares tokens, so `fd00:0::2` would be a
+//!   stale rule forever.
+//! - A mapping restricted to a host IPv4 address (`host_ip`) gets no IPv6 rules: the v6 DNAT
+//!   would match every host address.
 //! - A batch must NEVER contain a chain declaration such as `:DOCKER - [0:0]`: with
 //!   `--noflush` a declared chain that exists is *flushed*, which would wipe every rule
 //!   dockerd wrote. The chains are dockerd's; we only add and delete rules in them.
@@ -41,7 +60,7 @@
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use super::types::PortsError;
 
@@ -88,6 +107,9 @@ pub struct RuleSpec {
     pub host_ip: Option<Ipv4Addr>,
     pub host_port: u16,
     pub container_ip: Ipv4Addr,
+    /// The container's IPv6 address on the network when the mapping holds IPv6 too
+    /// (None: IPv4 only). Backends without IPv6 refuse a spec that has one.
+    pub container_ip6: Option<Ipv6Addr>,
     pub container_port: u16,
     pub bridge: String,
 }
@@ -113,6 +135,23 @@ pub fn check_tag_part(what: &'static str, s: &str) -> Result<(), PortsError> {
     Ok(())
 }
 
+/// The address family of a rule: which program (`iptables-*` / `ip6tables-*`) holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    /// The program prefix: `iptables` / `ip6tables`.
+    pub fn program(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "iptables",
+            IpFamily::V6 => "ip6tables",
+        }
+    }
+}
+
 /// The tables we touch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Table {
@@ -133,6 +172,7 @@ impl Table {
 /// including the tag comment.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Rule {
+    pub family: IpFamily,
     pub table: Table,
     pub chain: String,
     /// Body including `-m comment --comment dindhelper:ID`.
@@ -150,6 +190,7 @@ impl Rule {
     /// The comparison key: table, chain and the body's tokens without the comment.
     pub fn key(&self) -> RuleKey {
         RuleKey {
+            family: self.family,
             table: self.table,
             chain: self.chain.clone(),
             tokens: strip_comment(&tokenize(&self.body)),
@@ -160,6 +201,7 @@ impl Rule {
 /// Identity of a rule for comparison with `iptables-save` output.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RuleKey {
+    pub family: IpFamily,
     pub table: Table,
     pub chain: String,
     pub tokens: Vec<String>,
@@ -169,49 +211,82 @@ fn comment(owner: &str, id: &str) -> String {
     format!("-m comment --comment {TAG_PREFIX}{owner}:{id}")
 }
 
-/// The three rules for this mapping, tagged with `owner` (the state id). The caller has
+/// The rules for this mapping, tagged with `owner` (the state id): three IPv4 rules, and
+/// the same three in IPv6 when the spec has a container IPv6 address. The caller has
 /// checked `spec` ([`RuleSpec::check`]) and `owner` ([`check_tag_part`]).
 pub fn rules_for(spec: &RuleSpec, owner: &str) -> Vec<Rule> {
-    let p = spec.protocol.as_str();
-    let br = &spec.bridge;
-    let c = spec.container_ip;
-    let cp = spec.container_port;
-    let hp = spec.host_port;
-    let tag = comment(owner, &spec.id);
-    let own = Some(owner.to_owned());
     let dst = spec
         .host_ip
         .map(|ip| format!("-d {ip}/32 "))
         .unwrap_or_default();
+    let c = spec.container_ip;
+    let mut out = three(
+        spec,
+        owner,
+        IpFamily::V4,
+        &dst,
+        &format!("{c}/32"),
+        &format!("{c}"),
+    );
+    if let (Some(c6), None) = (spec.container_ip6, spec.host_ip) {
+        out.extend(three(
+            spec,
+            owner,
+            IpFamily::V6,
+            "",
+            &format!("{c6}/128"),
+            &format!("[{c6}]"),
+        ));
+    }
+    out
+}
+
+/// DNAT, hairpin MASQUERADE and ACCEPT of one family. `cnet`: the container address as a
+/// match (`C/32`, `C6/128`); `cdst`: as a DNAT destination host (`C`, `[C6]`).
+fn three(
+    spec: &RuleSpec,
+    owner: &str,
+    family: IpFamily,
+    dst: &str,
+    cnet: &str,
+    cdst: &str,
+) -> Vec<Rule> {
+    let p = spec.protocol.as_str();
+    let br = &spec.bridge;
+    let cp = spec.container_port;
+    let hp = spec.host_port;
+    let tag = comment(owner, &spec.id);
+    let own = Some(owner.to_owned());
+    let rule = |table, chain: &str, body: String, insert_top| Rule {
+        family,
+        table,
+        chain: chain.into(),
+        body,
+        id: spec.id.clone(),
+        owner: own.clone(),
+        insert_top,
+    };
     vec![
-        Rule {
-            table: Table::Nat,
-            chain: "DOCKER".into(),
-            body: format!(
-                "{dst}-p {p} -m {p} --dport {hp} {tag} -j DNAT --to-destination {c}:{cp}"
+        rule(
+            Table::Nat,
+            "DOCKER",
+            format!("{dst}-p {p} -m {p} --dport {hp} {tag} -j DNAT --to-destination {cdst}:{cp}"),
+            true,
+        ),
+        rule(
+            Table::Nat,
+            "POSTROUTING",
+            format!("-s {cnet} -d {cnet} -p {p} -m {p} --dport {cp} {tag} -j MASQUERADE"),
+            false,
+        ),
+        rule(
+            Table::Filter,
+            "DOCKER",
+            format!(
+                "-d {cnet} -o {br} -p {p} -m {p} --dport {cp} -m conntrack --ctstate DNAT {tag} -j ACCEPT"
             ),
-            id: spec.id.clone(),
-            owner: own.clone(),
-            insert_top: true,
-        },
-        Rule {
-            table: Table::Nat,
-            chain: "POSTROUTING".into(),
-            body: format!("-s {c}/32 -d {c}/32 -p {p} -m {p} --dport {cp} {tag} -j MASQUERADE"),
-            id: spec.id.clone(),
-            owner: own.clone(),
-            insert_top: false,
-        },
-        Rule {
-            table: Table::Filter,
-            chain: "DOCKER".into(),
-            body: format!(
-                "-d {c}/32 -o {br} -p {p} -m {p} --dport {cp} -m conntrack --ctstate DNAT {tag} -j ACCEPT"
-            ),
-            id: spec.id.clone(),
-            owner: own,
-            insert_top: true,
-        },
+            true,
+        ),
     ]
 }
 
@@ -238,12 +313,26 @@ impl Batch {
         self.delete.len() + self.add.len()
     }
 
-    /// The `iptables-restore --noflush` text. Never declares a chain.
+    /// The `iptables-restore --noflush` text of the IPv4 rules. Never declares a chain.
     pub fn render(&self) -> String {
+        self.render_family(IpFamily::V4)
+    }
+
+    /// True when the batch has a rule of `family`.
+    pub fn has(&self, family: IpFamily) -> bool {
+        self.delete
+            .iter()
+            .chain(self.add.iter())
+            .any(|r| r.family == family)
+    }
+
+    /// The `iptables-restore` / `ip6tables-restore --noflush` text of the rules of `family`.
+    pub fn render_family(&self, family: IpFamily) -> String {
         let mut out = String::new();
         for table in [Table::Nat, Table::Filter] {
-            let dels: Vec<&Rule> = self.delete.iter().filter(|r| r.table == table).collect();
-            let adds: Vec<&Rule> = self.add.iter().filter(|r| r.table == table).collect();
+            let of = |r: &&Rule| r.table == table && r.family == family;
+            let dels: Vec<&Rule> = self.delete.iter().filter(of).collect();
+            let adds: Vec<&Rule> = self.add.iter().filter(of).collect();
             if dels.is_empty() && adds.is_empty() {
                 continue;
             }
@@ -383,6 +472,11 @@ fn comment_of(tokens: &[String]) -> Option<&str> {
 /// Parses `iptables-save` output (one or more tables) and returns every rule whose
 /// comment starts with `dindhelper:`. The body keeps the saved text (usable with `-D`).
 pub fn parse_tagged(save_output: &str) -> Vec<Rule> {
+    parse_tagged_family(save_output, IpFamily::V4)
+}
+
+/// [`parse_tagged`] of the output of `iptables-save` (V4) or `ip6tables-save` (V6).
+pub fn parse_tagged_family(save_output: &str, family: IpFamily) -> Vec<Rule> {
     let mut table = None;
     let mut out = Vec::new();
     for line in save_output.lines() {
@@ -414,6 +508,7 @@ pub fn parse_tagged(save_output: &str) -> Vec<Rule> {
             None => (None, tag.to_owned()),
         };
         out.push(Rule {
+            family,
             table,
             chain: chain.to_owned(),
             body: body.to_owned(),
@@ -464,6 +559,7 @@ mod tests {
             host_ip,
             host_port: 8080,
             container_ip: Ipv4Addr::new(172, 17, 0, 2),
+            container_ip6: None,
             container_port: 80,
             bridge: "docker0".into(),
         }
@@ -658,6 +754,77 @@ COMMIT\n";
         let first_add = text.find("-A ").unwrap();
         let last_del = text.rfind("-D DOCKER").unwrap();
         assert!(last_del < first_add || text[..first_add].contains("-D"));
+    }
+
+    fn spec6(id: &str) -> RuleSpec {
+        RuleSpec {
+            container_ip6: Some("fd00:dead:beef::242:ac11:2".parse().unwrap()),
+            ..spec(id, None, Protocol::Tcp)
+        }
+    }
+
+    #[test]
+    fn ipv6_rules_are_the_same_three_in_ip6tables_text() {
+        let b = add_batch([&spec6("m6")], OWNER);
+        assert_eq!(b.len(), 6);
+        assert!(b.has(IpFamily::V4) && b.has(IpFamily::V6));
+        // the IPv4 text is unchanged by the IPv6 address
+        assert_eq!(
+            b.render(),
+            add_batch([&spec("m6", None, Protocol::Tcp)], OWNER).render()
+        );
+        assert_eq!(
+            b.render_family(IpFamily::V6),
+            "*nat\n\
+             -I DOCKER 1 -p tcp -m tcp --dport 8080 -m comment --comment dindhelper:a1b2c3:m6 -j DNAT --to-destination [fd00:dead:beef::242:ac11:2]:80\n\
+             -A POSTROUTING -s fd00:dead:beef::242:ac11:2/128 -d fd00:dead:beef::242:ac11:2/128 -p tcp -m tcp --dport 80 -m comment --comment dindhelper:a1b2c3:m6 -j MASQUERADE\n\
+             COMMIT\n\
+             *filter\n\
+             -I DOCKER 1 -d fd00:dead:beef::242:ac11:2/128 -o docker0 -p tcp -m tcp --dport 80 -m conntrack --ctstate DNAT -m comment --comment dindhelper:a1b2c3:m6 -j ACCEPT\n\
+             COMMIT\n"
+        );
+        // a v4-only batch renders no v6 text at all
+        let v4 = add_batch([&spec("m4", None, Protocol::Udp)], OWNER);
+        assert!(!v4.has(IpFamily::V6));
+        assert_eq!(v4.render_family(IpFamily::V6), "");
+    }
+
+    #[test]
+    fn a_host_ip_keeps_a_mapping_ipv4_only() {
+        let s = RuleSpec {
+            host_ip: Some(Ipv4Addr::new(10, 99, 0, 1)),
+            ..spec6("m7")
+        };
+        let rs = rules_for(&s, OWNER);
+        assert_eq!(rs.len(), 3);
+        assert!(rs.iter().all(|r| r.family == IpFamily::V4));
+    }
+
+    #[test]
+    fn ipv6_save_output_parses_back_to_the_written_rules() {
+        // what ip6tables-nft-save prints after the batch above (comment quoted)
+        let save = "*nat\n\
+            :DOCKER - [0:0]\n\
+            -A POSTROUTING -s fd00:dead:beef::242:ac11:2/128 -d fd00:dead:beef::242:ac11:2/128 -p tcp -m tcp --dport 80 -m comment --comment \"dindhelper:a1b2c3:m6\" -j MASQUERADE\n\
+            -A DOCKER -p tcp -m tcp --dport 8080 -m comment --comment \"dindhelper:a1b2c3:m6\" -j DNAT --to-destination [fd00:dead:beef::242:ac11:2]:80\n\
+            COMMIT\n\
+            *filter\n\
+            -A DOCKER -d fd00:dead:beef::242:ac11:2/128 -o docker0 -p tcp -m tcp --dport 80 -m conntrack --ctstate DNAT -m comment --comment \"dindhelper:a1b2c3:m6\" -j ACCEPT\n\
+            COMMIT\n";
+        let live = parse_tagged_family(save, IpFamily::V6);
+        assert_eq!(live.len(), 3);
+        assert!(live.iter().all(|r| r.family == IpFamily::V6));
+        let want = rules_for(&spec6("m6"), OWNER);
+        // the v6 rules match, so a repair only adds the missing v4 ones
+        let b = plan_repair(&want, &live, |_| true);
+        assert!(b.delete.is_empty(), "{:?}", b.delete);
+        assert_eq!(b.add.len(), 3);
+        assert!(b.add.iter().all(|r| r.family == IpFamily::V4));
+        // the same text read as v4 is another family: not the wanted v6 rules
+        let as_v4 = parse_tagged(save);
+        let b = plan_repair(&want, &as_v4, |_| true);
+        assert_eq!(b.delete.len(), 3);
+        assert_eq!(b.add.len(), 6);
     }
 
     #[test]

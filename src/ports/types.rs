@@ -1,7 +1,7 @@
 //! The ports domain's data: errors, mappings (the persisted intent), publish requests,
 //! change notifications and reconcile decisions. Pure data, no I/O.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -73,14 +73,60 @@ impl Classify for PortsError {
     }
 }
 
+/// Which address families a mapping asks for (Publish option `family`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// IPv4, and IPv6 too where the container has an IPv6 address on the network, Docker
+    /// publishes IPv6 (ip6tables has its DOCKER chain) and no IPv4 `host_ip` is given.
+    /// Decided again at each start of the container. The default.
+    #[default]
+    Auto,
+    /// IPv4 only.
+    Ipv4,
+    /// IPv4 and IPv6, or an error (NotSupported without Docker's IPv6 publishing,
+    /// InvalidArgs without a container IPv6 address or with an IPv4 `host_ip`).
+    Both,
+}
+
+impl Family {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Auto => "auto",
+            Family::Ipv4 => "ipv4",
+            Family::Both => "both",
+        }
+    }
+
+    /// `auto` (also ""), `ipv4` or `both`.
+    pub fn parse(s: &str) -> Option<Family> {
+        match s {
+            "" | "auto" => Some(Family::Auto),
+            "ipv4" => Some(Family::Ipv4),
+            "both" => Some(Family::Both),
+            _ => None,
+        }
+    }
+}
+
 /// Where a mapping stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MappingState {
-    /// Rules are written for this container address behind this bridge.
-    Active { ip: Ipv4Addr, bridge: String },
+    /// Rules are written for this container address behind this bridge (and for its IPv6
+    /// address when `ip6` is set: the mapping holds both families).
+    Active {
+        ip: Ipv4Addr,
+        bridge: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ip6: Option<Ipv6Addr>,
+    },
     /// The container is stopped; no rules; they come back when it starts.
     Waiting,
+    /// The container runs but is no longer attached to the mapping's network (`docker
+    /// network disconnect`); no rules; they come back, with its new address, when it is
+    /// connected again.
+    Disconnected,
     /// The container runs but the mapping cannot be applied (network gone, …).
     Error(String),
 }
@@ -99,6 +145,9 @@ pub struct Mapping {
     pub network: String,
     pub owner_uid: u32,
     pub instance: Option<String>,
+    /// The families asked for (state files written before IPv6 support: `auto`).
+    #[serde(default)]
+    pub family: Family,
     pub state: MappingState,
 }
 
@@ -106,12 +155,13 @@ impl Mapping {
     /// The rule parameters when active.
     pub fn spec(&self) -> Option<RuleSpec> {
         match &self.state {
-            MappingState::Active { ip, bridge } => Some(RuleSpec {
+            MappingState::Active { ip, bridge, ip6 } => Some(RuleSpec {
                 id: self.id.clone(),
                 protocol: self.protocol,
                 host_ip: self.host_ip,
                 host_port: self.host_port,
                 container_ip: *ip,
+                container_ip6: *ip6,
                 container_port: self.container_port,
                 bridge: bridge.clone(),
             }),
@@ -146,6 +196,8 @@ pub struct PublishRequest {
     pub network: Option<String>,
     pub owner_uid: u32,
     pub instance: Option<String>,
+    /// `auto` (None / ""), `ipv4` or `both` (see [`Family`]).
+    pub family: Option<String>,
 }
 
 /// A change the bus layer turns into signals / property updates and persists.
@@ -198,15 +250,48 @@ mod tests {
             network: "bridge".into(),
             owner_uid: 1000,
             instance: Some("lab1".into()),
+            family: Family::Auto,
             state: MappingState::Active {
                 ip: Ipv4Addr::new(172, 17, 0, 2),
                 bridge: "docker0".into(),
+                ip6: None,
             },
         };
         let j = serde_json::to_string(&m).unwrap();
         assert!(j.contains("\"udp\""));
+        assert!(
+            !j.contains("ip6"),
+            "an IPv4-only state file stays as it was: {j}"
+        );
         let back: Mapping = serde_json::from_str(&j).unwrap();
         assert_eq!(back, m);
+        // a state file from before IPv6 support (no family, no ip6) loads as auto / IPv4
+        let old = j.replace(",\"family\":\"auto\"", "");
+        assert!(!old.contains("family"));
+        let back: Mapping = serde_json::from_str(&old).unwrap();
+        assert_eq!(back, m);
+        let m6 = Mapping {
+            family: Family::Both,
+            state: MappingState::Active {
+                ip: Ipv4Addr::new(172, 17, 0, 2),
+                bridge: "docker0".into(),
+                ip6: Some("fd00::2".parse().unwrap()),
+            },
+            ..m.clone()
+        };
+        let back: Mapping = serde_json::from_str(&serde_json::to_string(&m6).unwrap()).unwrap();
+        assert_eq!(back, m6);
+        assert_eq!(
+            m6.spec().unwrap().container_ip6,
+            Some("fd00::2".parse().unwrap())
+        );
+        let d = Mapping {
+            state: MappingState::Disconnected,
+            ..m.clone()
+        };
+        let j = serde_json::to_string(&d).unwrap();
+        assert!(j.contains("\"disconnected\""), "{j}");
+        assert_eq!(d.spec(), None);
         let w = Mapping {
             state: MappingState::Waiting,
             ..m

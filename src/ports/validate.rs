@@ -10,11 +10,11 @@
 //! Only names the kernel accepts as interface names and that mean one interface in a rule
 //! pass.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use super::rules::Protocol;
 use super::sockets;
-use super::types::{Mapping, PortsError, PublishRequest};
+use super::types::{Family, Mapping, PortsError, PublishRequest};
 use crate::docker::{ContainerInfo, PublishedPort};
 
 /// Linux `IFNAMSIZ` (16) including the terminating NUL.
@@ -65,6 +65,7 @@ pub(crate) struct Validated {
     pub network: Option<String>,
     pub owner_uid: u32,
     pub instance: Option<String>,
+    pub family: Family,
 }
 
 pub(crate) fn validate(r: &PublishRequest) -> Result<Validated, PortsError> {
@@ -94,6 +95,18 @@ pub(crate) fn validate(r: &PublishRequest) -> Result<Validated, PortsError> {
     if r.container.is_empty() {
         return Err(invalid("container must not be empty"));
     }
+    let family = Family::parse(r.family.as_deref().unwrap_or("")).ok_or_else(|| {
+        invalid(format!(
+            "family must be \"auto\", \"ipv4\" or \"both\", not {:?}",
+            r.family.as_deref().unwrap_or("")
+        ))
+    })?;
+    if family == Family::Both && host_ip.is_some() {
+        return Err(invalid(
+            "family \"both\" cannot go with an IPv4 host_ip (the IPv6 rule would match every \
+             host address): leave host_ip empty or use family \"ipv4\"",
+        ));
+    }
     Ok(Validated {
         container: r.container.clone(),
         protocol,
@@ -103,7 +116,48 @@ pub(crate) fn validate(r: &PublishRequest) -> Result<Validated, PortsError> {
         network: r.network.clone().filter(|n| !n.is_empty()),
         owner_uid: r.owner_uid,
         instance: r.instance.clone().filter(|n| !n.is_empty()),
+        family,
     })
+}
+
+/// The container's IPv6 address the mapping's rules also point at (None: IPv4 only), for
+/// a mapping of `family` on `network` (resolved already). `docker_v6`: the backend
+/// publishes IPv6 ([`super::Firewall::ipv6`]).
+pub(crate) fn pick_ip6(
+    info: &ContainerInfo,
+    network: &str,
+    family: Family,
+    host_ip: Option<Ipv4Addr>,
+    docker_v6: bool,
+) -> Result<Option<Ipv6Addr>, PortsError> {
+    let ip6 = info
+        .networks
+        .iter()
+        .find(|a| a.network_name == network)
+        .and_then(|a| a.ip6);
+    match family {
+        Family::Ipv4 => Ok(None),
+        Family::Auto => Ok(ip6.filter(|_| docker_v6 && host_ip.is_none())),
+        Family::Both => {
+            if !docker_v6 {
+                return Err(PortsError::NotSupported {
+                    reason: "Docker does not publish IPv6 here (ip6tables has no DOCKER chain \
+                             in its nat table: dockerd runs without ip6tables, or the host has \
+                             no IPv6): family \"both\" cannot be held; use \"auto\" or \"ipv4\""
+                        .into(),
+                });
+            }
+            if host_ip.is_some() {
+                return Err(invalid("family \"both\" cannot go with an IPv4 host_ip"));
+            }
+            ip6.map(Some).ok_or_else(|| {
+                invalid(format!(
+                    "container {} has no IPv6 address on network {network} (family \"both\")",
+                    info.name
+                ))
+            })
+        }
+    }
 }
 
 /// The network of `info` a mapping uses: (name, ip, bridge).
@@ -225,6 +279,7 @@ mod tests {
             network_name: name.into(),
             network_id: format!("id-{name}"),
             ip: ip.map(Ipv4Addr::from),
+            ip6: None,
             bridge_interface: br.map(Into::into),
         }
     }
@@ -313,6 +368,92 @@ mod tests {
     }
 
     #[test]
+    fn family_option_and_ipv6_choice() {
+        use crate::error::{Classify, Kind};
+        let base = PublishRequest {
+            container: "web".into(),
+            protocol: "tcp".into(),
+            host_port: 8080,
+            container_port: 80,
+            ..Default::default()
+        };
+        for (given, want) in [
+            (None, Family::Auto),
+            (Some(""), Family::Auto),
+            (Some("auto"), Family::Auto),
+            (Some("ipv4"), Family::Ipv4),
+            (Some("both"), Family::Both),
+        ] {
+            let r = PublishRequest {
+                family: given.map(Into::into),
+                ..base.clone()
+            };
+            assert_eq!(validate(&r).unwrap().family, want, "{given:?}");
+        }
+        for bad in ["ipv6", "IPv4", "v4", "both "] {
+            let r = PublishRequest {
+                family: Some(bad.into()),
+                ..base.clone()
+            };
+            assert_eq!(
+                validate(&r).err().unwrap().kind(),
+                Kind::InvalidArgs,
+                "{bad}"
+            );
+        }
+        let r = PublishRequest {
+            family: Some("both".into()),
+            host_ip: Some("10.0.0.1".into()),
+            ..base.clone()
+        };
+        assert_eq!(validate(&r).err().unwrap().kind(), Kind::InvalidArgs);
+
+        let a6: Ipv6Addr = "fd00:1::2".parse().unwrap();
+        let mut with6 = att("v6net", Some([10, 1, 0, 2]), Some("br-v6"));
+        with6.ip6 = Some(a6);
+        let i6 = info("default", vec![with6]);
+        let i4 = info(
+            "default",
+            vec![att("v6net", Some([10, 1, 0, 2]), Some("br-v6"))],
+        );
+        let h = Some(Ipv4Addr::new(10, 0, 0, 1));
+        // auto: IPv6 only when everything is there
+        assert_eq!(
+            pick_ip6(&i6, "v6net", Family::Auto, None, true).unwrap(),
+            Some(a6)
+        );
+        assert_eq!(
+            pick_ip6(&i6, "v6net", Family::Auto, None, false).unwrap(),
+            None
+        );
+        assert_eq!(pick_ip6(&i6, "v6net", Family::Auto, h, true).unwrap(), None);
+        assert_eq!(
+            pick_ip6(&i4, "v6net", Family::Auto, None, true).unwrap(),
+            None
+        );
+        assert_eq!(
+            pick_ip6(&i6, "other", Family::Auto, None, true).unwrap(),
+            None
+        );
+        // ipv4: never
+        assert_eq!(
+            pick_ip6(&i6, "v6net", Family::Ipv4, None, true).unwrap(),
+            None
+        );
+        // both: IPv6 or an error that says what is missing
+        assert_eq!(
+            pick_ip6(&i6, "v6net", Family::Both, None, true).unwrap(),
+            Some(a6)
+        );
+        let e = pick_ip6(&i6, "v6net", Family::Both, None, false).unwrap_err();
+        assert_eq!(e.kind(), Kind::NotSupported);
+        assert!(e.to_string().contains("ip6tables"), "{e}");
+        let e = pick_ip6(&i4, "v6net", Family::Both, None, true).unwrap_err();
+        assert_eq!(e.kind(), Kind::InvalidArgs);
+        assert!(e.to_string().contains("no IPv6 address"), "{e}");
+    }
+
+    #[test]
     fn collisions() {
         let m = Mapping {
             id: "x".into(),
@@ -325,6 +466,7 @@ mod tests {
             network: "bridge".into(),
             owner_uid: 0,
             instance: None,
+            family: Family::Auto,
             state: MappingState::Waiting,
         };
         assert!(m.collides(Protocol::Tcp, None, 80));
