@@ -31,6 +31,8 @@ pub struct Dockerd {
     pub socket: PathBuf,
     /// dockerd finds `iptables` as iptables-legacy (a PATH dir of links) instead of nft.
     pub legacy: bool,
+    /// Extra dockerd arguments (e.g. IPv6: [`Dockerd::IPV6_ARGS`]).
+    pub extra_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -88,8 +90,25 @@ impl Dockerd {
         Dockerd::start_tagged("dhp", legacy)
     }
 
+    /// dockerd 20.10 arguments that make it publish IPv6: ip6tables rules (experimental
+    /// in 20.10) and an IPv6 subnet on the default bridge. With `--ipv6` among the extra
+    /// arguments the fixture also gives the veth pair fd99::1/64 (dockerd side) and
+    /// fd99::2/64 (client).
+    pub const IPV6_ARGS: &'static [&'static str] = &[
+        "--experimental",
+        "--ip6tables",
+        "--ipv6",
+        "--fixed-cidr-v6",
+        "fd00:d0c::/64",
+    ];
+
     /// The same with another helper tag in every name (`<tag>-<pid>-<n>-d`, …).
     pub fn start_tagged(tag: &str, legacy: bool) -> Dockerd {
+        Dockerd::start_args(tag, legacy, &[])
+    }
+
+    /// The same with extra dockerd arguments (kept for restarts of this dockerd).
+    pub fn start_args(tag: &str, legacy: bool, extra: &[&str]) -> Dockerd {
         require_root_and_tools();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
@@ -101,6 +120,7 @@ impl Dockerd {
             exec_root: PathBuf::from(format!("/run/{base}")),
             socket: PathBuf::from(format!("/var/tmp/{base}/docker.sock")),
             legacy,
+            extra_args: extra.iter().map(|a| a.to_string()).collect(),
             child: None,
         };
         std::fs::create_dir_all(d.dir.join("data")).unwrap();
@@ -136,6 +156,18 @@ impl Dockerd {
         ]));
         must(Command::new("ip").args(["-n", &d.ns, "link", "set", "vdh", "up"]));
         must(Command::new("ip").args(["-n", &d.client_ns, "link", "set", "vcl", "up"]));
+        // IPv6 on the pair too (nodad: usable at once), only for an IPv6 dockerd
+        if extra.contains(&"--ipv6") {
+            for (ns, addr, dev) in [
+                (&d.ns, "fd99::1/64", "vdh"),
+                (&d.client_ns, "fd99::2/64", "vcl"),
+            ] {
+                must(
+                    Command::new("ip")
+                        .args(["-n", ns, "-6", "addr", "add", addr, "dev", dev, "nodad"]),
+                );
+            }
+        }
         let mut d = d;
         d.start_daemon();
         d.import_image();
@@ -189,6 +221,7 @@ impl Dockerd {
             .arg(self.dir.join("docker.pid"))
             .arg("-H")
             .arg(format!("unix://{}", self.socket.display()))
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -338,6 +371,15 @@ impl Dockerd {
     pub fn curl(&self, port: u16) -> Option<String> {
         let url = format!("http://10.99.0.1:{port}/");
         let out = self.in_client(&["curl", "-s", "--max-time", "2", &url]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// `curl` from the client namespace to [fd99::1]:PORT (IPv6); None when it fails.
+    pub fn curl6(&self, port: u16) -> Option<String> {
+        let url = format!("http://[fd99::1]:{port}/");
+        let out = self.in_client(&["curl", "-g", "-s", "--max-time", "2", &url]);
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())

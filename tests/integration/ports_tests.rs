@@ -63,6 +63,14 @@ pub fn tests() -> Vec<Test> {
             "ports_ten_concurrent_callers_publish_200_ports",
             ten_concurrent_callers_publish_200_ports,
         ),
+        t(
+            "ports_ipv6_tcp_passes_over_ipv6_and_unpublish_restores_ip6tables",
+            ipv6_tcp_passes_over_ipv6_and_unpublish_restores_ip6tables,
+        ),
+        t(
+            "ports_network_connect_disconnect_followed",
+            network_connect_disconnect_followed,
+        ),
     ]
 }
 
@@ -75,7 +83,13 @@ struct PortsEnv<'b> {
 impl<'b> PortsEnv<'b> {
     #[track_caller]
     fn new(bed: &'b Bed) -> PortsEnv<'b> {
-        let d = Dockerd::start_tagged("dhr", false);
+        PortsEnv::with_args(bed, &[])
+    }
+
+    /// The same with extra dockerd arguments (a private dockerd, stopped by pid on drop).
+    #[track_caller]
+    fn with_args(bed: &'b Bed, extra: &[&str]) -> PortsEnv<'b> {
+        let d = Dockerd::start_args("dhr", false, extra);
         let env = PortsEnv { bed, d: Some(d) };
         bed.stop_daemon();
         bed.set_daemon_args(&[]); // the place gives --docker-host
@@ -963,4 +977,231 @@ fn ten_concurrent_callers_publish_200_ports(bed: &Bed) {
         .expect_ok("UnpublishContainer");
     assert_eq!(out.json_data(), serde_json::json!([200]));
     env.assert_tagged(0);
+}
+
+/// A Ports property of the manager object.
+fn ports_prop(bed: &Bed, name: &str) -> serde_json::Value {
+    bed.busctl(&["get-property", BUS_NAME, MANAGER_PATH, PORTS_IFACE, name])
+        .expect_ok(&format!("get-property {name}"))
+        .json_data()
+}
+
+/// `ip6tables-nft-save` in dockerd's netns, without its `#` lines (they carry a date).
+fn ip6_save(d: &Dockerd) -> String {
+    let out = d.in_ns(&["ip6tables-nft-save"]);
+    assert!(out.status.success(), "ip6tables-nft-save: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// Docker 20.10 publishing IPv6 (`--experimental --ip6tables --ipv6 --fixed-cidr-v6`, a
+/// private dockerd): a mapping holds both families, real TCP passes over IPv6 from the
+/// client netns (and hairpin from the container), and Unpublish leaves ip6tables
+/// byte-identical. A mapping of family ipv4 holds no IPv6 rule.
+fn ipv6_tcp_passes_over_ipv6_and_unpublish_restores_ip6tables(bed: &Bed) {
+    let env = PortsEnv::with_args(bed, Dockerd::IPV6_ARGS);
+    let d = env.d();
+    d.run_web("web6", "/www", &[]);
+    let ip6 = d.docker_ok(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.GlobalIPv6Address}}{{end}}",
+        "web6",
+    ]);
+    assert!(
+        ip6.contains(':'),
+        "dockerd gave the container no IPv6 address ({ip6:?}); log: {}",
+        d.log_tail()
+    );
+    let before = ip6_save(d);
+    assert!(
+        before.contains(":DOCKER "),
+        "dockerd wrote no ip6tables DOCKER chain:\n{before}"
+    );
+    assert_eq!(d.curl6(8086), None, "nothing published yet");
+
+    let out = env
+        .publish(MEMBER, "web6", "tcp", 8086, 80, &["family", "s", "both"])
+        .expect_ok("Publish family both");
+    let path = out.json_data()[0].as_str().unwrap().to_owned();
+    assert_eq!(ports_prop(bed, "FirewallIpv6"), serde_json::json!(true));
+    let why = ports_prop(bed, "FirewallBackendReason");
+    assert!(
+        why.as_str().unwrap().contains("IPv6 too"),
+        "FirewallBackendReason: {why}"
+    );
+    assert_eq!(
+        env.prop(&path, "ContainerIp6"),
+        Some(serde_json::json!(ip6))
+    );
+    assert_eq!(env.prop(&path, "Family"), Some(serde_json::json!("both")));
+    assert_eq!(
+        env.prop(&path, "Families"),
+        Some(serde_json::json!(["ipv4", "ipv6"]))
+    );
+    // real TCP over IPv6 and IPv4 through the published port
+    assert_eq!(
+        d.curl6(8086).as_deref(),
+        Some("hello"),
+        "IPv6 published port"
+    );
+    assert_eq!(
+        d.curl(8086).as_deref(),
+        Some("hello"),
+        "IPv4 published port"
+    );
+    let mine6: Vec<String> = ip6_save(d)
+        .lines()
+        .filter(|l| l.contains("dindhelper:"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(mine6.len(), 3, "ip6tables rules:\n{}", mine6.join("\n"));
+    assert!(
+        mine6
+            .iter()
+            .any(|l| l.contains(&format!("--to-destination [{ip6}]:80"))),
+        "{mine6:?}"
+    );
+    env.assert_tagged(3);
+    // hairpin: the container reaches its own published port on the host address, over
+    // IPv6 and IPv4 (curl run in the container's netns: busybox-static's wget crashes on
+    // an address lookup)
+    let pid = d.docker_ok(&["inspect", "-f", "{{.State.Pid}}", "web6"]);
+    for url in ["http://[fd99::1]:8086/", "http://10.99.0.1:8086/"] {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net=/proc/{pid}/ns/net"))
+            .args(["curl", "-g", "-s", "--max-time", "3", url])
+            .output()
+            .expect("nsenter curl");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "hello",
+            "hairpin {url}: {out:?}"
+        );
+    }
+
+    // family ipv4: no IPv6 rule, IPv6 clients do not pass
+    let out = env
+        .publish(MEMBER, "web6", "tcp", 8087, 80, &["family", "s", "ipv4"])
+        .expect_ok("Publish family ipv4");
+    let p4 = out.json_data()[0].as_str().unwrap().to_owned();
+    assert_eq!(env.prop(&p4, "Families"), Some(serde_json::json!(["ipv4"])));
+    assert_eq!(env.prop(&p4, "ContainerIp6"), Some(serde_json::json!("")));
+    assert_eq!(d.curl(8087).as_deref(), Some("hello"));
+    assert_eq!(d.curl6(8087), None, "an ipv4 mapping must not forward IPv6");
+    // an unknown family is refused
+    let bad = env.publish(MEMBER, "web6", "tcp", 8088, 80, &["family", "s", "ipv5"]);
+    assert!(
+        !bad.ok() && bad.stderr.contains("family"),
+        "family ipv5 accepted: {}",
+        bad.stderr
+    );
+
+    // Unpublish both: every IPv6 rule gone, ip6tables byte-identical to before
+    for p in [&path, &p4] {
+        let id = p.rsplit('/').next().unwrap();
+        env.call(MEMBER, "Unpublish", "sa{sv}", &[id, "0"])
+            .expect_ok("Unpublish");
+    }
+    assert_eq!(d.curl6(8086), None);
+    env.assert_tagged(0);
+    let after = ip6_save(d);
+    assert_eq!(after, before, "ip6tables changed by publish + unpublish");
+}
+
+/// `docker network connect` / `disconnect` are followed: joining a second network keeps
+/// the mapping on its own; leaving the mapping's network takes the rules out (state
+/// "disconnected"); joining it again (with a new address) brings them back.
+fn network_connect_disconnect_followed(bed: &Bed) {
+    let env = PortsEnv::new(bed);
+    let d = env.d();
+    d.docker_ok(&["network", "create", "--subnet", "10.77.0.0/24", "labnet"]);
+    d.docker_ok(&["network", "create", "--subnet", "10.78.0.0/24", "sidenet"]);
+    d.run_web("web", "/www", &["--network", "labnet"]);
+    let ip_on = |net: &str, name: &str| {
+        d.docker_ok(&[
+            "inspect",
+            "-f",
+            &format!("{{{{(index .NetworkSettings.Networks \"{net}\").IPAddress}}}}"),
+            name,
+        ])
+    };
+    let old_ip = ip_on("labnet", "web");
+    let path = env.publish_ok(MEMBER, "web", 8080, 80);
+    assert_eq!(d.curl(8080).as_deref(), Some("hello"));
+    // this dockerd publishes no IPv6: the mapping says it holds IPv4 only
+    assert_eq!(ports_prop(bed, "FirewallIpv6"), serde_json::json!(false));
+    let why = ports_prop(bed, "FirewallBackendReason");
+    assert!(
+        why.as_str().unwrap().contains("IPv4 only"),
+        "FirewallBackendReason: {why}"
+    );
+    assert_eq!(
+        env.prop(&path, "Families"),
+        Some(serde_json::json!(["ipv4"]))
+    );
+    let rules = env.assert_tagged(3);
+
+    // a second network: the mapping stays on labnet, traffic still passes
+    let monitor = Monitor::start(bed);
+    d.docker_ok(&["network", "connect", "sidenet", "web"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        env.assert_tagged(3),
+        rules,
+        "rules changed on a second network"
+    );
+    assert_eq!(d.curl(8080).as_deref(), Some("hello"));
+    assert_eq!(env.prop(&path, "State"), Some(serde_json::json!("active")));
+    assert_eq!(
+        env.prop(&path, "ContainerIp"),
+        Some(serde_json::json!(old_ip))
+    );
+
+    // leaving the mapping's network: rules out, state disconnected
+    d.docker_ok(&["network", "disconnect", "labnet", "web"]);
+    let took = wait_until("mapping disconnected", Duration::from_secs(5), || {
+        env.prop(&path, "State") == Some(serde_json::json!("disconnected"))
+    });
+    eprintln!("disconnect followed in {took:?}");
+    env.assert_tagged(0);
+    assert_eq!(
+        d.curl(8080),
+        None,
+        "a disconnected mapping must not forward"
+    );
+    assert_eq!(env.prop(&path, "ContainerIp"), Some(serde_json::json!("")));
+
+    // another container takes the old address; web joins again with a new one
+    d.run_web("thief", "/www2", &["--network", "labnet", "--ip", &old_ip]);
+    d.docker_ok(&["network", "connect", "labnet", "web"]);
+    let new_ip = ip_on("labnet", "web");
+    assert_ne!(new_ip, old_ip);
+    let took = wait_until(
+        "rules back with the new address",
+        Duration::from_secs(5),
+        || d.curl(8080).as_deref() == Some("hello"),
+    );
+    eprintln!("reconnect followed in {took:?}");
+    let rules = env.assert_tagged(3);
+    assert!(
+        rules
+            .iter()
+            .all(|r| !r.contains(&format!("{old_ip}:")) && !r.contains(&format!("{old_ip}/32"))),
+        "a rule still names the old address {old_ip}:\n{}",
+        rules.join("\n")
+    );
+    assert_eq!(env.prop(&path, "State"), Some(serde_json::json!("active")));
+    assert_eq!(
+        env.prop(&path, "ContainerIp"),
+        Some(serde_json::json!(new_ip))
+    );
+    let text = monitor.finish();
+    assert!(
+        text.contains("\"disconnected\""),
+        "MappingChanged disconnected not seen:\n{text}"
+    );
 }
