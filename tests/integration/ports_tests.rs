@@ -1043,11 +1043,12 @@ fn ipv6_tcp_passes_over_ipv6_and_unpublish_restores_ip6tables(bed: &Bed) {
         Some(serde_json::json!(["ipv4", "ipv6"]))
     );
     // real TCP over IPv6 and IPv4 through the published port
-    assert_eq!(
-        d.curl6(8086).as_deref(),
-        Some("hello"),
-        "IPv6 published port"
-    );
+    // (polled: the container's and the bridge's IPv6 addresses pass DAD ~1-2 s after the
+    // container started; the first run answered at once, the second did not)
+    let took = wait_until("IPv6 published port", Duration::from_secs(10), || {
+        d.curl6(8086).as_deref() == Some("hello")
+    });
+    eprintln!("IPv6 published port answered after {took:?}");
     assert_eq!(
         d.curl(8086).as_deref(),
         Some("hello"),
