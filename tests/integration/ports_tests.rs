@@ -1002,9 +1002,9 @@ fn ip6_save(d: &Dockerd) -> String {
 /// client netns (and hairpin from the container), and Unpublish leaves ip6tables
 /// byte-identical. A mapping of family ipv4 holds no IPv6 rule.
 fn ipv6_tcp_passes_over_ipv6_and_unpublish_restores_ip6tables(bed: &Bed) {
-    let env = PortsEnv::with_args(bed, Dockerd::IPV6_ARGS);
+    let mut env = PortsEnv::with_args(bed, Dockerd::IPV6_ARGS);
     let d = env.d();
-    d.run_web("web6", "/www", &[]);
+    d.run_web("web6", "/www", &["--restart", "always"]);
     let ip6 = d.docker_ok(&[
         "inspect",
         "-f",
@@ -1111,6 +1111,37 @@ fn ipv6_tcp_passes_over_ipv6_and_unpublish_restores_ip6tables(bed: &Bed) {
     env.assert_tagged(0);
     let after = ip6_save(d);
     assert_eq!(after, before, "ip6tables changed by publish + unpublish");
+
+    // reconcile covers IPv6: a dockerd restart re-creates Docker's ip6tables chains; the
+    // rules of a mapping of family auto (IPv6 here) come back, once
+    let out = env
+        .publish(MEMBER, "web6", "tcp", 8089, 80, &[])
+        .expect_ok("Publish family auto");
+    let pa = out.json_data()[0].as_str().unwrap().to_owned();
+    assert_eq!(env.prop(&pa, "Family"), Some(serde_json::json!("auto")));
+    assert_eq!(
+        env.prop(&pa, "Families"),
+        Some(serde_json::json!(["ipv4", "ipv6"]))
+    );
+    wait_until("IPv6 port of family auto", Duration::from_secs(10), || {
+        env.d().curl6(8089).as_deref() == Some("hello")
+    });
+    let dm = env.d.as_mut().unwrap();
+    dm.stop_daemon();
+    dm.start_daemon();
+    let d = env.d();
+    let took = wait_until(
+        "the IPv6 port after a dockerd restart",
+        Duration::from_secs(20),
+        || d.curl6(8089).as_deref() == Some("hello"),
+    );
+    eprintln!("IPv6 port answered again {took:?} after dockerd answered");
+    let mine6 = ip6_save(d)
+        .lines()
+        .filter(|l| l.contains("dindhelper:"))
+        .count();
+    assert_eq!(mine6, 3, "IPv6 rules after the restart");
+    env.assert_tagged(3);
 }
 
 /// `docker network connect` / `disconnect` are followed: joining a second network keeps
