@@ -1,29 +1,39 @@
 //! Benchmark: how per-call cost grows with the number of existing resources (issue 12,
-//! "flat cost to 1000 resources"). Without D-Bus, on the ops layer and the state store,
-//! in a temp state dir on the same disk as `/var/tmp`:
-//! - CreateImage (`ops::loops::create_image`: sparse file + durable state save) with 10
-//!   and with 1000 images already there: median per-call latency, growth ratio;
-//! - the durable state save alone (`StateStore::save`, what every CreateImage, Publish,
-//!   CreateInstance, SetLimits, … pays) with 10 and 1000 records;
-//! - the ListImages join (image → attached device) with 1000 images and 1000 loop records.
+//! "flat cost to 1000 resources"). On the ops layer (what each D-Bus method calls after
+//! polkit, which does not depend on the number of resources), real loop devices and real
+//! cgroups, state dir in `/var/tmp` (a disk, so fsync costs what it costs):
+//! - CreateImage, AttachImage, Detach with 10 and with N images already there (over 100
+//!   owners), every one of them attached (N loop devices): median per-call latency and
+//!   growth ratio;
+//! - CreateInstance (cgroupfs backend under `dhj-scale-<pid>` in the cgroup tree) with 10
+//!   and N instances;
+//! - Publish: its state part (a mapping record made durable) with 10 and N mappings; the
+//!   rule side is in `benches/ports.rs`;
+//! - ListLoops and ListImages at N (goal <= 10 ms), ListLoops also the old way (every
+//!   device opened for LOOP_GET_STATUS64);
+//! - what the old per-change full rewrite of `state.json` (+ fsync) cost at 10 and N.
 //!
-//! Run (root, for chown of image files): `cargo bench --bench scale`
-//! (`DHJ_SCALE_N` overrides 1000). Without `--bench` in argv it runs with N=50 as a smoke
-//! check.
+//! Run (root): `cargo bench --bench scale` (`DHJ_SCALE_N` overrides 1000). Without
+//! `--bench` in argv it runs with N=50 as a smoke check. Attaches N+30 loop devices and
+//! detaches them all again.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dindhelper::config::Config;
+use dindhelper::instances::SliceBackend;
 use dindhelper::ops::{self, Core};
-use dindhelper::state::{ImageRecord, LoopRecord, StateStore};
+use dindhelper::state::{Change, State, StateStore};
 
-fn core_in(dir: &std::path::Path) -> Arc<Core> {
+const CALLS: usize = 30;
+
+fn core_in(dir: &std::path::Path, backend: Option<Arc<dyn SliceBackend>>) -> Arc<Core> {
     let store = StateStore::open(dir).unwrap();
     let state = store.load_or_init().unwrap();
     let cfg = Config {
         max_images_per_uid: 100_000,
         max_image_bytes_per_uid: u64::MAX / 4,
+        max_loops_per_uid: 100_000,
         ..Config::default()
     };
     let docker = dindhelper::docker::Docker::new("/nonexistent/docker.sock");
@@ -40,7 +50,7 @@ fn core_in(dir: &std::path::Path) -> Arc<Core> {
         cfg,
         store,
         state: tokio::sync::Mutex::new(state),
-        instances: ops::instances::InstanceCtx::new(Err("bench".into()), None),
+        instances: ops::instances::InstanceCtx::new(backend.ok_or_else(|| "bench".into()), None),
         ports: ops::ports::manager_for(docker.clone()),
         containers: ops::containers::Containers::new(docker),
     })
@@ -51,67 +61,210 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-/// Median latency of `calls` CreateImage with `existing` images already there.
-async fn create_image_at(existing: usize, calls: usize) -> Duration {
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Per-call medians with `n` images, all attached.
+struct Images {
+    create: Duration,
+    attach: Duration,
+    detach: Duration,
+    list_loops: Duration,
+    list_loops_old: Duration,
+    list_images: Duration,
+}
+
+async fn images_at(n: usize) -> Images {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let core = core_in(dir.path());
-    for i in 0..existing {
-        ops::loops::create_image(&core, 0, &format!("pre{i}.img"), 1 << 20)
+    let core = core_in(dir.path(), None);
+    let req = ops::loops::AttachRequest::default;
+    let mut numbers = Vec::new();
+    for i in 0..n {
+        // Spread over 100 owners, as a class is: the image store's per-uid checks list
+        // the caller's own directory (bounded by max_images_per_uid), the measured calls
+        // are uid 0's in both runs.
+        let (uid, name) = (1000 + (i % 100) as u32, format!("pre{i}.img"));
+        ops::loops::create_image(&core, uid, &name, 1 << 20)
             .await
             .unwrap();
+        let l = ops::loops::attach_image(&core, uid, &name, req())
+            .await
+            .unwrap();
+        numbers.push(l.number);
+    }
+    let (mut create, mut attach, mut detach) = (Vec::new(), Vec::new(), Vec::new());
+    let mut fresh = Vec::new();
+    for i in 0..CALLS {
+        let name = format!("new{i}.img");
+        let t0 = Instant::now();
+        ops::loops::create_image(&core, 0, &name, 1 << 20)
+            .await
+            .unwrap();
+        create.push(t0.elapsed());
+        let t0 = Instant::now();
+        let l = ops::loops::attach_image(&core, 0, &name, req())
+            .await
+            .unwrap();
+        attach.push(t0.elapsed());
+        fresh.push(l.number);
+    }
+    let mut lists = Vec::new();
+    let mut lists_old = Vec::new();
+    let mut images = Vec::new();
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let rows = ops::loops::list_loops(&core).await;
+        lists.push(t0.elapsed());
+        assert_eq!(rows.len(), n + CALLS);
+        assert!(rows.iter().all(|r| r.size == 1 << 20));
+        // The old way: the records cloned, every device opened for its status.
+        let t0 = Instant::now();
+        let loops = core.state.lock().await.loops.clone();
+        let sizes: Vec<u64> = loops
+            .iter()
+            .map(|l| {
+                dindhelper::loopdev::info(l.number)
+                    .ok()
+                    .flatten()
+                    .map_or(0, |i| i.size)
+            })
+            .collect();
+        lists_old.push(t0.elapsed());
+        assert_eq!(sizes.len(), n + CALLS);
+        // ListImages: the join and the rows the bus sends.
+        let t0 = Instant::now();
+        let st = core.state.lock().await;
+        let rows: Vec<(String, String, u64, u32, String)> = st
+            .image_rows()
+            .into_iter()
+            .map(|r| {
+                (
+                    format!("/org/dindhelper1/image/{}", r.image.name),
+                    r.image.name.clone(),
+                    r.image.size,
+                    r.image.owner_uid,
+                    r.device,
+                )
+            })
+            .collect();
+        drop(st);
+        images.push(t0.elapsed());
+        assert_eq!(rows.len(), n + CALLS);
+    }
+    for number in fresh {
+        let t0 = Instant::now();
+        ops::loops::detach(&core, number).await.unwrap();
+        detach.push(t0.elapsed());
+    }
+    for number in numbers {
+        ops::loops::detach(&core, number).await.unwrap();
+    }
+    Images {
+        create: median(create),
+        attach: median(attach),
+        detach: median(detach),
+        list_loops: median(lists),
+        list_loops_old: median(lists_old),
+        list_images: median(images),
+    }
+}
+
+/// Median CreateInstance with `n` instances there (cgroupfs backend, own cgroup root).
+async fn instances_at(n: usize) -> Duration {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let root = format!("dhj-scale-{}", std::process::id());
+    let backend: Arc<dyn SliceBackend> =
+        Arc::new(dindhelper::instances::cgroupfs::CgroupfsBackend::detect(&root).unwrap());
+    let core = core_in(dir.path(), Some(backend.clone()));
+    let limits = || dindhelper::instances::Limits {
+        memory_max: Some(256 << 20),
+        tasks_max: Some(100),
+        ..Default::default()
+    };
+    let mut names = Vec::new();
+    for i in 0..n {
+        let name = format!("pre{i}");
+        ops::instances::create(&core, 0, &name, limits(), None)
+            .await
+            .unwrap();
+        names.push(name);
     }
     let mut t = Vec::new();
-    for i in 0..calls {
+    for i in 0..CALLS {
+        let name = format!("new{i}");
         let t0 = Instant::now();
-        ops::loops::create_image(&core, 0, &format!("new{i}.img"), 1 << 20)
+        ops::instances::create(&core, 0, &name, limits(), None)
             .await
             .unwrap();
         t.push(t0.elapsed());
+        names.push(name);
+    }
+    for name in names {
+        backend.destroy(&name, true).unwrap();
+    }
+    for d in cgroup_roots(&root) {
+        let _ = std::fs::remove_dir(d);
     }
     median(t)
 }
 
-fn image(i: usize) -> ImageRecord {
-    ImageRecord {
-        name: format!("student-{i:04}.img"),
-        owner_uid: 1000 + (i % 40) as u32,
-        size: 8 << 30,
+fn cgroup_roots(root: &str) -> Vec<std::path::PathBuf> {
+    let mut v = vec![std::path::Path::new("/sys/fs/cgroup").join(root)];
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+        v.extend(rd.flatten().map(|e| e.path().join(root)));
     }
+    v
 }
 
-fn loop_rec(i: usize) -> LoopRecord {
-    let im = image(i);
-    LoopRecord {
-        number: i as u32,
-        image: Some((im.owner_uid, im.name.clone())),
-        backing_file: format!("/var/lib/dindhelper/images/{}/{}", im.owner_uid, im.name).into(),
-        backing_dev: 2049,
-        backing_inode: i as u64,
-        owner_uid: im.owner_uid,
-        instance: Some(format!("lab-{i}")),
-        read_only: false,
-        partscan: true,
-        offset: 0,
-        size_limit: 0,
-        partitions: Vec::new(),
-        exposures: Vec::new(),
-    }
+fn mapping(i: usize) -> dindhelper::ports::types::Mapping {
+    serde_json::from_value(serde_json::json!({
+        "id": format!("m{i:05}"),
+        "container_id": format!("{i:064x}"),
+        "container_name": format!("student-{i}"),
+        "protocol": "tcp",
+        "host_ip": null,
+        "host_port": 20000 + i,
+        "container_port": 80,
+        "network": "bridge",
+        "owner_uid": 1000 + i % 40,
+        "instance": format!("lab-{i}"),
+        "state": {"active": {"ip": "172.17.0.2", "bridge": "docker0"}},
+    }))
+    .unwrap()
 }
 
-/// Median of 30 durable saves with `n` image records.
-fn save_at(n: usize) -> Duration {
+/// Median time to make one new mapping durable with `n` mappings there (Publish's state
+/// part), and the old full rewrite of the state (what every durable change cost before).
+fn mappings_at(n: usize) -> (Duration, Duration) {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let store = StateStore::open(dir.path()).unwrap();
-    let mut st = store.load_or_init().unwrap();
-    st.images = (0..n).map(image).collect();
-    let mut t = Vec::new();
-    for i in 0..30 {
-        st.images[i % n].size += 1;
+    let mut st: State = store.load_or_init().unwrap();
+    st.mappings = (0..n).map(mapping).collect();
+    store.save_all(&st).unwrap();
+    let (mut rec, mut full) = (Vec::new(), Vec::new());
+    for i in 0..CALLS {
+        let m = mapping(n + i);
+        st.mappings.push(m.clone());
         let t0 = Instant::now();
-        store.save(&st).unwrap();
-        t.push(t0.elapsed());
+        store.record(&st, &[Change::Mapping(m)]).unwrap();
+        rec.push(t0.elapsed());
     }
-    median(t)
+    for _ in 0..CALLS {
+        let t0 = Instant::now();
+        store.save_all(&st).unwrap();
+        full.push(t0.elapsed());
+    }
+    (median(rec), median(full))
+}
+
+fn line(what: &str, a: Duration, b: Duration, n: usize) {
+    println!(
+        "{what:<15} {:>7.3} ms at 10, {:>7.3} ms at {n}: growth {:.2}x (goal <= 1.3)",
+        ms(a),
+        ms(b),
+        b.as_secs_f64() / a.as_secs_f64()
+    );
 }
 
 fn main() {
@@ -122,59 +275,39 @@ fn main() {
         .unwrap_or(if full { 1000 } else { 50 });
     assert!(
         nix::unistd::geteuid().is_root(),
-        "run as root (image files are chowned)"
+        "run as root (loop devices, cgroups, image files are chowned)"
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let calls = 30;
-    let small = rt.block_on(create_image_at(10, calls));
-    let large = rt.block_on(create_image_at(n, calls));
+    let small = rt.block_on(images_at(10));
+    let large = rt.block_on(images_at(n));
+    let i10 = rt.block_on(instances_at(10));
+    let i_n = rt.block_on(instances_at(n));
+    let (m10, f10) = mappings_at(10);
+    let (m_n, f_n) = mappings_at(n);
+    println!("median of {CALLS} calls each, N = {n} existing resources of the kind (images all attached):");
+    line("CreateImage", small.create, large.create, n);
+    line("AttachImage", small.attach, large.attach, n);
+    line("Detach", small.detach, large.detach, n);
+    line("CreateInstance", i10, i_n, n);
+    line("Publish (state)", m10, m_n, n);
     println!(
-        "CreateImage (ops, median of {calls}): {:.2} ms at 10 images, {:.2} ms at {n}: growth {:.2}x (goal <= 1.3)",
-        small.as_secs_f64() * 1e3,
-        large.as_secs_f64() * 1e3,
-        large.as_secs_f64() / small.as_secs_f64()
+        "ListLoops at {}: {:.2} ms (goal <= 10; the old way, every device opened: {:.2} ms)",
+        n + CALLS,
+        ms(large.list_loops),
+        ms(large.list_loops_old)
     );
-    let s10 = save_at(10);
-    let sn = save_at(n);
     println!(
-        "durable state save (median of 30): {:.2} ms with 10 records, {:.2} ms with {n}: growth {:.2}x",
-        s10.as_secs_f64() * 1e3,
-        sn.as_secs_f64() * 1e3,
-        sn.as_secs_f64() / s10.as_secs_f64()
+        "ListImages at {}: {:.2} ms (goal <= 10)",
+        n + CALLS,
+        ms(large.list_images)
     );
-    let st = dindhelper::state::State {
-        images: (0..n).map(image).collect(),
-        loops: (0..n).map(loop_rec).collect(),
-        ..Default::default()
-    };
-    let t0 = Instant::now();
-    let rows = st.image_rows();
-    let join = t0.elapsed();
-    assert_eq!(rows.len(), n);
-    assert!(rows.iter().all(|r| !r.device.is_empty()));
-    // The join as ListImages did it before (a search of the loop records per image, with
-    // a String clone per comparison), for comparison.
-    let t0 = Instant::now();
-    let old: Vec<String> = st
-        .images
-        .iter()
-        .map(|i| {
-            st.loops
-                .iter()
-                .find(|l| l.image.as_ref() == Some(&(i.owner_uid, i.name.clone())))
-                .map(|l| l.device())
-                .unwrap_or_default()
-        })
-        .collect();
-    let old_join = t0.elapsed();
-    assert_eq!(old.len(), n);
     println!(
-        "ListImages join, {n} images x {n} loop records: {:.2} ms (goal <= 10 ms; the old per-image search: {:.2} ms)",
-        join.as_secs_f64() * 1e3,
-        old_join.as_secs_f64() * 1e3
+        "full durable rewrite of the state (the old cost of every durable change; now only compaction): {:.2} ms at 10 mappings, {:.2} ms at {n}",
+        ms(f10),
+        ms(f_n)
     );
 }

@@ -5,7 +5,7 @@ use super::{blocking, Core, OpsError};
 use crate::loopdev::{self, AttachOptions, LoopInfo};
 use crate::names::check_file_name;
 use crate::partitions::{self, Partition};
-use crate::state::{ImageRecord, LoopRecord};
+use crate::state::{Change, ImageRecord, LoopRecord};
 use std::fs::File;
 use std::sync::Arc;
 
@@ -40,7 +40,7 @@ pub async fn create_image(
     st.images
         .retain(|i| !(i.owner_uid == uid && i.name == rec.name));
     st.images.push(rec.clone());
-    if let Err(e) = core.persist(&st) {
+    if let Err(e) = core.record(&st, &[Change::Image(rec.clone())]) {
         st.images
             .retain(|i| !(i.owner_uid == uid && i.name == rec.name));
         if let Err(e2) = core.images.delete(uid, name) {
@@ -85,7 +85,13 @@ pub async fn delete_image(core: &Arc<Core>, uid: u32, name: &str) -> Result<(), 
     blocking(move || Ok(c.images.delete(uid, &n)?)).await?;
     st.images
         .retain(|i| !(i.owner_uid == uid && i.name == name));
-    core.persist(&st)
+    core.record(
+        &st,
+        &[Change::ImageGone {
+            owner_uid: uid,
+            name: name.to_owned(),
+        }],
+    )
 }
 
 fn check_loop_quota(
@@ -181,7 +187,7 @@ async fn attach(
                 let notes =
                     super::devices::revoke_locked(core, &mut st, number, None, false).await?;
                 st.loops.retain(|l| l.number != number);
-                core.persist_loops(&st)?;
+                core.record(&st, &[Change::LoopGone { number }])?;
                 tracing::warn!(device = number, ?notes,
                     "the kernel handed out a recorded device as free (unbound behind our back): exposures revoked, record dropped");
             }
@@ -191,7 +197,7 @@ async fn attach(
     let t1 = std::time::Instant::now();
     let rec = record_from(&info, image, uid, req.instance);
     st.loops.push(rec.clone());
-    let saved = core.persist_loops(&st);
+    let saved = core.record(&st, &[Change::Loop(rec.clone())]);
     tracing::debug!(
         kernel_us = (t1 - t0).as_micros() as u64,
         persist_us = t1.elapsed().as_micros() as u64,
@@ -293,7 +299,7 @@ pub async fn detach_with(
         Err(e) => return Err(e),
     }
     st.loops.retain(|l| l.number != number);
-    core.persist_loops(&st)?;
+    core.record(&st, &[Change::LoopGone { number }])?;
     Ok((rec, notes))
 }
 
@@ -304,9 +310,46 @@ pub async fn rescan(core: &Arc<Core>, number: u32) -> Result<Vec<Partition>, Ops
     let mut st = core.state.lock().await;
     if let Some(l) = st.loops.iter_mut().find(|l| l.number == number) {
         l.partitions = parts.clone();
-        core.persist_loops(&st)?;
+        let c = Change::Loop(l.clone());
+        core.record(&st, &[c])?;
     }
     Ok(parts)
+}
+
+/// One row of ListLoops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoopRow {
+    pub number: u32,
+    pub backing_file: String,
+    /// Bytes, from sysfs (0 when the device went away).
+    pub size: u64,
+    pub read_only: bool,
+    pub owner_uid: u32,
+    pub instance: String,
+}
+
+/// Every managed loop device. The rows are built under the state lock (no clone of the
+/// records with their partitions and exposures); the sizes are read after it is released,
+/// one sysfs read per device (opening every block device cost 32 ms at 1000).
+pub async fn list_loops(core: &Core) -> Vec<LoopRow> {
+    let mut rows: Vec<LoopRow> = {
+        let st = core.state.lock().await;
+        st.loops
+            .iter()
+            .map(|l| LoopRow {
+                number: l.number,
+                backing_file: l.backing_file.display().to_string(),
+                size: 0,
+                read_only: l.read_only,
+                owner_uid: l.owner_uid,
+                instance: l.instance.clone().unwrap_or_default(),
+            })
+            .collect()
+    };
+    for r in &mut rows {
+        r.size = loopdev::size(r.number);
+    }
+    rows
 }
 
 /// One decision of the start-up reconcile, for the log.

@@ -104,8 +104,9 @@ pub async fn persist(core: &Core) -> Result<(), OpsError> {
     if st.mappings == now {
         return Ok(());
     }
+    let changes = crate::state::State::mapping_changes(&st.mappings, &now);
     let old = std::mem::replace(&mut st.mappings, now);
-    if let Err(e) = core.persist(&st) {
+    if let Err(e) = core.record(&st, &changes) {
         st.mappings = old;
         return Err(e);
     }
