@@ -885,6 +885,10 @@ mod tests {
         assert_eq!(back, st);
         assert_eq!(back.images, [img(1, "a", 10)]);
         assert_eq!(back.loops, [lp(4)]);
+        // What `--dump-state` prints: the loop records included.
+        let v = effective_json(d.path()).unwrap();
+        assert_eq!(v["loops"][0]["number"], 4);
+        assert_eq!(v["images"][0]["size"], 10);
         // A restart compacts: the journal is empty, the snapshot holds everything.
         drop(store);
         let store = StateStore::open(d.path()).unwrap();
