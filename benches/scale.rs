@@ -10,7 +10,9 @@
 //! - Publish: its state part (a mapping record made durable) with 10 and N mappings; the
 //!   rule side is in `benches/ports.rs`;
 //! - ListLoops and ListImages at N (goal <= 10 ms), ListLoops also the old way (every
-//!   device opened for LOOP_GET_STATUS64);
+//!   device opened for LOOP_GET_STATUS64) and with a sysfs read per device;
+//! - the kernel's LOOP_CTL_GET_FREE alone at 10 and N bound devices (it walks every loop
+//!   device: AttachImage's growth that is not the daemon's);
 //! - what the old per-change full rewrite of `state.json` (+ fsync) cost at 10 and N.
 //!
 //! Run (root): `cargo bench --bench scale` (`DHJ_SCALE_N` overrides 1000). Without
@@ -72,7 +74,35 @@ struct Images {
     detach: Duration,
     list_loops: Duration,
     list_loops_old: Duration,
+    list_loops_sysfs: Duration,
     list_images: Duration,
+    /// The kernel's LOOP_CTL_GET_FREE alone (what every attach asks first).
+    get_free: Duration,
+}
+
+/// Median of 30 LOOP_CTL_GET_FREE ioctls (after one that may create the free device).
+fn get_free() -> Duration {
+    use std::os::fd::AsRawFd;
+    const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+    let ctl = std::fs::File::open("/dev/loop-control").unwrap();
+    let call = || {
+        let r = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE as _) };
+        assert!(
+            r >= 0,
+            "LOOP_CTL_GET_FREE: {}",
+            std::io::Error::last_os_error()
+        );
+    };
+    call();
+    median(
+        (0..CALLS)
+            .map(|_| {
+                let t0 = Instant::now();
+                call();
+                t0.elapsed()
+            })
+            .collect(),
+    )
 }
 
 async fn images_at(n: usize) -> Images {
@@ -93,6 +123,7 @@ async fn images_at(n: usize) -> Images {
             .unwrap();
         numbers.push(l.number);
     }
+    let get_free = get_free();
     let (mut create, mut attach, mut detach) = (Vec::new(), Vec::new(), Vec::new());
     let mut fresh = Vec::new();
     for i in 0..CALLS {
@@ -111,6 +142,7 @@ async fn images_at(n: usize) -> Images {
     }
     let mut lists = Vec::new();
     let mut lists_old = Vec::new();
+    let mut lists_sysfs = Vec::new();
     let mut images = Vec::new();
     for _ in 0..5 {
         let t0 = Instant::now();
@@ -132,6 +164,21 @@ async fn images_at(n: usize) -> Images {
             .collect();
         lists_old.push(t0.elapsed());
         assert_eq!(sizes.len(), n + CALLS);
+        let t0 = Instant::now();
+        let numbers: Vec<u32> = core
+            .state
+            .lock()
+            .await
+            .loops
+            .iter()
+            .map(|l| l.number)
+            .collect();
+        let sizes: Vec<u64> = numbers
+            .iter()
+            .map(|n| dindhelper::loopdev::size(*n))
+            .collect();
+        lists_sysfs.push(t0.elapsed());
+        assert!(sizes.iter().all(|s| *s == 1 << 20));
         // ListImages: the join and the rows the bus sends.
         let t0 = Instant::now();
         let st = core.state.lock().await;
@@ -166,7 +213,9 @@ async fn images_at(n: usize) -> Images {
         detach: median(detach),
         list_loops: median(lists),
         list_loops_old: median(lists_old),
+        list_loops_sysfs: median(lists_sysfs),
         list_images: median(images),
+        get_free,
     }
 }
 
@@ -292,13 +341,15 @@ fn main() {
     line("CreateImage", small.create, large.create, n);
     line("AttachImage", small.attach, large.attach, n);
     line("Detach", small.detach, large.detach, n);
+    line("  kernel GET_FREE", small.get_free, large.get_free, n);
     line("CreateInstance", i10, i_n, n);
     line("Publish (state)", m10, m_n, n);
     println!(
-        "ListLoops at {}: {:.2} ms (goal <= 10; the old way, every device opened: {:.2} ms)",
+        "ListLoops at {}: {:.2} ms (goal <= 10; the old way, every device opened: {:.2} ms; sizes from sysfs, no cache: {:.2} ms)",
         n + CALLS,
         ms(large.list_loops),
-        ms(large.list_loops_old)
+        ms(large.list_loops_old),
+        ms(large.list_loops_sysfs)
     );
     println!(
         "ListImages at {}: {:.2} ms (goal <= 10)",
