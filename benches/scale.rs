@@ -15,6 +15,12 @@
 //!   device: AttachImage's growth that is not the daemon's);
 //! - what the old per-change full rewrite of `state.json` (+ fsync) cost at 10 and N.
 //!
+//! The 10 side and the N side exist at the same time and their calls alternate one by one:
+//! fsync latency on this shared machine swings 2-3x with other builds' I/O, and a
+//! sequential run put such a swing on one side only (CreateImage 0.44 -> 1.10 ms in one
+//! run, 0.49 -> 0.44 ms in the next). So both attach columns run with 10 + N devices bound
+//! in the kernel; the kernel's own growth is the GET_FREE line.
+//!
 //! Run (root): `cargo bench --bench scale` (`DHJ_SCALE_N` overrides 1000). Without
 //! `--bench` in argv it runs with N=50 as a smoke check. Attaches N+30 loop devices and
 //! detaches them all again.
@@ -67,17 +73,59 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Per-call medians with `n` images, all attached.
+/// A state dir with `n` images (over 100 owners), all attached.
+struct Side {
+    _dir: tempfile::TempDir,
+    core: Arc<Core>,
+    numbers: Vec<u32>,
+    fresh: Vec<u32>,
+    create: Vec<Duration>,
+    attach: Vec<Duration>,
+    detach: Vec<Duration>,
+}
+
+async fn populated(n: usize) -> Side {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let core = core_in(dir.path(), None);
+    let mut numbers = Vec::new();
+    for i in 0..n {
+        // Spread over 100 owners, as a class is: the image store's per-uid checks list
+        // the caller's own directory (bounded by max_images_per_uid), the measured calls
+        // are uid 0's on both sides.
+        let (uid, name) = (1000 + (i % 100) as u32, format!("pre{i}.img"));
+        ops::loops::create_image(&core, uid, &name, 1 << 20)
+            .await
+            .unwrap();
+        let l = ops::loops::attach_image(&core, uid, &name, Default::default())
+            .await
+            .unwrap();
+        numbers.push(l.number);
+    }
+    Side {
+        _dir: dir,
+        core,
+        numbers,
+        fresh: Vec::new(),
+        create: Vec::new(),
+        attach: Vec::new(),
+        detach: Vec::new(),
+    }
+}
+
+/// Medians of the image and loop calls on both sides, interleaved call by call (a burst of
+/// I/O elsewhere on the machine hits both sides alike; fsync latency here swings 2-3x
+/// with the other builds), and the listings at N.
 struct Images {
-    create: Duration,
-    attach: Duration,
-    detach: Duration,
+    create: (Duration, Duration),
+    attach: (Duration, Duration),
+    detach: (Duration, Duration),
+    /// The kernel's LOOP_CTL_GET_FREE alone (what every attach asks first) with the small
+    /// side's devices bound, then with both sides' (it walks every loop device).
+    get_free: (Duration, Duration),
     list_loops: Duration,
     list_loops_old: Duration,
     list_loops_sysfs: Duration,
     list_images: Duration,
-    /// The kernel's LOOP_CTL_GET_FREE alone (what every attach asks first).
-    get_free: Duration,
 }
 
 /// Median of 30 LOOP_CTL_GET_FREE ioctls (after one that may create the free device).
@@ -105,48 +153,37 @@ fn get_free() -> Duration {
     )
 }
 
-async fn images_at(n: usize) -> Images {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let core = core_in(dir.path(), None);
-    let req = ops::loops::AttachRequest::default;
-    let mut numbers = Vec::new();
-    for i in 0..n {
-        // Spread over 100 owners, as a class is: the image store's per-uid checks list
-        // the caller's own directory (bounded by max_images_per_uid), the measured calls
-        // are uid 0's in both runs.
-        let (uid, name) = (1000 + (i % 100) as u32, format!("pre{i}.img"));
-        ops::loops::create_image(&core, uid, &name, 1 << 20)
-            .await
-            .unwrap();
-        let l = ops::loops::attach_image(&core, uid, &name, req())
-            .await
-            .unwrap();
-        numbers.push(l.number);
-    }
-    let get_free = get_free();
-    let (mut create, mut attach, mut detach) = (Vec::new(), Vec::new(), Vec::new());
-    let mut fresh = Vec::new();
+async fn images(n: usize) -> Images {
+    let mut small = populated(10).await;
+    let gf_small = get_free();
+    let mut large = populated(n).await;
+    let gf_large = get_free();
     for i in 0..CALLS {
         let name = format!("new{i}.img");
-        let t0 = Instant::now();
-        ops::loops::create_image(&core, 0, &name, 1 << 20)
-            .await
-            .unwrap();
-        create.push(t0.elapsed());
-        let t0 = Instant::now();
-        let l = ops::loops::attach_image(&core, 0, &name, req())
-            .await
-            .unwrap();
-        attach.push(t0.elapsed());
-        fresh.push(l.number);
+        for side in [&mut small, &mut large] {
+            let t0 = Instant::now();
+            ops::loops::create_image(&side.core, 0, &name, 1 << 20)
+                .await
+                .unwrap();
+            side.create.push(t0.elapsed());
+        }
+        for side in [&mut small, &mut large] {
+            let t0 = Instant::now();
+            let l = ops::loops::attach_image(&side.core, 0, &name, Default::default())
+                .await
+                .unwrap();
+            side.attach.push(t0.elapsed());
+            side.fresh.push(l.number);
+        }
     }
+    let core = &large.core;
     let mut lists = Vec::new();
     let mut lists_old = Vec::new();
     let mut lists_sysfs = Vec::new();
     let mut images = Vec::new();
     for _ in 0..5 {
         let t0 = Instant::now();
-        let rows = ops::loops::list_loops(&core).await;
+        let rows = ops::loops::list_loops(core).await;
         lists.push(t0.elapsed());
         assert_eq!(rows.len(), n + CALLS);
         assert!(rows.iter().all(|r| r.size == 1 << 20));
@@ -199,63 +236,78 @@ async fn images_at(n: usize) -> Images {
         images.push(t0.elapsed());
         assert_eq!(rows.len(), n + CALLS);
     }
-    for number in fresh {
-        let t0 = Instant::now();
-        ops::loops::detach(&core, number).await.unwrap();
-        detach.push(t0.elapsed());
+    for i in 0..CALLS {
+        for side in [&mut small, &mut large] {
+            let t0 = Instant::now();
+            ops::loops::detach(&side.core, side.fresh[i]).await.unwrap();
+            side.detach.push(t0.elapsed());
+        }
     }
-    for number in numbers {
-        ops::loops::detach(&core, number).await.unwrap();
+    for side in [&small, &large] {
+        for number in &side.numbers {
+            ops::loops::detach(&side.core, *number).await.unwrap();
+        }
     }
+    let pair = |a: &[Duration], b: &[Duration]| (median(a.to_vec()), median(b.to_vec()));
     Images {
-        create: median(create),
-        attach: median(attach),
-        detach: median(detach),
+        create: pair(&small.create, &large.create),
+        attach: pair(&small.attach, &large.attach),
+        detach: pair(&small.detach, &large.detach),
+        get_free: (gf_small, gf_large),
         list_loops: median(lists),
         list_loops_old: median(lists_old),
         list_loops_sysfs: median(lists_sysfs),
         list_images: median(images),
-        get_free,
     }
 }
 
-/// Median CreateInstance with `n` instances there (cgroupfs backend, own cgroup root).
-async fn instances_at(n: usize) -> Duration {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let root = format!("dhj-scale-{}", std::process::id());
-    let backend: Arc<dyn SliceBackend> =
-        Arc::new(dindhelper::instances::cgroupfs::CgroupfsBackend::detect(&root).unwrap());
-    let core = core_in(dir.path(), Some(backend.clone()));
+/// Median CreateInstance with 10 and with `n` instances there (cgroupfs backend, one cgroup
+/// root per side), interleaved.
+async fn instances(n: usize) -> (Duration, Duration) {
     let limits = || dindhelper::instances::Limits {
         memory_max: Some(256 << 20),
         tasks_max: Some(100),
         ..Default::default()
     };
-    let mut names = Vec::new();
-    for i in 0..n {
-        let name = format!("pre{i}");
-        ops::instances::create(&core, 0, &name, limits(), None)
-            .await
-            .unwrap();
-        names.push(name);
+    let mut sides = Vec::new();
+    for (tag, count) in [("a", 10), ("b", n)] {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let root = format!("dhj-scale-{}-{tag}", std::process::id());
+        let backend: Arc<dyn SliceBackend> =
+            Arc::new(dindhelper::instances::cgroupfs::CgroupfsBackend::detect(&root).unwrap());
+        let core = core_in(dir.path(), Some(backend.clone()));
+        let mut names = Vec::new();
+        for i in 0..count {
+            let name = format!("pre{i}");
+            ops::instances::create(&core, 0, &name, limits(), None)
+                .await
+                .unwrap();
+            names.push(name);
+        }
+        sides.push((dir, root, backend, core, names, Vec::new()));
     }
-    let mut t = Vec::new();
     for i in 0..CALLS {
-        let name = format!("new{i}");
-        let t0 = Instant::now();
-        ops::instances::create(&core, 0, &name, limits(), None)
-            .await
-            .unwrap();
-        t.push(t0.elapsed());
-        names.push(name);
+        for (_, _, _, core, names, t) in sides.iter_mut() {
+            let name = format!("new{i}");
+            let t0 = Instant::now();
+            ops::instances::create(core, 0, &name, limits(), None)
+                .await
+                .unwrap();
+            t.push(t0.elapsed());
+            names.push(name);
+        }
     }
-    for name in names {
-        backend.destroy(&name, true).unwrap();
+    let mut out = Vec::new();
+    for (_dir, root, backend, _core, names, t) in sides {
+        for name in names {
+            backend.destroy(&name, true).unwrap();
+        }
+        for d in cgroup_roots(&root) {
+            let _ = std::fs::remove_dir(d);
+        }
+        out.push(median(t));
     }
-    for d in cgroup_roots(&root) {
-        let _ = std::fs::remove_dir(d);
-    }
-    median(t)
+    (out[0], out[1])
 }
 
 fn cgroup_roots(root: &str) -> Vec<std::path::PathBuf> {
@@ -283,31 +335,40 @@ fn mapping(i: usize) -> dindhelper::ports::types::Mapping {
     .unwrap()
 }
 
-/// Median time to make one new mapping durable with `n` mappings there (Publish's state
-/// part), and the old full rewrite of the state (what every durable change cost before).
-fn mappings_at(n: usize) -> (Duration, Duration) {
-    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let store = StateStore::open(dir.path()).unwrap();
-    let mut st: State = store.load_or_init().unwrap();
-    st.mappings = (0..n).map(mapping).collect();
-    store.save_all(&st).unwrap();
-    let (mut rec, mut full) = (Vec::new(), Vec::new());
+/// Median time to make one new mapping durable with 10 and with `n` mappings there
+/// (Publish's state part), interleaved; and the full durable rewrite of the state (what
+/// every durable change cost before the journal) at both sizes.
+fn mappings(n: usize) -> [(Duration, Duration); 2] {
+    let mut sides = Vec::new();
+    for count in [10, n] {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut st: State = store.load_or_init().unwrap();
+        st.mappings = (0..count).map(mapping).collect();
+        store.save_all(&st).unwrap();
+        sides.push((dir, store, st, count, Vec::new(), Vec::new()));
+    }
     for i in 0..CALLS {
-        let m = mapping(n + i);
-        st.mappings.push(m.clone());
-        let t0 = Instant::now();
-        store.record(&st, &[Change::Mapping(m)]).unwrap();
-        rec.push(t0.elapsed());
+        for (_, store, st, count, rec, _) in sides.iter_mut() {
+            let m = mapping(*count + i);
+            st.mappings.push(m.clone());
+            let t0 = Instant::now();
+            store.record(st, &[Change::Mapping(m)]).unwrap();
+            rec.push(t0.elapsed());
+        }
     }
     for _ in 0..CALLS {
-        let t0 = Instant::now();
-        store.save_all(&st).unwrap();
-        full.push(t0.elapsed());
+        for (_, store, st, _, _, full) in sides.iter_mut() {
+            let t0 = Instant::now();
+            store.save_all(st).unwrap();
+            full.push(t0.elapsed());
+        }
     }
-    (median(rec), median(full))
+    let [a, b] = [&sides[0], &sides[1]].map(|s| (median(s.4.clone()), median(s.5.clone())));
+    [(a.0, b.0), (a.1, b.1)]
 }
 
-fn line(what: &str, a: Duration, b: Duration, n: usize) {
+fn line(what: &str, (a, b): (Duration, Duration), n: usize) {
     println!(
         "{what:<15} {:>7.3} ms at 10, {:>7.3} ms at {n}: growth {:.2}x (goal <= 1.3)",
         ms(a),
@@ -331,34 +392,36 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let small = rt.block_on(images_at(10));
-    let large = rt.block_on(images_at(n));
-    let i10 = rt.block_on(instances_at(10));
-    let i_n = rt.block_on(instances_at(n));
-    let (m10, f10) = mappings_at(10);
-    let (m_n, f_n) = mappings_at(n);
-    println!("median of {CALLS} calls each, N = {n} existing resources of the kind (images all attached):");
-    line("CreateImage", small.create, large.create, n);
-    line("AttachImage", small.attach, large.attach, n);
-    line("Detach", small.detach, large.detach, n);
-    line("  kernel GET_FREE", small.get_free, large.get_free, n);
-    line("CreateInstance", i10, i_n, n);
-    line("Publish (state)", m10, m_n, n);
+    let im = rt.block_on(images(n));
+    let inst = rt.block_on(instances(n));
+    let [publish, full_rewrite] = mappings(n);
     println!(
-        "ListLoops at {}: {:.2} ms (goal <= 10; the old way, every device opened: {:.2} ms; sizes from sysfs, no cache: {:.2} ms)",
+        "median of {CALLS} calls each, 10 and N = {n} existing resources of the kind (images all attached), the two sides interleaved call by call:"
+    );
+    line("CreateImage", im.create, n);
+    line("AttachImage", im.attach, n);
+    line("Detach", im.detach, n);
+    line("CreateInstance", inst, n);
+    line("Publish (state)", publish, n);
+    line("kernel GET_FREE", im.get_free, n);
+    println!(
+        "  (kernel GET_FREE: LOOP_CTL_GET_FREE alone with 10, then 10 + {n} devices bound; both attach columns above pay the latter)"
+    );
+    println!(
+        "ListLoops at {}: {:.2} ms (goal <= 10; the old way, every device opened: {:.2} ms; a sysfs read per device: {:.2} ms)",
         n + CALLS,
-        ms(large.list_loops),
-        ms(large.list_loops_old),
-        ms(large.list_loops_sysfs)
+        ms(im.list_loops),
+        ms(im.list_loops_old),
+        ms(im.list_loops_sysfs)
     );
     println!(
         "ListImages at {}: {:.2} ms (goal <= 10)",
         n + CALLS,
-        ms(large.list_images)
+        ms(im.list_images)
     );
     println!(
         "full durable rewrite of the state (the old cost of every durable change; now only compaction): {:.2} ms at 10 mappings, {:.2} ms at {n}",
-        ms(f10),
-        ms(f_n)
+        ms(full_rewrite.0),
+        ms(full_rewrite.1)
     );
 }
