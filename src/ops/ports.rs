@@ -1,7 +1,7 @@
 //! Published ports: the bookkeeping around [`crate::ports::PortsManager`].
 //!
 //! The manager holds the mappings in memory and writes iptables; this module makes that
-//! intent durable in `state.json` (`State::mappings`) through the same `StateStore` and
+//! intent durable (`State::mappings`; one journal record per change, see `state`) through the same `StateStore` and
 //! state lock as every other write, so writes stay atomic and serialized:
 //! - a call that changes mappings (publish / unpublish) persists before it answers: a
 //!   caller that was told "published" finds the mapping again after `kill -9`;
