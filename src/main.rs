@@ -32,6 +32,10 @@ struct Args {
         value_parser = dindhelper::docker::parse_docker_host
     )]
     docker_host: PathBuf,
+    /// Print the effective state of --state-dir (snapshot with the journal replayed, loop
+    /// records included) as JSON and exit; works while a daemon runs on it.
+    #[arg(long)]
+    dump_state: bool,
     /// Log filter (tracing env-filter syntax); RUST_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     log_level: String,
@@ -113,6 +117,11 @@ fn main() -> std::process::ExitCode {
 }
 
 fn real_main(args: Args) -> anyhow::Result<()> {
+    if args.dump_state {
+        let v = dindhelper::state::effective_json(&args.state_dir)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
     let config = match &args.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),

@@ -238,8 +238,13 @@ fn daemon_tags_slices_and_stops_only_its_own_unrecorded_ones() {
         b.call(MEMBER, "CreateInstance", "sa{sv}", &["kept", "0"]),
         "member CreateInstance",
     );
-    let st: serde_json::Value =
-        serde_json::from_str(&b.ok(&["cat", "/var/lib/dindhelper/state.json"])).unwrap();
+    let st: serde_json::Value = serde_json::from_str(&b.ok(&[
+        "/usr/local/bin/dindhelperd",
+        "--state-dir",
+        "/var/lib/dindhelper",
+        "--dump-state",
+    ]))
+    .unwrap();
     let id = st["state_id"].as_str().unwrap().to_owned();
     assert_eq!(
         b.prop("dind-kept.slice", "Description"),

@@ -411,23 +411,18 @@ impl Manager {
 
     /// Loop devices: object, device, backing file, size, read-only, owner uid, instance.
     async fn list_loops(&self) -> Vec<(OwnedObjectPath, String, String, u64, bool, u32, String)> {
-        let loops = self.core.state.lock().await.loops.clone();
-        loops
-            .iter()
-            .map(|l| {
-                let size = crate::loopdev::info(l.number)
-                    .ok()
-                    .flatten()
-                    .map(|i| i.size)
-                    .unwrap_or(0);
+        crate::ops::loops::list_loops(&self.core)
+            .await
+            .into_iter()
+            .map(|r| {
                 (
-                    loop_path(l.number),
-                    l.device(),
-                    l.backing_file.display().to_string(),
-                    size,
-                    l.read_only,
-                    l.owner_uid,
-                    l.instance.clone().unwrap_or_default(),
+                    loop_path(r.number),
+                    format!("/dev/loop{}", r.number),
+                    r.backing_file,
+                    r.size,
+                    r.read_only,
+                    r.owner_uid,
+                    r.instance,
                 )
             })
             .collect()

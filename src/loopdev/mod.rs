@@ -646,6 +646,17 @@ pub fn info(number: u32) -> Result<Option<LoopInfo>> {
     read_info(number, &dev)
 }
 
+/// The size in bytes of loopN from sysfs alone (0 when unbound or gone): one small read,
+/// for listings. [`info`] opens the block device and asks the kernel for its status,
+/// ~30 µs per device, 32 ms for a ListLoops of 1000 devices.
+pub fn size(number: u32) -> u64 {
+    read_sysfs(&sysfs_dir(number).join("size"))
+        .ok()
+        .flatten()
+        .and_then(|s| s.parse::<u64>().ok())
+        .map_or(0, |s| s * SECTOR)
+}
+
 /// Every bound loop device (from `/sys/block/loop*` with a `loop/backing_file`), by number.
 pub fn list_attached() -> Result<Vec<LoopInfo>> {
     let dir = Path::new("/sys/block");

@@ -17,7 +17,7 @@ use crate::expose::{self, program, Container, ExposeError, ExposeReport, ExposeR
 use crate::netns::NetnsError;
 use crate::ops::containers::ContainerError;
 use crate::ops::{blocking, Core, OpsError};
-use crate::state::State;
+use crate::state::{Change, State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DevicesError {
@@ -128,7 +128,7 @@ pub async fn expose_to_container(
         // whatever the number holds now.
         let notes = revoke_locked(core, &mut st, number, None, false).await?;
         st.loops.retain(|l| l.number != number);
-        core.persist_loops(&st)?;
+        core.record(&st, &[Change::LoopGone { number }])?;
         tracing::warn!(device = %rec.device(), ?notes, "device no longer bound to its recorded file: record dropped");
         return Err(OpsError::Unmanaged {
             device: rec.device(),
@@ -193,7 +193,7 @@ pub async fn expose_to_container(
         .retain(|e| e.container_id != exposure.container_id);
     l.exposures.push(exposure);
     let rec = l.clone();
-    core.persist_loops(&st)?;
+    core.record(&st, &[Change::Loop(rec.clone())])?;
     Ok((report, rec))
 }
 
@@ -228,6 +228,9 @@ pub async fn revoke_locked(
         .filter(|e| container.is_none_or(|c| e.is_container(c)))
         .cloned()
         .collect();
+    if todo.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut notes = Vec::new();
     let mut failure = None;
     for exp in todo {
@@ -292,7 +295,10 @@ pub async fn revoke_locked(
                 .retain(|e| !(e.container_id == exp.container_id && e.pid == exp.pid));
         }
     }
-    core.persist_loops(st)?;
+    if let Some(l) = st.loops.iter().find(|l| l.number == number) {
+        let c = Change::Loop(l.clone());
+        core.record(st, &[c])?;
+    }
     match failure {
         Some(e) => Err(e),
         None => Ok(notes),
@@ -551,7 +557,7 @@ async fn table_written(
         }
     }
     let rec = l.clone();
-    core.persist_loops(&st)?;
+    core.record(&st, &[Change::Loop(rec.clone())])?;
     Ok(Some((parts, rec)))
 }
 

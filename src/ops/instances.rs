@@ -21,7 +21,7 @@ use crate::error::Kind;
 use crate::instances::{
     self, BackendKind, Change, DockerCgroupDriver, Instance, Limits, SliceBackend,
 };
-use crate::state::{InstanceRecord, State};
+use crate::state::{self, InstanceRecord, State};
 use std::sync::Arc;
 
 /// A container resolved to its Docker id (or `pid:N`) and the pid of its main process.
@@ -215,7 +215,7 @@ pub async fn create_limited(
         containers: Vec::new(),
     };
     st.instances.push(rec.clone());
-    if let Err(e) = core.persist(&st) {
+    if let Err(e) = core.record(&st, &[state::Change::Instance(rec.clone())]) {
         st.instances.retain(|i| i.instance.name != name);
         let (b, n) = (backend.clone(), name.to_owned());
         if let Err(e2) = blocking(move || Ok(b.destroy(&n, true)?)).await {
@@ -267,7 +267,7 @@ pub async fn set_limits(
         .expect("found above");
     rec.instance.limits = new.clone();
     let rec = rec.clone();
-    if let Err(e) = core.persist(&st) {
+    if let Err(e) = core.record(&st, &[state::Change::Instance(rec.clone())]) {
         if let Some(r) = st.instances.iter_mut().find(|i| i.instance.name == name) {
             r.instance.limits = old.instance.limits.clone();
         }
@@ -399,7 +399,8 @@ pub async fn adopt(
     };
     if !r.containers.contains(&id) {
         r.containers.push(id.clone());
-        core.persist(&st)?;
+        let c = state::Change::Instance(r.clone());
+        core.record(&st, &[c])?;
     }
     Ok((id, a))
 }
@@ -558,12 +559,18 @@ pub async fn destroy(
 
     if rec.is_some() && errors.is_empty() && !slice_left {
         let mut st = core.state.lock().await;
-        let before = st.instances.clone();
-        st.instances.retain(|i| i.instance.name != name);
-        match core.persist(&st) {
+        // Taken out by position and put back there on failure (no copy of every record).
+        let at = st.instances.iter().position(|i| i.instance.name == name);
+        let removed = at.map(|at| (at, st.instances.remove(at)));
+        let gone = state::Change::InstanceGone {
+            name: name.to_owned(),
+        };
+        match core.record(&st, &[gone]) {
             Ok(()) => done.push(format!("forgot instance {name}")),
             Err(e) => {
-                st.instances = before;
+                if let Some((at, r)) = removed {
+                    st.instances.insert(at, r);
+                }
                 errors.push(e);
             }
         }

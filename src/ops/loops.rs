@@ -5,7 +5,8 @@ use super::{blocking, Core, OpsError};
 use crate::loopdev::{self, AttachOptions, LoopInfo};
 use crate::names::check_file_name;
 use crate::partitions::{self, Partition};
-use crate::state::{ImageRecord, LoopRecord};
+use crate::state::{Change, ImageRecord, LoopRecord};
+use std::collections::HashMap;
 use std::fs::File;
 use std::sync::Arc;
 
@@ -40,7 +41,7 @@ pub async fn create_image(
     st.images
         .retain(|i| !(i.owner_uid == uid && i.name == rec.name));
     st.images.push(rec.clone());
-    if let Err(e) = core.persist(&st) {
+    if let Err(e) = core.record(&st, &[Change::Image(rec.clone())]) {
         st.images
             .retain(|i| !(i.owner_uid == uid && i.name == rec.name));
         if let Err(e2) = core.images.delete(uid, name) {
@@ -85,7 +86,13 @@ pub async fn delete_image(core: &Arc<Core>, uid: u32, name: &str) -> Result<(), 
     blocking(move || Ok(c.images.delete(uid, &n)?)).await?;
     st.images
         .retain(|i| !(i.owner_uid == uid && i.name == name));
-    core.persist(&st)
+    core.record(
+        &st,
+        &[Change::ImageGone {
+            owner_uid: uid,
+            name: name.to_owned(),
+        }],
+    )
 }
 
 fn check_loop_quota(
@@ -181,7 +188,7 @@ async fn attach(
                 let notes =
                     super::devices::revoke_locked(core, &mut st, number, None, false).await?;
                 st.loops.retain(|l| l.number != number);
-                core.persist_loops(&st)?;
+                core.record(&st, &[Change::LoopGone { number }])?;
                 tracing::warn!(device = number, ?notes,
                     "the kernel handed out a recorded device as free (unbound behind our back): exposures revoked, record dropped");
             }
@@ -190,8 +197,18 @@ async fn attach(
     };
     let t1 = std::time::Instant::now();
     let rec = record_from(&info, image, uid, req.instance);
+    remember_size(
+        rec.number,
+        size_key(
+            rec.backing_dev,
+            rec.backing_inode,
+            rec.offset,
+            rec.size_limit,
+        ),
+        info.size,
+    );
     st.loops.push(rec.clone());
-    let saved = core.persist_loops(&st);
+    let saved = core.record(&st, &[Change::Loop(rec.clone())]);
     tracing::debug!(
         kernel_us = (t1 - t0).as_micros() as u64,
         persist_us = t1.elapsed().as_micros() as u64,
@@ -293,7 +310,8 @@ pub async fn detach_with(
         Err(e) => return Err(e),
     }
     st.loops.retain(|l| l.number != number);
-    core.persist_loops(&st)?;
+    forget_size(number);
+    core.record(&st, &[Change::LoopGone { number }])?;
     Ok((rec, notes))
 }
 
@@ -301,12 +319,103 @@ pub async fn rescan(core: &Arc<Core>, number: u32) -> Result<Vec<Partition>, Ops
     let rec = managed(core, number).await?;
     let dev = std::path::PathBuf::from(rec.device());
     let parts = blocking(move || Ok(partitions::rescan(&dev)?)).await?;
+    // Read the size again at the next listing.
+    forget_size(number);
     let mut st = core.state.lock().await;
     if let Some(l) = st.loops.iter_mut().find(|l| l.number == number) {
         l.partitions = parts.clone();
-        core.persist_loops(&st)?;
+        let c = Change::Loop(l.clone());
+        core.record(&st, &[c])?;
     }
     Ok(parts)
+}
+
+/// One row of ListLoops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoopRow {
+    pub number: u32,
+    pub backing_file: String,
+    /// Bytes, from sysfs (0 when the device went away).
+    pub size: u64,
+    pub read_only: bool,
+    pub owner_uid: u32,
+    pub instance: String,
+}
+
+/// Sizes of the daemon's loop devices, by number, with the binding they were read for
+/// (backing device, inode, offset, size limit). A loop device's size is fixed when it is
+/// bound, so ListLoops reads it once instead of once per call: reading sysfs for every
+/// device cost 15 ms for 1000 devices, opening each for LOOP_GET_STATUS64 (before) 40 ms.
+/// Trap: LOOP_SET_CAPACITY by whoever holds the node (a container it is exposed to)
+/// changes the size behind our back; the listing shows the size at attach (or at the last
+/// Rescan) until then. The key includes the binding, so a number re-bound to another file
+/// is never answered from a stale entry. Process-wide: keys of two daemons in one process
+/// (tests) cannot collide, their bindings differ.
+static SIZES: std::sync::Mutex<Option<HashMap<u32, (SizeKey, u64)>>> = std::sync::Mutex::new(None);
+
+type SizeKey = (u64, u64, u64, u64);
+
+fn size_key(backing_dev: u64, backing_inode: u64, offset: u64, size_limit: u64) -> SizeKey {
+    (backing_dev, backing_inode, offset, size_limit)
+}
+
+fn remember_size(number: u32, key: SizeKey, size: u64) {
+    let mut g = SIZES.lock().unwrap_or_else(|p| p.into_inner());
+    g.get_or_insert_with(HashMap::new)
+        .insert(number, (key, size));
+}
+
+fn forget_size(number: u32) {
+    let mut g = SIZES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(m) = g.as_mut() {
+        m.remove(&number);
+    }
+}
+
+/// Every managed loop device. The rows are built under the state lock (no clone of the
+/// records with their partitions and exposures); sizes come from [`SIZES`], a miss (first
+/// listing after a start) reads sysfs once.
+pub async fn list_loops(core: &Core) -> Vec<LoopRow> {
+    let rows: Vec<(LoopRow, SizeKey)> = {
+        let st = core.state.lock().await;
+        st.loops
+            .iter()
+            .map(|l| {
+                (
+                    LoopRow {
+                        number: l.number,
+                        backing_file: l.backing_file.display().to_string(),
+                        size: 0,
+                        read_only: l.read_only,
+                        owner_uid: l.owner_uid,
+                        instance: l.instance.clone().unwrap_or_default(),
+                    },
+                    size_key(l.backing_dev, l.backing_inode, l.offset, l.size_limit),
+                )
+            })
+            .collect()
+    };
+    let mut g = SIZES.lock().unwrap_or_else(|p| p.into_inner());
+    let sizes = g.get_or_insert_with(HashMap::new);
+    if sizes.len() > rows.len() {
+        let live: std::collections::HashSet<u32> = rows.iter().map(|(r, _)| r.number).collect();
+        sizes.retain(|n, _| live.contains(n));
+    }
+    rows.into_iter()
+        .map(|(mut r, key)| {
+            r.size = match sizes.get(&r.number) {
+                Some((k, size)) if *k == key => *size,
+                _ => {
+                    let size = loopdev::size(r.number);
+                    if size > 0 {
+                        sizes.insert(r.number, (key, size));
+                    }
+                    size
+                }
+            };
+            r
+        })
+        .collect()
 }
 
 /// One decision of the start-up reconcile, for the log.

@@ -12,7 +12,7 @@ pub mod ports;
 
 use crate::config::Config;
 use crate::error::{Classify, Kind};
-use crate::state::{State, StateStore};
+use crate::state::{Change, State, StateStore};
 
 /// The daemon's shared core: configuration, state and the domain stores.
 pub struct Core {
@@ -30,14 +30,11 @@ pub struct Core {
 }
 
 impl Core {
-    /// Persist durable intent (`state.json`; call with the state lock held).
-    pub fn persist(&self, state: &State) -> Result<(), OpsError> {
-        self.store.save(state).map_err(OpsError::State)
-    }
-
-    /// Persist loop records (`loops.json`: atomic, not fsynced; see `state`).
-    pub fn persist_loops(&self, state: &State) -> Result<(), OpsError> {
-        self.store.save_loops(state).map_err(OpsError::State)
+    /// Record changes of the intent (call with the state lock held, after changing
+    /// `state` the same way): one journal append, fsynced when a change is durable (every
+    /// kind but loop records). See `state`.
+    pub fn record(&self, state: &State, changes: &[Change]) -> Result<(), OpsError> {
+        self.store.record(state, changes).map_err(OpsError::State)
     }
 }
 

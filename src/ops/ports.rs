@@ -1,8 +1,9 @@
 //! Published ports: the bookkeeping around [`crate::ports::PortsManager`].
 //!
 //! The manager holds the mappings in memory and writes iptables; this module makes that
-//! intent durable in `state.json` (`State::mappings`) through the same `StateStore` and
-//! state lock as every other write, so writes stay atomic and serialized:
+//! intent durable (`State::mappings`; one journal record per change, see `state`) through
+//! the same `StateStore` and state lock as every other write, so writes stay atomic and
+//! serialized:
 //! - a call that changes mappings (publish / unpublish) persists before it answers: a
 //!   caller that was told "published" finds the mapping again after `kill -9`;
 //! - changes the daemon makes on its own (Docker events, reconcile after a dockerd restart)
@@ -104,8 +105,9 @@ pub async fn persist(core: &Core) -> Result<(), OpsError> {
     if st.mappings == now {
         return Ok(());
     }
+    let changes = crate::state::State::mapping_changes(&st.mappings, &now);
     let old = std::mem::replace(&mut st.mappings, now);
-    if let Err(e) = core.persist(&st) {
+    if let Err(e) = core.record(&st, &changes) {
         st.mappings = old;
         return Err(e);
     }

@@ -771,8 +771,8 @@ fn snapshot(dir: &std::path::Path) -> Vec<(String, u32, Vec<u8>)> {
 
 /// A tenant (shipped group) tries every method against another tenant's image, loop
 /// device, instance and capture file: each call is refused with NotAuthorized, and the
-/// state dir (state.json, loops.json, images), the instance's cgroups and the loop's /dev
-/// nodes are byte-identical afterwards.
+/// state dir (state.json, loops.json, state.journal, images), the instance's cgroups and
+/// the loop's /dev nodes are byte-identical afterwards.
 fn tenant_against_another_tenants_resources(bed: &Bed) {
     let (img, inst) = (name("vimg"), name("vinst"));
     let victim_uid = bed.uid(TENANT);

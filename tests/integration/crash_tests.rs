@@ -744,6 +744,10 @@ fn check_invariants(
             }
         }
     }
+    // Snapshot + journal (a torn last journal record is ignored, anything else fails).
+    if let Err(e) = dindhelper::state::load_effective(&bed.state_dir) {
+        stats.leak("effective state does not load", e.to_string());
+    }
     // Answered calls.
     for e in expects {
         let lost = match e {
@@ -977,9 +981,9 @@ fn campaign(bed: &Bed, stop: Stop, kills: u64) {
 
 /// This state dir's id (what the daemon tags its objects with).
 fn state_id(bed: &Bed) -> String {
-    let t = fs::read_to_string(bed.state_dir.join("state.json")).expect("state.json");
-    let v: serde_json::Value = serde_json::from_str(&t).expect("state.json parses");
-    v["state_id"].as_str().expect("state_id").to_owned()
+    dindhelper::state::load_effective(&bed.state_dir)
+        .expect("effective state")
+        .state_id
 }
 
 /// The states a daemon killed inside CreateInstance leaves, made by hand (the campaign

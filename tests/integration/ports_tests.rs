@@ -218,8 +218,11 @@ impl<'b> PortsEnv<'b> {
         t
     }
 
+    /// The daemon's effective state (snapshot + journal), as JSON text.
     fn state_json(&self) -> String {
-        std::fs::read_to_string(self.bed.state_dir.join("state.json")).unwrap_or_default()
+        dindhelper::state::effective_json(&self.bed.state_dir)
+            .map(|v| v.to_string())
+            .unwrap_or_default()
     }
 
     fn persisted_ids(&self) -> Vec<String> {
