@@ -7,6 +7,8 @@
 #   tests/cleanroot/run.sh --prepare  only build (or find) the cached root
 #   tests/cleanroot/run.sh --clean    remove the cache (/var/cache/dindhelper-cleanroot)
 #   DH_CLEANROOT_KEEP=1 ...           keep the copy (its path is printed) for a look
+#   DH_CLEANROOT_FAULT=skip-stop ...  self-check: no `demo.sh stop`; the run must FAIL and
+#                                     still leave nothing (processes killed, cgroups removed)
 #
 # What "clean" means here, and what is added to it:
 # - the root: `mmdebstrap --variant=minbase bookworm` (Essential + Priority required + apt:
@@ -105,7 +107,11 @@ if [ "${1:-}" = --inner ]; then
   T=$(ts)
   log "phase stop: sudo scripts/demo.sh stop"
   src=0
-  as_user 'sudo scripts/demo.sh stop' || src=$?
+  if [ "${DH_CLEANROOT_FAULT:-}" = skip-stop ]; then
+    log "DH_CLEANROOT_FAULT=skip-stop: no stop (the checks below must fail)"
+  else
+    as_user 'sudo scripts/demo.sh stop' || src=$?
+  fi
   echo "stop $(el "$T") $src" >&3
   if [ "$src" != 0 ]; then log "demo.sh stop FAILED (exit $src)"; [ "$rc" != 0 ] || rc=$src; fi
   # What only this side can see: the root's own /run/netns, mounts that are not ours.
@@ -223,9 +229,14 @@ cleanup() {
   while read -r dev file; do
     case "$file" in "$SCRATCH"/*) log "LEFT: $dev ($file)"; FAILED=1; losetup -d "$dev" ;; esac
   done < <(losetup -nl -O NAME,BACK-FILE 2>/dev/null)
-  # The machine as found.
+  # cgroups the run made that are still there (empty once their processes are gone):
+  # removed deepest first, so a failed run leaves none behind either.
   local after
   after=$(snapshot)
+  comm -13 <(echo "$BEFORE" | sed -n '/^## cgroups/,$p' | sort) \
+           <(echo "$after" | sed -n '/^## cgroups/,$p' | sort) | sort -r |
+    while read -r d; do [ -d "$d" ] && rmdir "$d" 2>/dev/null && log "removed left cgroup $d"; done
+  # The machine as found (compared before the removal above: a leak still fails the run).
   if [ "$after" != "$BEFORE" ]; then
     log "the machine differs from before the run:"
     diff <(echo "$BEFORE") <(echo "$after") | sed 's/^/  /'
