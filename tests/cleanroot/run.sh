@@ -15,17 +15,17 @@
 #   no curl, no iproute2, no gcc, no ca-certificates) plus `sudo` and a user `student`
 #   (uid 1000) who may sudo without a password, as on a machine whose admin runs the README's
 #   commands. Cached under /var/cache/dindhelper-cleanroot/bookworm-<hash of the recipe>
-#   (about 200 MB) and reused; every run works on a fresh `cp -a` of it, never on the cache.
+#   (184 MB) and reused; every run works on a fresh `cp -a` of it, never on the cache.
 #   A copy, not an overlay: the demo's dockerd keeps its data root inside the root, and
 #   overlay2 refuses an overlayfs below it (it would fall back to vfs, not what a machine does).
-# - /usr/sbin/policy-rc.d (exit 101, in each copy), the usual chroot guard: package scripts that would
-#   start services (docker.io, dbus, polkitd) must not start them on the shared machine.
+# - /usr/sbin/policy-rc.d (exit 101, in each copy), the usual chroot guard: package scripts
+#   that would start services (docker.io, dbus, polkitd) must not start them on the machine.
 #   The demo starts its own (a private bus, polkitd, dockerd) and does not need them.
 # - the Rust toolchain only: the caller's rustup home (RUSTUP_HOME, else ~/.rustup) and
 #   cargo's bin dir (CARGO_HOME/bin, else ~/.cargo/bin) are bind-mounted read-only at
 #   /home/student/.rustup and /home/student/.cargo/bin: the layout rustup makes for a user.
 #   ~/.cargo/registry starts empty: cargo fetches the crates from crates.io as a new user's
-#   first build does (measured ~10 s of a first build; see the report lines).
+#   first build does (inside the demo's build step, not timed apart).
 # - /etc/resolv.conf, /etc/hosts and the local CA files (/usr/local/share/ca-certificates)
 #   copied from the machine: its network settings, not packages.
 # - the repository: the work tree's files that git tracks or would track (not target/, not
@@ -43,7 +43,7 @@
 # exercises; a root on the real /dev and /sys is what "a Debian 12 machine" means here.
 # systemd is never booted. The mounts exist only in that namespace: the machine's mount
 # table never holds them, and the copy is removed from the machine's namespace after the
-# chroot side ended (rm --one-file-system, after checking no mount lies below it).
+# inner side ended (rm --one-file-system, after checking no mount lies below it).
 #
 # After `demo.sh stop` it checks, and fails (exit 1) when anything is left: a process in the
 # namespace or whose root is in the copy, a loop device backed by a file in the copy, a new
@@ -184,8 +184,13 @@ if [ "${1:-}" = --prepare ]; then
 fi
 
 # the Rust toolchain of the caller (only that is added)
-RUSTUP=${RUSTUP_HOME:-$HOME/.rustup}
-CARGOBIN=${CARGO_HOME:-$HOME/.cargo}/bin
+# (under sudo: the calling user's, as demo.sh finds it)
+home=${HOME:-/root}
+if [ -z "${RUSTUP_HOME:-}" ] && [ ! -d "$home/.rustup" ] && [ -n "${SUDO_USER:-}" ]; then
+  home=$(getent passwd "$SUDO_USER" | cut -d: -f6)
+fi
+RUSTUP=${RUSTUP_HOME:-$home/.rustup}
+CARGOBIN=${CARGO_HOME:-$home/.cargo}/bin
 [ -x "$CARGOBIN/cargo" ] && [ -d "$RUSTUP/toolchains" ] ||
   { log "no rustup toolchain at $RUSTUP with cargo in $CARGOBIN"; exit 1; }
 
