@@ -90,6 +90,17 @@ stop() {
           fi ;;
       esac
     done <"$RUN/made"
+    # /run/netns: `ip netns add` makes it (and a shared self-bind mount on it) on a machine
+    # that had none; it stays after the last `ip netns del`. Undone after the namespaces,
+    # only when no namespace is left in it (plain umount: busy fails rather than detaches).
+    while read -r kind what; do
+      case "$kind" in
+        mount) if [ -z "$(ls -A "$what" 2>/dev/null)" ] && umount "$what" 2>/dev/null; then
+                 say "  unmounted $what"
+               fi ;;
+        dir) rmdir "$what" 2>/dev/null && say "  removed $what" ;;
+      esac
+    done < <(tac "$RUN/made")
   fi
   rm -rf "$EXEC_ROOT" "$TOP" "$RUN"
   say "demo stopped; the machine is as the demo found it (packages it installed stay)"
@@ -123,8 +134,10 @@ trap on_error ERR
 
 # ---------------------------------------------------------------------------------------
 step 1/9 "packages (apt-get; only what is missing)"
+# ca-certificates: cargo's first build fetches the crates from crates.io over https (found
+# by tests/cleanroot/run.sh: in a minbase root it came only as a Recommends of curl).
 PKGS=(dbus polkitd systemd fdisk util-linux docker.io iptables tcpdump busybox-static curl
-      iproute2 procps libpcap-dev gcc libc6-dev)
+      iproute2 procps libpcap-dev gcc libc6-dev ca-certificates)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -203,6 +216,8 @@ say "polkitd pid $(cat "$RUN/polkitd.pid") answers on the bus"
 
 # ---------------------------------------------------------------------------------------
 step 4/9 "private dockerd in network namespace $NS"
+[ -d /run/netns ] || record dir /run/netns
+mountpoint -q /run/netns || record mount /run/netns
 ip netns add "$NS"; record netns "$NS"
 ip netns add "$CNS"; record netns "$CNS"
 ip -n "$NS" link set lo up

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "scripts/test.sh: run as root (real loop devices, polkit users)"; exit 1; }
 PKGS=(dbus polkitd fdisk util-linux e2fsprogs libxml2-utils docker.io iptables nftables ipset
       tcpdump busybox-static systemd-container strace libpcap-dev curl iproute2 procps
-      libglib2.0-bin make systemd python3-dbus-fast)
+      libglib2.0-bin make systemd python3-dbus-fast mmdebstrap)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
