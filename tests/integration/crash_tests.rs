@@ -46,6 +46,11 @@ pub fn tests() -> Vec<Test> {
             run: reconcile_removes_only_our_unrecorded_cgroups,
         },
         Test {
+            name: "crash_destroy_unrecorded_never_removes_another_state_dirs_cgroup",
+            needs_daemon: true,
+            run: destroy_unrecorded_never_removes_another_state_dirs_cgroup,
+        },
+        Test {
             name: "crash_reconcile_removes_half_made_image_files",
             needs_daemon: true,
             run: reconcile_removes_half_made_image_files,
@@ -1088,6 +1093,66 @@ fn reconcile_removes_only_our_unrecorded_cgroups(bed: &Bed) {
     if let Err(e) = res {
         std::panic::resume_unwind(e);
     }
+}
+
+/// DestroyInstance of a name this daemon has no record of, by root (who holds every
+/// action, `-others` included), even forced: a cgroup tagged with ANOTHER state dir's id
+/// is another daemon's and stays, answered Conflict; an untagged leftover of the same
+/// kind is still removed (the clean-up path for cgroups from before tags).
+fn destroy_unrecorded_never_removes_another_state_dirs_cgroup(bed: &Bed) {
+    let p = format!("kd{}-", std::process::id());
+    let other = format!("{p}other");
+    let plain = format!("{p}plain");
+    let mk = |name: &str, tag: Option<&str>| -> Vec<PathBuf> {
+        ["cpu", "memory", "pids"]
+            .iter()
+            .map(|h| {
+                let d = Path::new(CG).join(h).join("dind").join(name);
+                fs::create_dir_all(&d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
+                if let Some(t) = tag {
+                    set_xattr(&d, t);
+                }
+                d
+            })
+            .collect()
+    };
+    let d_other = mk(&other, Some("fedcba9876543210"));
+    let d_plain = mk(&plain, None);
+    let destroy = |name: &str| {
+        bed.gdbus_raw(
+            "root",
+            &bed.address,
+            crate::bed::BUS_NAME,
+            crate::bed::MANAGER_PATH,
+            &format!("{INSTANCES}.DestroyInstance"),
+            &[
+                &crate::bed::gv_str(name),
+                "{'force': <true>, 'delete_images': <true>}",
+            ],
+        )
+    };
+    let o_other = destroy(&other);
+    let o_plain = destroy(&plain);
+    let other_left = d_other.iter().all(|d| d.is_dir());
+    let plain_gone = d_plain.iter().all(|d| !d.exists());
+    for d in d_other.iter().chain(&d_plain) {
+        fs::remove_dir(d).ok();
+    }
+    assert!(
+        other_left,
+        "DestroyInstance removed a cgroup tagged by another state dir: {o_other:?}"
+    );
+    assert_eq!(
+        o_other.dbus_error().as_deref(),
+        Some("org.dindhelper1.Error.Conflict"),
+        "another state dir's cgroup: Conflict: {o_other:?}"
+    );
+    assert!(
+        o_other.stderr.contains("fedcba9876543210"),
+        "the error names the owner tag: {o_other:?}"
+    );
+    o_plain.expect_ok("DestroyInstance of an untagged unrecorded leftover");
+    assert!(plain_gone, "an untagged unrecorded leftover is removed");
 }
 
 /// A daemon killed inside CreateImage leaves at most a temp file (`.<name>.img.part`,
