@@ -71,7 +71,16 @@ where
     F: FnOnce(auth::Caller) -> Fut,
     Fut: std::future::Future<Output = Result<T, error::BusError>>,
 {
-    let _g = gate.read().await;
+    // Shutdown holds (or waits for) the gate exclusively: a call whose handler starts
+    // after that would wait for a gate that is never released again and the process would
+    // exit without answering it (seen in the SIGTERM campaign). Answer it now instead:
+    // nothing was done.
+    let Ok(_g) = gate.try_read() else {
+        return Err(error::BusError::from_kind(
+            crate::error::Kind::Failed,
+            format!("{method}: the daemon is shutting down; nothing was done"),
+        ));
+    };
     let caller = auth.caller(hdr).await?;
     let r = call(caller.clone()).await;
     audit(&caller, method, args, &r);

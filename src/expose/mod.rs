@@ -96,6 +96,24 @@ pub struct Exposure {
     /// Option `follow`: partition-table writes are followed (see `ops::devices`).
     #[serde(default)]
     pub follow: bool,
+    /// Intent recorded before the kernel is touched (crash consistency): set and saved
+    /// before the nodes/grant are made or withdrawn, cleared (or the exposure removed)
+    /// when that finished. A daemon killed in between leaves it set; the start-up
+    /// reconcile finishes the operation (see `ops::devices::settle_pending`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Pending>,
+}
+
+/// An exposure change in progress (see [`Exposure::pending`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pending {
+    /// ExposeToContainer (or a followed table) is making nodes and grants: the record
+    /// holds the union of the earlier exposure and the planned one, so whatever the
+    /// interrupted call made is named.
+    Expose,
+    /// A revoke (RevokeFromContainer, Detach, DestroyInstance) is withdrawing them.
+    Revoke,
 }
 
 impl Exposure {
@@ -389,11 +407,10 @@ fn policy_of(target: Target) -> Result<Policy, ExposeError> {
     Ok(Policy::V2(root.join(rel.trim_start_matches('/'))))
 }
 
-/// Make the device's nodes exist in the container (named as `inner_nodes` says), remove
-/// stale partition nodes of it, and grant exactly those devices; withdraw what an earlier
-/// exposure granted and is no longer wanted. Refusals (host /dev, a taken `as` name,
-/// stopped container) change nothing.
-pub fn expose(req: ExposeRequest) -> Result<(Exposure, ExposeReport), ExposeError> {
+/// What [`expose`] will make, decided without touching anything: the nodes as named
+/// inside the container, their exact rules and the grant kind. The operations layer
+/// records it as the intent before [`expose`] runs.
+pub fn plan(req: &ExposeRequest) -> Result<Exposure, ExposeError> {
     check_disk_name(&req.disk.name)?;
     for p in &req.partitions {
         if !is_partition_of(&req.disk.name, &p.name) {
@@ -446,6 +463,32 @@ pub fn expose(req: ExposeRequest) -> Result<(Exposure, ExposeReport), ExposeErro
             }
         }
     };
+
+    Ok(Exposure {
+        container_id: req.container.id.clone(),
+        container_name: req.container.name.clone(),
+        pid: target.pid,
+        pid_start_time: target.start_time,
+        grant,
+        rules: wanted.iter().map(rule).collect(),
+        nodes: wanted,
+        backing_dev: req.backing_dev,
+        backing_inode: req.backing_inode,
+        alias: req.alias.clone(),
+        follow: false,
+        pending: None,
+    })
+}
+
+/// Make the device's nodes exist in the container (named as `inner_nodes` says), remove
+/// stale partition nodes of it, and grant exactly those devices; withdraw what an earlier
+/// exposure granted and is no longer wanted. Refusals (host /dev, a taken `as` name,
+/// stopped container) change nothing.
+pub fn expose(req: ExposeRequest) -> Result<(Exposure, ExposeReport), ExposeError> {
+    let planned = plan(&req)?;
+    let target = req.container.target;
+    let grant = planned.grant;
+    let wanted = planned.nodes;
 
     // Nodes (inside the mount namespace). Names this device had before may be replaced;
     // with `as`, a name held by any other node is a Conflict (checked before any change).
@@ -526,6 +569,7 @@ pub fn expose(req: ExposeRequest) -> Result<(Exposure, ExposeReport), ExposeErro
         backing_inode: req.backing_inode,
         alias: req.alias.clone(),
         follow: false,
+        pending: None,
     };
     let report = ExposeReport {
         created: synced.created,
@@ -723,6 +767,7 @@ mod tests {
             backing_inode: 2,
             alias: None,
             follow: true,
+            pending: None,
         };
         let j = serde_json::to_string(&e).unwrap();
         assert_eq!(serde_json::from_str::<Exposure>(&j).unwrap(), e);

@@ -388,6 +388,11 @@ impl SliceBackend for CgroupfsBackend {
         Ok(out)
     }
 
+    fn owner(&self, name: &str) -> Result<Option<Owner>, InstanceError> {
+        crate::names::check_instance_name(name)?;
+        self.owner_of(name)
+    }
+
     fn remove_leftover(&self, name: &str, untagged_too: bool) -> Result<Change, InstanceError> {
         crate::names::check_instance_name(name)?;
         let ours = match self.owner_of(name)? {

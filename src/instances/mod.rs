@@ -219,6 +219,14 @@ pub trait SliceBackend: Send + Sync {
     /// it). Never kills: processes inside are Busy. Another's is `Foreign`; absent is
     /// `Unchanged`.
     fn remove_leftover(&self, name: &str, untagged_too: bool) -> Result<Change, InstanceError>;
+    /// Who made instance `name`'s cgroup/slice, by its tag; None when it does not exist.
+    fn owner(&self, name: &str) -> Result<Option<tag::Owner>, InstanceError> {
+        Ok(self
+            .present()?
+            .into_iter()
+            .find(|p| p.name == name)
+            .map(|p| p.owner))
+    }
 }
 
 /// An instance as the daemon's state keeps it.

@@ -13,7 +13,9 @@
 //!   the container) unless `force`: then the log and the reply say so.
 
 use crate::error::{Classify, Kind};
-use crate::expose::{self, program, Container, ExposeError, ExposeReport, ExposeRequest, Revoked};
+use crate::expose::{
+    self, program, Container, ExposeError, ExposeReport, ExposeRequest, Exposure, Pending, Revoked,
+};
 use crate::netns::NetnsError;
 use crate::ops::containers::ContainerError;
 use crate::ops::{blocking, Core, OpsError};
@@ -158,17 +160,17 @@ pub async fn expose_to_container(
             name: info.name.clone(),
         },
         opts.alias.clone(),
-        previous,
+        previous.clone(),
         other_grants,
         reconstructed_rules(&cgroup_rules),
         (rec.backing_dev, rec.backing_inode),
     );
-    let (exposure, report) = blocking(move || {
+    let (req, planned) = blocking(move || {
         let (container, alias, previous, other_grants, fallback, (bdev, bino)) = req_base;
         // Partition minors from sysfs now, never from an older record (blkext minors are
         // global and reused).
         let (disk, partitions) = expose::host_nodes(&disk_name).map_err(wrap(&container.name))?;
-        expose::expose(ExposeRequest {
+        let req = ExposeRequest {
             container: container.clone(),
             disk,
             partitions,
@@ -178,23 +180,189 @@ pub async fn expose_to_container(
             v2_fallback: Some(fallback),
             backing_dev: bdev,
             backing_inode: bino,
-        })
-        .map_err(wrap(&container.name))
+        };
+        let planned = expose::plan(&req).map_err(wrap(&container.name))?;
+        Ok((req, planned))
     })
     .await?;
-    let l = st
-        .loops
+    // Intent first: the planned nodes and rules (with the earlier exposure's) are saved
+    // before the container is touched, so a daemon killed inside `expose` leaves a record
+    // naming everything it may have made (finished at the next start: `settle_pending`).
+    let mut intent = union(previous.as_ref(), planned);
+    intent.follow = opts.follow;
+    intent.pending = Some(Pending::Expose);
+    set_exposure(core, &mut st, number, intent)?;
+    let name = info.name.clone();
+    match blocking(move || expose::expose(req).map_err(wrap(&name))).await {
+        Ok((mut exposure, report)) => {
+            exposure.follow = opts.follow;
+            let rec = set_exposure(core, &mut st, number, exposure)?;
+            Ok((report, rec))
+        }
+        Err(e) => {
+            // A refusal changed nothing (or was rolled back by `expose`): the record is
+            // what it was.
+            let l = loop_mut(&mut st, number);
+            l.exposures.retain(|x| x.container_id != info.id);
+            l.exposures.extend(previous);
+            save_loop(core, &st, number)?;
+            Err(e.into())
+        }
+    }
+}
+
+/// Journal loop `number`'s record as it is now (gone when it is no longer recorded).
+fn save_loop(core: &Core, st: &State, number: u32) -> Result<(), OpsError> {
+    match st.loops.iter().find(|l| l.number == number) {
+        Some(l) => core.record(st, &[Change::Loop(l.clone())]),
+        None => core.record(st, &[Change::LoopGone { number }]),
+    }
+}
+
+fn loop_mut(st: &mut State, number: u32) -> &mut crate::state::LoopRecord {
+    st.loops
         .iter_mut()
         .find(|l| l.number == number)
-        .expect("record held under the lock");
-    let mut exposure = exposure;
-    exposure.follow = opts.follow;
-    l.exposures
-        .retain(|e| e.container_id != exposure.container_id);
-    l.exposures.push(exposure);
+        .expect("record held under the lock")
+}
+
+/// Put `exp` in loop `number`'s record in place of the container's earlier exposure, and
+/// save. Returns the record as it is now.
+fn set_exposure(
+    core: &Core,
+    st: &mut State,
+    number: u32,
+    exp: Exposure,
+) -> Result<crate::state::LoopRecord, OpsError> {
+    let l = loop_mut(st, number);
+    l.exposures.retain(|e| e.container_id != exp.container_id);
+    l.exposures.push(exp);
     let rec = l.clone();
-    core.record(&st, &[Change::Loop(rec.clone())])?;
-    Ok((report, rec))
+    save_loop(core, st, number)?;
+    Ok(rec)
+}
+
+/// `planned` with the nodes and rules of `previous` added (what an interrupted re-expose
+/// may have left in the container).
+fn union(previous: Option<&Exposure>, planned: Exposure) -> Exposure {
+    let mut e = planned;
+    if let Some(p) = previous {
+        for n in &p.nodes {
+            if !e.nodes.iter().any(|x| x.name == n.name) {
+                e.nodes.push(n.clone());
+            }
+        }
+        for r in &p.rules {
+            if !e.rules.contains(r) {
+                e.rules.push(r.clone());
+            }
+        }
+    }
+    e
+}
+
+/// Expose `exp`'s device again in its container from the host's view now, with `exp` as
+/// the earlier exposure (a followed table changed; an interrupted expose is finished at
+/// start).
+async fn reexpose(
+    st: &State,
+    number: u32,
+    exp: &Exposure,
+) -> Result<(Exposure, ExposeReport), OpsError> {
+    let other_grants: Vec<program::DevRule> = st
+        .loops
+        .iter()
+        .filter(|l| l.number != number)
+        .flat_map(|l| l.exposures.iter())
+        .filter(|e| e.container_id == exp.container_id && e.target() == exp.target())
+        .flat_map(|e| e.dev_rules())
+        .collect();
+    let fallback = match &exp.grant {
+        expose::Grant::V2 {
+            base, base_source, ..
+        } => Some((base.clone(), base_source.clone())),
+        _ => None,
+    };
+    let (e2, dn) = (exp.clone(), format!("loop{number}"));
+    blocking(move || {
+        let (disk, partitions) = expose::host_nodes(&dn).map_err(wrap(&e2.container_name))?;
+        expose::expose(ExposeRequest {
+            container: Container {
+                target: e2.target(),
+                id: e2.container_id.clone(),
+                name: e2.container_name.clone(),
+            },
+            disk,
+            partitions,
+            alias: e2.alias.clone(),
+            previous: Some(e2.clone()),
+            other_grants,
+            v2_fallback: fallback,
+            backing_dev: e2.backing_dev,
+            backing_inode: e2.backing_inode,
+        })
+        .map_err(wrap(&e2.container_name))
+    })
+    .await
+}
+
+/// Start-up reconcile of exposures whose change a killed daemon left half-done
+/// ([`Exposure::pending`]), for loops still recorded (after `ops::loops::reconcile`
+/// settled the vanished ones and dropped those of dead containers):
+/// - an interrupted expose is finished (exposed again from the host's view now, the
+///   recorded union as the earlier exposure, so every node it may have made is either
+///   wanted or removed); when that fails it is revoked and dropped;
+/// - an interrupted revoke is done again (idempotent) and the exposure dropped.
+///
+/// Nobody was answered, so either outcome is allowed; every decision is returned for the
+/// log. A revoke that fails keeps the record (a live container keeping its grant, as
+/// for Detach: Busy is logged; DestroyInstance/Detach with force settles it).
+pub async fn settle_pending(core: &Core, st: &mut State) -> Vec<String> {
+    let mut out = Vec::new();
+    let todo: Vec<(u32, Exposure)> = st
+        .loops
+        .iter()
+        .flat_map(|l| l.exposures.iter().map(move |e| (l.number, e.clone())))
+        .filter(|(_, e)| e.pending.is_some())
+        .collect();
+    for (number, exp) in todo {
+        let who = format!("{} ({})", exp.container_name, short(&exp.container_id));
+        let device = format!("/dev/loop{number}");
+        if exp.pending == Some(Pending::Expose) {
+            match reexpose(st, number, &exp).await {
+                Ok((mut new, rep)) => {
+                    new.follow = exp.follow;
+                    match set_exposure(core, st, number, new) {
+                        Ok(_) => {
+                            out.push(format!(
+                                "{device} in container {who}: interrupted expose finished \
+                                 (nodes created {:?}, removed {:?})",
+                                rep.created, rep.removed
+                            ));
+                            continue;
+                        }
+                        Err(e) => out.push(format!(
+                            "{device} in container {who}: finished expose not saved ({e}); revoking"
+                        )),
+                    }
+                }
+                Err(e) => out.push(format!(
+                    "{device} in container {who}: interrupted expose cannot be finished ({e}); revoking"
+                )),
+            }
+        }
+        match revoke_locked(core, st, number, Some(&exp.container_id), false).await {
+            Ok(notes) => out.push(format!(
+                "{device} in container {who}: interrupted {:?} undone: {}",
+                exp.pending.unwrap_or(Pending::Revoke),
+                notes.join("; ")
+            )),
+            Err(e) => out.push(format!(
+                "{device} in container {who}: interrupted change not settled, record kept: {e}"
+            )),
+        }
+    }
+    out
 }
 
 fn wrap(container: &str) -> impl FnOnce(ExposeError) -> OpsError {
@@ -228,11 +396,22 @@ pub async fn revoke_locked(
         .filter(|e| container.is_none_or(|c| e.is_container(c)))
         .cloned()
         .collect();
-    if todo.is_empty() {
-        return Ok(Vec::new());
-    }
     let mut notes = Vec::new();
     let mut failure = None;
+    if todo.is_empty() {
+        return Ok(notes);
+    }
+    // Intent first: a daemon killed while withdrawing leaves the exposures marked, and the
+    // next start revokes them again ([`settle_pending`]) instead of trusting nodes and
+    // grants that may be gone.
+    for e in loop_mut(st, number)
+        .exposures
+        .iter_mut()
+        .filter(|e| container.is_none_or(|c| e.is_container(c)))
+    {
+        e.pending = Some(Pending::Revoke);
+    }
+    save_loop(core, st, number)?;
     for exp in todo {
         // v2: the container's other exposures stay in the rebuilt program.
         let keep: Vec<program::DevRule> = st
@@ -295,10 +474,15 @@ pub async fn revoke_locked(
                 .retain(|e| !(e.container_id == exp.container_id && e.pid == exp.pid));
         }
     }
-    if let Some(l) = st.loops.iter().find(|l| l.number == number) {
-        let c = Change::Loop(l.clone());
-        core.record(st, &[c])?;
+    if failure.is_some() {
+        // What was not withdrawn stays granted: no longer marked.
+        for e in loop_mut(st, number).exposures.iter_mut() {
+            if e.pending == Some(Pending::Revoke) {
+                e.pending = None;
+            }
+        }
     }
+    save_loop(core, st, number)?;
     match failure {
         Some(e) => Err(e),
         None => Ok(notes),
@@ -485,47 +669,21 @@ async fn table_written(
     }
     let dev = std::path::PathBuf::from(rec.device());
     let parts = blocking(move || Ok(crate::partitions::rescan(&dev)?)).await?;
-    let disk_name = format!("loop{number}");
+    // Intent first: the followed exposures are marked before new partition nodes and
+    // grants are made; a daemon killed in between has them finished at the next start
+    // (`settle_pending`: partition nodes of the disk that are not wanted are removed).
+    for e in loop_mut(&mut st, number).exposures.iter_mut() {
+        if e.follow {
+            e.pending = Some(Pending::Expose);
+        }
+    }
+    save_loop(core, &st, number)?;
     let mut updated = Vec::new();
     for exp in rec.exposures.iter().filter(|e| e.follow) {
         if exp.target().verify().is_err() {
             continue;
         }
-        let other_grants: Vec<program::DevRule> = st
-            .loops
-            .iter()
-            .filter(|l| l.number != number)
-            .flat_map(|l| l.exposures.iter())
-            .filter(|e| e.container_id == exp.container_id && e.target() == exp.target())
-            .flat_map(|e| e.dev_rules())
-            .collect();
-        let fallback = match &exp.grant {
-            expose::Grant::V2 {
-                base, base_source, ..
-            } => Some((base.clone(), base_source.clone())),
-            _ => None,
-        };
-        let (e2, dn) = (exp.clone(), disk_name.clone());
-        let r = blocking(move || {
-            let (disk, partitions) = expose::host_nodes(&dn).map_err(wrap(&e2.container_name))?;
-            expose::expose(ExposeRequest {
-                container: Container {
-                    target: e2.target(),
-                    id: e2.container_id.clone(),
-                    name: e2.container_name.clone(),
-                },
-                disk,
-                partitions,
-                alias: e2.alias.clone(),
-                previous: Some(e2.clone()),
-                other_grants,
-                v2_fallback: fallback,
-                backing_dev: e2.backing_dev,
-                backing_inode: e2.backing_inode,
-            })
-            .map_err(wrap(&e2.container_name))
-        })
-        .await;
+        let r = reexpose(&st, number, exp).await;
         match r {
             Ok((mut new, rep)) => {
                 new.follow = true;
@@ -547,6 +705,11 @@ async fn table_written(
         .find(|l| l.number == number)
         .expect("held under the lock");
     l.partitions = parts.clone();
+    for e in l.exposures.iter_mut() {
+        if e.pending == Some(Pending::Expose) {
+            e.pending = None;
+        }
+    }
     for new in updated {
         if let Some(e) = l
             .exposures
@@ -557,7 +720,7 @@ async fn table_written(
         }
     }
     let rec = l.clone();
-    core.record(&st, &[Change::Loop(rec.clone())])?;
+    save_loop(core, &st, number)?;
     Ok(Some((parts, rec)))
 }
 

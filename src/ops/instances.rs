@@ -493,6 +493,9 @@ pub async fn destroy(
             .collect();
         (find(&st, name).cloned(), loops)
     };
+    if rec.is_none() {
+        refuse_foreign(core, name).await?;
+    }
 
     if let Some(c) = &teardown.captures {
         for s in c.stop_instance(name).await {
@@ -582,6 +585,32 @@ pub async fn destroy(
         return Err(not_found(name));
     }
     Ok(done)
+}
+
+/// DestroyInstance of a name without record: a cgroup/slice tagged with ANOTHER state id
+/// belongs to another daemon (another state dir on the same host) and is never touched,
+/// whoever asks (`-others` covers other uids of this daemon, not other daemons): Conflict
+/// before any step runs. Untagged leftovers (a daemon from before tags, a create killed
+/// between mkdir and tag) stay removable by a caller allowed `-others`, as before; a tag
+/// that cannot be read fails closed.
+async fn refuse_foreign(core: &Arc<Core>, name: &str) -> Result<(), OpsError> {
+    let Ok(backend) = core.instances.backend() else {
+        return Ok(());
+    };
+    let (b, n) = (backend.clone(), name.to_owned());
+    match blocking(move || Ok(b.owner(&n)?)).await? {
+        Some(instances::tag::Owner::Tagged(t)) if Some(t.as_str()) != backend.owner_tag() => {
+            tracing::warn!(instance = name, owner = %t,
+                "DestroyInstance: no record, cgroup tagged by another state dir: refused");
+            Err(instances::InstanceError::Foreign {
+                name: name.to_owned(),
+                what: backend.cgroup_path(name),
+                owner: t,
+            }
+            .into())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// One decision of the start-up reconcile of instances, for the log.

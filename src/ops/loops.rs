@@ -545,6 +545,11 @@ pub async fn reconcile(core: &Arc<Core>) -> Result<Vec<Decision>, OpsError> {
         }
     }
 
+    // Exposures whose change a killed daemon left half-done: finished or undone.
+    for d in super::devices::settle_pending(core, &mut st).await {
+        out.push(Decision::Revoked(d));
+    }
+
     // Devices this state dir's daemon attached (by label, which carries the state id)
     // that no record claims: left by an attach whose daemon died before saving. Nobody
     // was told about them, so they are detached rather than adopted. Devices of other

@@ -582,6 +582,45 @@ impl Bed {
         self.busctl_as(user, &v)
     }
 
+    /// `busctl call … org.dindhelper1.<iface> METHOD SIG ARGS…` as `user` on the manager
+    /// object (`iface` without the `org.dindhelper1.` prefix, e.g. "Instances").
+    pub fn call_iface_as(
+        &self,
+        user: &str,
+        iface: &str,
+        method: &str,
+        sig: &str,
+        args: &[&str],
+    ) -> Out {
+        let iface = format!("org.dindhelper1.{iface}");
+        let mut v = vec!["call", BUS_NAME, MANAGER_PATH, &iface, method];
+        if !sig.is_empty() {
+            v.push(sig);
+        }
+        v.extend_from_slice(args);
+        self.busctl_as(user, &v)
+    }
+
+    /// DestroyInstance as root with force and delete_images (clean-up of tests).
+    pub fn destroy_instance_forced(&self, name: &str) -> Out {
+        self.call_iface_as(
+            "root",
+            "Instances",
+            "DestroyInstance",
+            "sa{sv}",
+            &[
+                name,
+                "2",
+                "force",
+                "b",
+                "true",
+                "delete_images",
+                "b",
+                "true",
+            ],
+        )
+    }
+
     /// gdbus call (it reports the D-Bus error *name*, busctl only the message).
     /// `args` are GVariant text; use [`gv_str`] for strings and `@a{sv} {}` for options.
     pub fn gdbus_as(&self, user: &str, method: &str, args: &[&str]) -> Out {

@@ -1,27 +1,22 @@
 //! Captures (`org.dindhelper1.Captures` / `.Capture`) and ExposeToContainer
 //! (`org.dindhelper1.Devices`) through the bus, against a real dockerd.
 //!
-//! Fixture (self-contained in this module): the first test that needs Docker starts one
-//! dockerd for the run with `tests/common/dockerd.rs` under helper tag `dhd` (netns
-//! `dhd-<pid>-0-d` with the engine, `dhd-<pid>-0-c` as the client on a veth, image
-//! `bb:latest` from busybox-static), runs container `web` (busybox httpd, `-p 8080:80`),
-//! and restarts the bed's daemon with `--docker-host` pointing at it
-//! ([`Bed::set_daemon_args`]). dockerd is stopped, its namespaces and dirs removed, by an
-//! `atexit` handler after the runner has torn the bed down (the runner has no per-module
-//! teardown; the handler also runs when the run fails).
+//! Fixture: the run's shared dockerd ([`crate::docker::shared`]: helper tag `dhd`,
+//! container `web` = busybox httpd published on 8080, the bed's daemon pointed at it with
+//! `--docker-host`).
 //!
 //! Signals are observed with `gdbus monitor` (line-buffered through `stdbuf -oL`).
 
 use crate::bed::{
     gv_str, run, sfdisk, Bed, Out, BUS_NAME, MANAGER_PATH, MEMBER, OWN, PLAIN, TENANT,
 };
+use crate::docker::shared;
 use crate::dockerd::Dockerd;
 use crate::Test;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const CAPTURES: &str = "org.dindhelper1.Captures";
@@ -66,45 +61,6 @@ pub fn tests() -> Vec<Test> {
             run: expose_partition_nodes_follow_rescan_inside_the_container,
         },
     ]
-}
-
-// ---- fixture -----------------------------------------------------------------------
-
-static DOCKERD: Mutex<Option<Dockerd>> = Mutex::new(None);
-
-extern "C" fn stop_dockerd() {
-    let d = DOCKERD.lock().unwrap_or_else(|e| e.into_inner()).take();
-    drop(d);
-}
-
-/// The run's dockerd (started on first use, with the daemon restarted to use it).
-pub(crate) fn docker<R>(bed: &Bed, f: impl FnOnce(&Dockerd) -> R) -> R {
-    let mut g = DOCKERD.lock().unwrap_or_else(|e| e.into_inner());
-    if g.is_none() {
-        // Registered before the start, so a half-started fixture is cleaned too.
-        // SAFETY: registering a plain extern "C" fn.
-        unsafe { libc::atexit(stop_dockerd) };
-        let d = Dockerd::start_tagged("dhd", false);
-        d.run_web("web", "/www", &["-p", "8080:80"]);
-        assert!(
-            d.wait_curl(8080, "hello", Duration::from_secs(20))
-                .is_some(),
-            "web does not answer on 10.99.0.1:8080 from the client netns; dockerd log:\n{}",
-            d.log_tail()
-        );
-        // The plain-path form (documented as valid): it used to leave captures and
-        // ExposeToContainer without a Docker client (issue 12); unix:// is used elsewhere.
-        *g = Some(d);
-    }
-    let d = g.as_ref().expect("dockerd");
-    // Other modules (ports, provision, ctl) start the daemon with arguments of their own
-    // and clear them afterwards: point it at this dockerd again whenever it is not.
-    let want = vec!["--docker-host".to_owned(), d.socket.display().to_string()];
-    if bed.daemon_args() != want {
-        bed.set_daemon_args(&want);
-        bed.restart_daemon();
-    }
-    f(d)
 }
 
 // ---- helpers -----------------------------------------------------------------------
@@ -292,7 +248,7 @@ impl Drop for Monitor {
 // ---- tests ---------------------------------------------------------------------------
 
 fn capture_filter_tcp80_finds_the_gets_and_nothing_else(bed: &Bed) {
-    docker(bed, |d| {
+    shared(bed, |d| {
         let (obj, path) = start_capture(
             bed,
             MEMBER,
@@ -391,7 +347,7 @@ fn capture_filter_tcp80_finds_the_gets_and_nothing_else(bed: &Bed) {
 }
 
 fn capture_duration_and_max_packets_end_the_session(bed: &Bed) {
-    docker(bed, |d| {
+    shared(bed, |d| {
         let mon = Monitor::start(bed, "limits");
         // duration
         let t0 = Instant::now();
@@ -438,7 +394,7 @@ fn capture_duration_and_max_packets_end_the_session(bed: &Bed) {
 }
 
 fn capture_fd_stream_is_readable_by_tcpdump(bed: &Bed) {
-    docker(bed, |d| {
+    shared(bed, |d| {
         let script = format!(
             "'{}' --bus-address '{}' capture web --filter 'tcp port 80' --count 6 --duration 30 \
              | tcpdump -nn -r - 2>/dev/null",
@@ -484,7 +440,7 @@ fn capture_fd_stream_is_readable_by_tcpdump(bed: &Bed) {
 }
 
 fn capture_killed_container_leaves_a_valid_file(bed: &Bed) {
-    docker(bed, |d| {
+    shared(bed, |d| {
         let _ = d.docker(&["rm", "-f", "dhd-victim"]);
         d.docker_ok(&[
             "run",
@@ -521,7 +477,7 @@ fn capture_killed_container_leaves_a_valid_file(bed: &Bed) {
 /// this machine (EACCES): every container counted as the host and the tenant was refused
 /// capture-host; and any container could be captured by any `capture` holder.
 fn capture_tenant_without_capture_host_captures_a_bridge_container(bed: &Bed) {
-    docker(bed, |d| {
+    shared(bed, |d| {
         let tag = std::process::id();
         let inst = format!("dhc{tag}-t");
         let ctr = format!("dhd-tenant-{tag}");
@@ -622,7 +578,7 @@ fn capture_tenant_without_capture_host_captures_a_bridge_container(bed: &Bed) {
 }
 
 fn capture_bad_filter_and_plain_user_are_refused(bed: &Bed) {
-    docker(bed, |_| {
+    shared(bed, |_| {
         let start = format!("{CAPTURES}.StartCapture");
         let out = gdbus(
             bed,
@@ -712,7 +668,7 @@ fn expose(bed: &Bed, user: &str, device: &str, container: &str) -> (Vec<String>,
 }
 
 fn expose_partition_nodes_follow_rescan_inside_the_container(bed: &Bed) {
-    docker(bed, |d| {
+    shared(bed, |d| {
         let _ = d.docker(&["rm", "-f", "dhd-dev"]);
         d.docker_ok(&[
             "run",

@@ -2,9 +2,11 @@
 //!
 //! Several callers (root, `dhtest-member`, `dhtest-own`, each on its own objects) run random
 //! operations at the same time — create + attach an image (optionally into an instance),
-//! detach, delete an image, create / destroy an instance, start a capture — while the
-//! daemon is SIGKILLed at a random moment. After each kill the daemon is started again and
-//! the invariants are checked:
+//! detach (also of an exposed device), delete an image, create / destroy an instance, start
+//! a capture, and (root and the member) expose / revoke a device in a running container and
+//! publish / unpublish a port of it — while the daemon is SIGKILLed at a random moment. The
+//! daemon runs in the netns of a dockerd of its own ([`DaemonInDockerd`], container `kweb`).
+//! After each kill the daemon is started again and the invariants are checked:
 //! - every loop device backed by a file of this state dir is listed (ListLoops), and every
 //!   listed one is bound in the kernel;
 //! - every `dind` cgroup of this run's names (any hierarchy) has an instance, and every
@@ -12,6 +14,11 @@
 //! - every image file under `images/` is listed, owned by its uid, with its full size; no
 //!   temp file or intent stays behind after the start-up reconcile;
 //! - no capture session claims a file that does not exist;
+//! - every loop/partition node in the container's /dev and every exact loop grant in its v1
+//!   devices cgroup (`devices.list`) belongs to an exposure, and every exposure's nodes and
+//!   grants exist; no exposure intent (`pending`) survives the start;
+//! - every rule tagged with this state id in dockerd's netns (iptables-save, both
+//!   backends) has a mapping, and every active mapping has its rules;
 //! - `state.json` and `loops.json` parse;
 //! - no answered call is lost: what an answered create made exists, what an answered
 //!   delete/destroy/detach removed stays gone;
@@ -31,6 +38,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::bed::{loops_backed_under, run, Bed, LoopGuard, Out, MEMBER, OWN};
+use crate::docker::DaemonInDockerd;
 use crate::Test;
 
 pub fn tests() -> Vec<Test> {
@@ -44,6 +52,16 @@ pub fn tests() -> Vec<Test> {
             name: "crash_reconcile_removes_only_our_unrecorded_cgroups",
             needs_daemon: true,
             run: reconcile_removes_only_our_unrecorded_cgroups,
+        },
+        Test {
+            name: "crash_destroy_unrecorded_never_removes_another_state_dirs_cgroup",
+            needs_daemon: true,
+            run: destroy_unrecorded_never_removes_another_state_dirs_cgroup,
+        },
+        Test {
+            name: "crash_kill_inside_expose_and_revoke_leaves_no_orphan",
+            needs_daemon: true,
+            run: kill_inside_expose_and_revoke_leaves_no_orphan,
         },
         Test {
             name: "crash_reconcile_removes_half_made_image_files",
@@ -83,6 +101,8 @@ const CG: &str = "/sys/fs/cgroup";
 const MIB: u64 = 1 << 20;
 const INSTANCES: &str = "org.dindhelper1.Instances";
 const CAPTURES: &str = "org.dindhelper1.Captures";
+const DEVICES: &str = "org.dindhelper1.Devices";
+const PORTS: &str = "org.dindhelper1.Ports";
 const XATTR: &str = "trusted.dindhelper";
 
 /// splitmix64: small, seedable, good enough to pick operations and delays.
@@ -152,6 +172,10 @@ struct Model {
     /// image name → attached device ("" when not attached)
     images: BTreeMap<String, String>,
     instances: BTreeSet<String>,
+    /// devices of this caller exposed in the campaign's container
+    exposed: BTreeSet<String>,
+    /// this caller's port mappings: id → host port
+    mappings: BTreeMap<String, u16>,
 }
 
 /// What a round expects to find after the restart.
@@ -165,6 +189,12 @@ enum Expect {
     NotAttached(u32, String, String),
     InstanceExists(String),
     InstanceGone(String),
+    /// device exposed in the container
+    Exposed(String),
+    NotExposed(String),
+    /// host port mapped
+    Mapped(u16),
+    Unmapped(u16),
 }
 
 struct Caller {
@@ -172,6 +202,18 @@ struct Caller {
     uid: u32,
     /// prefix of this caller's instance names
     iprefix: String,
+    /// may expose devices in / publish ports of the campaign's container (root and
+    /// the member: both hold `-others`; the container belongs to no instance)
+    containers: bool,
+}
+
+/// The campaign's container (a busybox httpd on dockerd's bridge, the daemon in dockerd's
+/// netns): target of ExposeToContainer / RevokeFromContainer / Publish / Unpublish.
+struct Ctr<'a> {
+    d: &'a crate::dockerd::Dockerd,
+    name: &'static str,
+    id: String,
+    pid: u32,
 }
 
 /// One operation as a list of calls (run in order until one fails).
@@ -197,6 +239,20 @@ fn mcall(kind: &'static str, method: &'static str, sig: &'static str, args: &[&s
 fn icall(kind: &'static str, method: &'static str, sig: &'static str, args: &[&str]) -> Call {
     Call {
         iface: INSTANCES,
+        ..mcall(kind, method, sig, args)
+    }
+}
+
+fn dcall(kind: &'static str, method: &'static str, sig: &'static str, args: &[&str]) -> Call {
+    Call {
+        iface: DEVICES,
+        ..mcall(kind, method, sig, args)
+    }
+}
+
+fn pcall(kind: &'static str, method: &'static str, sig: &'static str, args: &[&str]) -> Call {
+    Call {
+        iface: PORTS,
         ..mcall(kind, method, sig, args)
     }
 }
@@ -440,6 +496,7 @@ fn pick_op(
     round: u64,
     slot: usize,
     target: u32,
+    ctr: Option<&str>,
 ) -> Vec<Call> {
     let free: Vec<&String> = m
         .images
@@ -449,8 +506,16 @@ fn pick_op(
         .collect();
     let attached: Vec<&String> = m.images.values().filter(|d| !d.is_empty()).collect();
     let insts: Vec<&String> = m.instances.iter().collect();
+    let ctr = ctr.filter(|_| c.containers);
+    let unexposed: Vec<&String> = attached
+        .iter()
+        .copied()
+        .filter(|d| !m.exposed.contains(*d))
+        .collect();
+    let exposed: Vec<&String> = m.exposed.iter().collect();
+    let mapped: Vec<&String> = m.mappings.keys().collect();
     loop {
-        match rng.below(8) {
+        match rng.below(14) {
             0 | 1 if m.images.len() < 4 => {
                 let name = format!("k{round}x{slot}");
                 let mut v = vec![mcall(
@@ -527,6 +592,38 @@ fn pick_op(
                     ],
                 }];
             }
+            8 | 12 if ctr.is_some() && !unexposed.is_empty() => {
+                let d = rng.pick(&unexposed).unwrap();
+                return vec![dcall(
+                    "expose",
+                    "ExposeToContainer",
+                    "ssa{sv}",
+                    &[d, ctr.unwrap(), "0"],
+                )];
+            }
+            9 | 13 if ctr.is_some() && !exposed.is_empty() => {
+                let d = rng.pick(&exposed).unwrap();
+                return vec![dcall(
+                    "revoke",
+                    "RevokeFromContainer",
+                    "ssa{sv}",
+                    &[d, ctr.unwrap(), "0"],
+                )];
+            }
+            10 if ctr.is_some() && m.mappings.len() < 3 => {
+                // A host port of this caller's own range, new each round.
+                let port = 20000 + 2000 * slot as u64 + round % 2000;
+                return vec![pcall(
+                    "publish",
+                    "Publish",
+                    "ssqqa{sv}",
+                    &[ctr.unwrap(), "tcp", &port.to_string(), "80", "0"],
+                )];
+            }
+            11 if !mapped.is_empty() => {
+                let id = rng.pick(&mapped).unwrap();
+                return vec![pcall("unpublish", "Unpublish", "sa{sv}", &[id, "0"])];
+            }
             _ => {}
         }
     }
@@ -548,7 +645,18 @@ fn expectations(c: &Caller, calls: &[Call], outs: &[Out], m: &Model) -> Vec<Expe
             }
             "Detach" => {
                 if let Some((img, _)) = m.images.iter().find(|(_, d)| **d == a0) {
-                    v.push(Expect::NotAttached(c.uid, img.clone(), a0));
+                    v.push(Expect::NotAttached(c.uid, img.clone(), a0.clone()));
+                }
+                if m.exposed.contains(&a0) {
+                    v.push(Expect::NotExposed(a0));
+                }
+            }
+            "ExposeToContainer" => v.push(Expect::Exposed(a0)),
+            "RevokeFromContainer" => v.push(Expect::NotExposed(a0)),
+            "Publish" => v.push(Expect::Mapped(call.args[2].parse().unwrap())),
+            "Unpublish" => {
+                if let Some(p) = m.mappings.get(&a0) {
+                    v.push(Expect::Unmapped(*p));
                 }
             }
             "DeleteImage" => v.push(Expect::ImageGone(c.uid, a0)),
@@ -570,6 +678,10 @@ struct Listed {
     instances: BTreeMap<String, u32>,
     /// capture files of sessions still running
     capture_files: Vec<String>,
+    /// exposures: (device, container id, nodes, rules)
+    exposures: Vec<(String, String, Vec<String>, Vec<String>)>,
+    /// mappings: id → (host port, owner uid, state)
+    mappings: BTreeMap<String, (u16, u32, String)>,
 }
 
 fn list(bed: &Bed) -> Listed {
@@ -599,19 +711,7 @@ fn list(bed: &Bed) -> Listed {
             )
         })
         .collect();
-    let inst = bed
-        .busctl(&[
-            "call",
-            crate::bed::BUS_NAME,
-            crate::bed::MANAGER_PATH,
-            INSTANCES,
-            "ListInstances",
-        ])
-        .expect_ok("ListInstances")
-        .json_data();
-    let instances = inst[0]
-        .as_array()
-        .unwrap()
+    let instances = rows(bed, INSTANCES, "ListInstances")
         .iter()
         .map(|r| {
             (
@@ -620,18 +720,8 @@ fn list(bed: &Bed) -> Listed {
             )
         })
         .collect();
-    let caps = bed
-        .busctl(&[
-            "call",
-            crate::bed::BUS_NAME,
-            crate::bed::MANAGER_PATH,
-            CAPTURES,
-            "ListCaptures",
-        ])
-        .expect_ok("ListCaptures")
-        .json_data();
     let mut capture_files = Vec::new();
-    for r in caps[0].as_array().cloned().unwrap_or_default() {
+    for r in rows(bed, CAPTURES, "ListCaptures") {
         // Rows carry the file path and the state; take every absolute path in a running row.
         let row = r.as_array().cloned().unwrap_or_default();
         let running = row
@@ -645,12 +735,157 @@ fn list(bed: &Bed) -> Listed {
             }
         }
     }
+    let strs = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let exposures = rows(bed, DEVICES, "ListExposures")
+        .iter()
+        .map(|r| {
+            (
+                r[1].as_str().unwrap_or_default().to_owned(),
+                r[2].as_str().unwrap_or_default().to_owned(),
+                strs(&r[5]),
+                strs(&r[6]),
+            )
+        })
+        .collect();
+    let mappings = rows(bed, PORTS, "ListMappings")
+        .iter()
+        .map(|r| {
+            (
+                r[1].as_str().unwrap_or_default().to_owned(),
+                (
+                    r[6].as_u64().unwrap_or_default() as u16,
+                    r[10].as_u64().unwrap_or_default() as u32,
+                    r[12].as_str().unwrap_or_default().to_owned(),
+                ),
+            )
+        })
+        .collect();
     Listed {
         images,
         loops,
         instances,
         capture_files,
+        exposures,
+        mappings,
     }
+}
+
+/// The rows of a list method without arguments (none when the interface does not answer).
+fn rows(bed: &Bed, iface: &str, method: &str) -> Vec<serde_json::Value> {
+    let out = bed.busctl(&[
+        "call",
+        crate::bed::BUS_NAME,
+        crate::bed::MANAGER_PATH,
+        iface,
+        method,
+    ]);
+    if !out.ok() {
+        return Vec::new();
+    }
+    out.json_data()[0].as_array().cloned().unwrap_or_default()
+}
+
+/// An Instances call as root.
+fn instances(bed: &Bed, method: &str, args: &[&str]) -> Out {
+    bed.call_iface_as("root", "Instances", method, "sa{sv}", args)
+}
+
+/// `<hierarchy>/dind/<name>` made by hand in the cpu, memory and pids hierarchies, tagged
+/// with `tag` when given (what a daemon killed inside CreateInstance, or another daemon,
+/// leaves).
+fn dind_dirs(name: &str, tag: Option<&str>) -> Vec<PathBuf> {
+    ["cpu", "memory", "pids"]
+        .iter()
+        .map(|h| {
+            let d = Path::new(CG).join(h).join("dind").join(name);
+            fs::create_dir_all(&d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
+            if let Some(t) = tag {
+                set_xattr(&d, t);
+            }
+            d
+        })
+        .collect()
+}
+
+/// Block nodes of loop devices (major 7) and their partitions (259) in the container's
+/// /dev: name → "b MAJ:MIN rwm".
+fn loop_nodes_in(pid: u32) -> BTreeMap<String, String> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut out = BTreeMap::new();
+    let Ok(rd) = fs::read_dir(format!("/proc/{pid}/root/dev")) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Ok(md) = e.metadata() else { continue };
+        if !md.file_type().is_block_device() {
+            continue;
+        }
+        let (ma, mi) = (libc::major(md.rdev()), libc::minor(md.rdev()));
+        if ma == 7 || ma == 259 {
+            out.insert(
+                e.file_name().to_string_lossy().into_owned(),
+                format!("b {ma}:{mi} rwm"),
+            );
+        }
+    }
+    out
+}
+
+/// Exact grants of loop devices and partitions in the container's v1 devices cgroup
+/// (`devices.list`; wildcard lines such as Docker's `b *:* m` are not grants of ours).
+fn loop_grants_in(pid: u32) -> Option<BTreeSet<String>> {
+    let list = fs::read_to_string(devices_dir(pid)?.join("devices.list")).ok()?;
+    Some(
+        list.lines()
+            .filter(|l| (l.starts_with("b 7:") || l.starts_with("b 259:")) && !l.contains('*'))
+            .map(str::to_owned)
+            .collect(),
+    )
+}
+
+/// The v1 devices cgroup directory of process `pid`.
+fn devices_dir(pid: u32) -> Option<PathBuf> {
+    let cg = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let rel = cg.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, ctrl, path) = (f.next()?, f.next()?, f.next()?);
+        ctrl.split(',')
+            .any(|c| c == "devices")
+            .then(|| path.to_owned())
+    })?;
+    Some(
+        Path::new(CG)
+            .join("devices")
+            .join(rel.trim_start_matches('/')),
+    )
+}
+
+/// Mapping ids of the rules tagged with this state dir's id in dockerd's netns (both
+/// iptables backends): id → number of rules.
+fn tagged_rules(d: &crate::dockerd::Dockerd, state_id: &str) -> BTreeMap<String, usize> {
+    let tag = format!("dindhelper:{state_id}:");
+    let mut out = BTreeMap::new();
+    for save in ["iptables-nft-save", "iptables-legacy-save"] {
+        let o = d.in_ns(&[save]);
+        for l in String::from_utf8_lossy(&o.stdout).lines() {
+            if let Some(i) = l.find(&tag) {
+                let id: String = l[i + tag.len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+                    .collect();
+                *out.entry(id).or_default() += 1;
+            }
+        }
+    }
+    out
 }
 
 fn check_invariants(
@@ -659,9 +894,13 @@ fn check_invariants(
     callers: &[Caller],
     expects: &[Expect],
     foreign: &Foreign,
+    ctr: Option<&Ctr>,
     stats: &mut Stats,
 ) -> Listed {
     let l = list(bed);
+    if let Some(c) = ctr {
+        check_container(bed, c, &l, stats);
+    }
     // Loops of this state dir: listed, and listed ones bound.
     for dev in loops_backed_under(&bed.state_dir) {
         let d = format!("/dev/{dev}");
@@ -763,6 +1002,10 @@ fn check_invariants(
             }
             Expect::InstanceExists(n) => !l.instances.contains_key(n),
             Expect::InstanceGone(n) => l.instances.contains_key(n),
+            Expect::Exposed(d) => !l.exposures.iter().any(|e| &e.0 == d),
+            Expect::NotExposed(d) => l.exposures.iter().any(|e| &e.0 == d),
+            Expect::Mapped(p) => !l.mappings.values().any(|m| m.0 == *p),
+            Expect::Unmapped(p) => l.mappings.values().any(|m| m.0 == *p),
         };
         if lost {
             stats.leak("answered call lost", format!("{e:?}"));
@@ -772,10 +1015,85 @@ fn check_invariants(
     l
 }
 
+/// The container's side after a restart: every loop node in its /dev and every exact
+/// loop grant in its devices cgroup has an exposure; every exposure's nodes and grants
+/// exist; no exposure intent survived the reconcile; every rule tagged with this state
+/// id has a mapping and every active mapping has its rules.
+fn check_container(bed: &Bed, c: &Ctr, l: &Listed, stats: &mut Stats) {
+    let mine: Vec<&(String, String, Vec<String>, Vec<String>)> =
+        l.exposures.iter().filter(|e| e.1 == c.id).collect();
+    let nodes = loop_nodes_in(c.pid);
+    for (name, rule) in &nodes {
+        if !mine.iter().any(|e| e.2.contains(name)) {
+            stats.leak(
+                "node in container without exposure",
+                format!("{name} ({rule})"),
+            );
+        }
+    }
+    for e in &mine {
+        for n in &e.2 {
+            if !nodes.contains_key(n) {
+                stats.leak("exposure's node missing", format!("{} {n}", e.0));
+            }
+        }
+    }
+    match loop_grants_in(c.pid) {
+        Some(grants) => {
+            for g in &grants {
+                if !mine.iter().any(|e| e.3.contains(g)) {
+                    stats.leak("grant in container without exposure", g.clone());
+                }
+            }
+            for e in &mine {
+                for r in &e.3 {
+                    if !grants.contains(r) {
+                        stats.leak("exposure's grant missing", format!("{} {r}", e.0));
+                    }
+                }
+            }
+        }
+        None => stats.leak(
+            "container's devices cgroup unreadable",
+            format!("pid {}", c.pid),
+        ),
+    }
+    let loops = fs::read_to_string(bed.state_dir.join("loops.json")).unwrap_or_default();
+    if loops.contains("\"pending\"") {
+        stats.leak(
+            "exposure intent left after reconcile",
+            "loops.json".to_owned(),
+        );
+    }
+    let tagged = tagged_rules(c.d, &state_id(bed));
+    for id in tagged.keys() {
+        if !l.mappings.contains_key(id) {
+            stats.leak("tagged rule without mapping", id.clone());
+        }
+    }
+    for (id, m) in &l.mappings {
+        if m.2 == "active" && !tagged.contains_key(id) {
+            stats.leak("active mapping without rules", format!("{id} port {}", m.0));
+        }
+    }
+}
+
 fn resync(callers: &[Caller], l: &Listed) -> Vec<Model> {
     callers
         .iter()
         .map(|c| Model {
+            exposed: l
+                .exposures
+                .iter()
+                .filter(|e| l.images.iter().any(|((u, _), d)| *u == c.uid && *d == e.0))
+                .map(|e| e.0.clone())
+                .collect(),
+            mappings: l
+                .mappings
+                .iter()
+                .filter(|(_, m)| m.1 == c.uid)
+                .map(|(id, m)| (id.clone(), m.0))
+                .collect(),
             images: l
                 .images
                 .iter()
@@ -808,8 +1126,24 @@ fn campaign(bed: &Bed, stop: Stop, kills: u64) {
             user: u,
             uid: bed.uid(u),
             iprefix: format!("{prefix}{t}"),
+            containers: u != OWN,
         })
         .collect();
+    // dockerd with the daemon in its netns (the ports need Docker's chains there), and a
+    // running container for exposures and mappings. Before the sweep: dropped after it.
+    let env = DaemonInDockerd::new(bed, "dhk");
+    env.d().run_web("kweb", "/www", &[]);
+    let ctr = {
+        let d = env.d();
+        let id = d.docker_ok(&["inspect", "-f", "{{.Id}}", "kweb"]);
+        let pid = d.docker_ok(&["inspect", "-f", "{{.State.Pid}}", "kweb"]);
+        Ctr {
+            d,
+            name: "kweb",
+            id: id.trim().to_owned(),
+            pid: pid.trim().parse().expect("container pid"),
+        }
+    };
     let _sweep = Sweep {
         prefix: prefix.clone(),
         state_dir: &bed.state_dir,
@@ -826,7 +1160,7 @@ fn campaign(bed: &Bed, stop: Stop, kills: u64) {
         let ops: Vec<Vec<Call>> = callers
             .iter()
             .enumerate()
-            .map(|(i, c)| pick_op(&mut rng, c, &models[i], round, i, tpid))
+            .map(|(i, c)| pick_op(&mut rng, c, &models[i], round, i, tpid, Some(ctr.name)))
             .collect();
         let delay = Duration::from_micros(rng.below(250_000));
         let address = bed.address.as_str();
@@ -880,7 +1214,15 @@ fn campaign(bed: &Bed, stop: Stop, kills: u64) {
         bed.start_daemon()
             .unwrap_or_else(|e| panic!("restart after kill {} (seed {seed}): {e}", round + 1));
         let before = stats.leaks.values().map(Vec::len).sum::<usize>();
-        let l = check_invariants(bed, &prefix, &callers, &expects, &foreign, &mut stats);
+        let l = check_invariants(
+            bed,
+            &prefix,
+            &callers,
+            &expects,
+            &foreign,
+            Some(&ctr),
+            &mut stats,
+        );
         let after = stats.leaks.values().map(Vec::len).sum::<usize>();
         if after > before {
             println!(
@@ -924,22 +1266,7 @@ fn campaign(bed: &Bed, stop: Stop, kills: u64) {
     // Clean up through the API, then by hand what the API could not remove.
     let l = list(bed);
     for name in l.instances.keys().filter(|n| n.starts_with(&prefix)) {
-        bed.busctl(&[
-            "call",
-            crate::bed::BUS_NAME,
-            crate::bed::MANAGER_PATH,
-            INSTANCES,
-            "DestroyInstance",
-            "sa{sv}",
-            name,
-            "2",
-            "force",
-            "b",
-            "true",
-            "delete_images",
-            "b",
-            "true",
-        ]);
+        bed.destroy_instance_forced(name);
     }
     let l = list(bed);
     for d in l.loops.keys() {
@@ -994,42 +1321,19 @@ fn state_id(bed: &Bed) -> String {
 fn reconcile_removes_only_our_unrecorded_cgroups(bed: &Bed) {
     let id = state_id(bed);
     let p = format!("kr{}-", std::process::id());
-    let hier = ["cpu", "memory", "pids"];
-    let mk = |name: &str, tag: Option<&str>| -> Vec<PathBuf> {
-        hier.iter()
-            .map(|h| {
-                let d = Path::new(CG).join(h).join("dind").join(name);
-                fs::create_dir_all(&d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
-                if let Some(t) = tag {
-                    set_xattr(&d, t);
-                }
-                d
-            })
-            .collect()
-    };
     let ours_tagged = format!("{p}ours");
     let ours_intent = format!("{p}intent");
     let other = format!("{p}other");
     let plain = format!("{p}plain");
     let kept = format!("{p}kept");
     // A recorded instance: made through the API.
-    bed.busctl(&[
-        "call",
-        crate::bed::BUS_NAME,
-        crate::bed::MANAGER_PATH,
-        INSTANCES,
-        "CreateInstance",
-        "sa{sv}",
-        &kept,
-        "0",
-    ])
-    .expect_ok("CreateInstance");
+    instances(bed, "CreateInstance", &[&kept, "0"]).expect_ok("CreateInstance");
     let kept_dir = Path::new(CG).join("memory/dind").join(&kept);
     let tag_of_kept = read_xattr(&kept_dir);
     bed.kill9_daemon();
-    let d_ours = mk(&ours_tagged, Some(&id));
+    let d_ours = dind_dirs(&ours_tagged, Some(&id));
     // Killed between mkdir and tag: the first directory tagged, the next ones untagged.
-    let d_intent = mk(&ours_intent, None);
+    let d_intent = dind_dirs(&ours_intent, None);
     fs::create_dir_all(bed.state_dir.join("intents")).unwrap();
     fs::write(
         bed.state_dir
@@ -1038,8 +1342,8 @@ fn reconcile_removes_only_our_unrecorded_cgroups(bed: &Bed) {
         b"",
     )
     .unwrap();
-    let d_other = mk(&other, Some("ffffffffffffffff"));
-    let d_plain = mk(&plain, None);
+    let d_other = dind_dirs(&other, Some("ffffffffffffffff"));
+    let d_plain = dind_dirs(&plain, None);
     bed.start_daemon().expect("restart");
 
     let gone = |ds: &[PathBuf]| ds.iter().all(|d| !d.exists());
@@ -1078,20 +1382,175 @@ fn reconcile_removes_only_our_unrecorded_cgroups(bed: &Bed) {
             fs::remove_dir(d).ok();
         }
     }
-    bed.busctl(&[
-        "call",
-        crate::bed::BUS_NAME,
-        crate::bed::MANAGER_PATH,
-        INSTANCES,
-        "DestroyInstance",
-        "sa{sv}",
-        &kept,
-        "0",
-    ])
-    .expect_ok("DestroyInstance");
+    instances(bed, "DestroyInstance", &[&kept, "0"]).expect_ok("DestroyInstance");
     if let Err(e) = res {
         std::panic::resume_unwind(e);
     }
+}
+
+/// DestroyInstance of a name this daemon has no record of, by root (who holds every
+/// action, `-others` included), even forced: a cgroup tagged with ANOTHER state dir's id
+/// is another daemon's and stays, answered Conflict; an untagged leftover of the same
+/// kind is still removed (the clean-up path for cgroups from before tags).
+fn destroy_unrecorded_never_removes_another_state_dirs_cgroup(bed: &Bed) {
+    let p = format!("kd{}-", std::process::id());
+    let other = format!("{p}other");
+    let plain = format!("{p}plain");
+    let d_other = dind_dirs(&other, Some("fedcba9876543210"));
+    let d_plain = dind_dirs(&plain, None);
+    let destroy = |name: &str| {
+        bed.gdbus_raw(
+            "root",
+            &bed.address,
+            crate::bed::BUS_NAME,
+            crate::bed::MANAGER_PATH,
+            &format!("{INSTANCES}.DestroyInstance"),
+            &[
+                &crate::bed::gv_str(name),
+                "{'force': <true>, 'delete_images': <true>}",
+            ],
+        )
+    };
+    let o_other = destroy(&other);
+    let o_plain = destroy(&plain);
+    let other_left = d_other.iter().all(|d| d.is_dir());
+    let plain_gone = d_plain.iter().all(|d| !d.exists());
+    for d in d_other.iter().chain(&d_plain) {
+        fs::remove_dir(d).ok();
+    }
+    assert!(
+        other_left,
+        "DestroyInstance removed a cgroup tagged by another state dir: {o_other:?}"
+    );
+    assert_eq!(
+        o_other.dbus_error().as_deref(),
+        Some("org.dindhelper1.Error.Conflict"),
+        "another state dir's cgroup: Conflict: {o_other:?}"
+    );
+    assert!(
+        o_other.stderr.contains("fedcba9876543210"),
+        "the error names the owner tag: {o_other:?}"
+    );
+    o_plain.expect_ok("DestroyInstance of an untagged unrecorded leftover");
+    assert!(plain_gone, "an untagged unrecorded leftover is removed");
+}
+
+/// strace attached to the daemon (every thread) that SIGKILLs it when it opens `path`:
+/// a kill at an exact point of an operation, which random kills hit only by chance.
+fn kill_when_opening(pid: u32, path: &Path) -> Child {
+    let c = Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-p", &pid.to_string(), "-P"])
+        .arg(path)
+        .args(["-e", "trace=openat", "-e", "inject=openat:signal=SIGKILL"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("strace (package strace)");
+    // Attached once the daemon's threads show a tracer.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        let st = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        if st
+            .lines()
+            .any(|l| l.starts_with("TracerPid:") && l.trim() != "TracerPid:\t0")
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    c
+}
+
+/// The two windows of an exposure change, hit exactly (strace kills the daemon when it
+/// opens the container's `devices.allow` — nodes made, grant not yet — and, in a revoke,
+/// `devices.list` — grant withdrawn, nodes not yet removed): after each restart no node
+/// or grant in the container lacks an exposure and every exposure's nodes and grants
+/// exist (the reconcile finishes the interrupted expose and the interrupted revoke). On
+/// the code before (record saved after the effect) the first kill left `/dev/loopN` in
+/// the container with no exposure.
+fn kill_inside_expose_and_revoke_leaves_no_orphan(bed: &Bed) {
+    crate::docker::shared(bed, |d| {
+        let name = "dhk-x";
+        crate::docker::start_container(d, name, &[]);
+        let ctr = Ctr {
+            d,
+            name,
+            id: d
+                .docker_ok(&["inspect", "-f", "{{.Id}}", name])
+                .trim()
+                .to_owned(),
+            pid: d
+                .docker_ok(&["inspect", "-f", "{{.State.Pid}}", name])
+                .trim()
+                .parse()
+                .expect("pid"),
+        };
+        let devdir = devices_dir(ctr.pid).expect("container's devices cgroup (v1)");
+        bed.create_image("root", "kxe", 2 * MIB);
+        let (_, dev) = bed.attach_image("root", "kxe", &[]);
+        let devices = |method: &str| {
+            bed.busctl(&[
+                "call",
+                crate::bed::BUS_NAME,
+                crate::bed::MANAGER_PATH,
+                DEVICES,
+                method,
+                "ssa{sv}",
+                &dev,
+                name,
+                "0",
+            ])
+        };
+        let mut stats = Stats::default();
+        let mut notes = Vec::new();
+        for (phase, file, method) in [
+            ("expose", "devices.allow", "ExposeToContainer"),
+            ("revoke", "devices.list", "RevokeFromContainer"),
+        ] {
+            if phase == "revoke" && !list(bed).exposures.iter().any(|e| e.0 == dev) {
+                devices("ExposeToContainer").expect_ok("ExposeToContainer");
+            }
+            let mut tracer =
+                kill_when_opening(bed.daemon_pid().expect("daemon"), &devdir.join(file));
+            let o = devices(method);
+            // The kill ends strace; a call that never opened the file (refused) must not
+            // leave it attached.
+            let t = Instant::now();
+            while tracer.try_wait().ok().flatten().is_none() {
+                if t.elapsed() > Duration::from_secs(5) {
+                    tracer.kill().ok();
+                    tracer.wait().ok();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            bed.kill9_daemon();
+            let nodes = loop_nodes_in(ctr.pid);
+            notes.push(format!(
+                "{phase}: call {:?}, nodes in the container at the kill {nodes:?}",
+                outcome(&o)
+            ));
+            bed.start_daemon().expect("restart");
+            let l = list(bed);
+            check_container(bed, &ctr, &l, &mut stats);
+            if outcome(&o) != Outcome::Interrupted {
+                stats.leak("the kill missed the window", format!("{phase}: {o:?}"));
+            }
+        }
+        let log = bed.daemon_log();
+        bed.detach("root", &dev);
+        bed.delete_image("root", "kxe");
+        d.docker(&["rm", "-f", name]);
+        println!("{notes:#?}");
+        assert!(
+            stats.leaks.is_empty(),
+            "{notes:#?}\n{:#?}\nreconcile said: {:?}",
+            stats.leaks,
+            log.lines()
+                .filter(|l| l.contains("interrupted"))
+                .collect::<Vec<_>>()
+        );
+    })
 }
 
 /// A daemon killed inside CreateImage leaves at most a temp file (`.<name>.img.part`,
@@ -1229,16 +1688,7 @@ fn polkitd_killed_mid_call_fails_closed(bed: &Bed) {
     // Clean up through the API (as root).
     let l = list(bed);
     for name in l.instances.keys().filter(|n| n.starts_with(&prefix)) {
-        bed.busctl(&[
-            "call",
-            crate::bed::BUS_NAME,
-            crate::bed::MANAGER_PATH,
-            INSTANCES,
-            "DestroyInstance",
-            "sa{sv}",
-            name,
-            "0",
-        ]);
+        instances(bed, "DestroyInstance", &[name, "0"]);
     }
     for (u, n) in l.images.keys() {
         if n.starts_with('p') && (*u == bed.uid(MEMBER) || *u == bed.uid(OWN)) {

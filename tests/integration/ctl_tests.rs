@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::bed::{run, run_cmd, Bed, Out, BUS_NAME, MANAGER_PATH, MEMBER, PLAIN};
-use crate::dockerd::Dockerd;
+use crate::docker::DaemonInDockerd;
 use crate::Test;
 
 pub fn tests() -> Vec<Test> {
@@ -291,61 +291,8 @@ fn monitor_prints_signals(bed: &Bed) {
 
 // ---- with a real dockerd -----------------------------------------------------------
 
-/// dockerd + the bed's daemon moved into its netns; undone on drop.
-struct DockerEnv<'b> {
-    bed: &'b Bed,
-    d: Option<Dockerd>,
-}
-
-impl<'b> DockerEnv<'b> {
-    fn new(bed: &'b Bed) -> DockerEnv<'b> {
-        let d = Dockerd::start_tagged("dho", false);
-        let env = DockerEnv { bed, d: Some(d) };
-        bed.stop_daemon();
-        // The place gives --docker-host (the capture tests' fixture may have set it as an
-        // argument; two would be a usage error). As PortsEnv does, it is not restored.
-        bed.set_daemon_args(&[]);
-        bed.set_daemon_place(Some((
-            env.d().ns_path(),
-            format!("unix://{}", env.d().socket.display()),
-        )));
-        bed.start_daemon()
-            .unwrap_or_else(|e| panic!("daemon in dockerd's netns: {e}"));
-        env
-    }
-
-    fn d(&self) -> &Dockerd {
-        self.d.as_ref().expect("dockerd")
-    }
-}
-
-impl Drop for DockerEnv<'_> {
-    fn drop(&mut self) {
-        // Whatever a failed test left: instances (with their ports, loops, images).
-        let out = self.bed.ctl_as("root", &["--json", "instance", "list"]);
-        if out.ok() {
-            if let Ok(serde_json::Value::Array(rows)) = serde_json::from_str(out.stdout.trim()) {
-                for r in rows {
-                    if let Some(n) = r["name"].as_str() {
-                        self.bed.ctl_as(
-                            "root",
-                            &["instance", "destroy", n, "--force", "--delete-images"],
-                        );
-                    }
-                }
-            }
-        }
-        self.bed.stop_daemon();
-        self.bed.set_daemon_place(None);
-        drop(self.d.take());
-        if let Err(e) = self.bed.start_daemon() {
-            eprintln!("DockerEnv: the bed's daemon did not come back: {e}");
-        }
-    }
-}
-
 fn instances_ports_exposures_captures(bed: &Bed) {
-    let env = DockerEnv::new(bed);
+    let env = DaemonInDockerd::new(bed, "dho");
     let d = env.d();
     let c = |a: &[&str]| bed.ctl_as(MEMBER, a);
 
@@ -623,7 +570,7 @@ fn instance_cgroups(prefix: &str) -> Vec<PathBuf> {
 }
 
 fn partition_exercise_leaves_nothing(bed: &Bed) {
-    let env = DockerEnv::new(bed);
+    let env = DaemonInDockerd::new(bed, "dho");
     let d = env.d();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/partition-exercise");
     let script = |name: &str, args: &[&str], prefix: &str| -> Out {

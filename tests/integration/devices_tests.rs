@@ -9,7 +9,7 @@
 //! another image with a secret in it.
 
 use crate::bed::{gv_str, Bed, Out, BUS_NAME, MANAGER_PATH, MEMBER, OWN};
-use crate::capture_tests::docker;
+use crate::docker::{in_container, shared, start_container};
 use crate::dockerd::Dockerd;
 use crate::Test;
 use std::time::Instant;
@@ -115,27 +115,6 @@ fn expose(bed: &Bed, user: &str, device: &str, container: &str) -> Vec<String> {
         .collect()
 }
 
-/// `docker exec NAME busybox sh -c SCRIPT`: (success, stdout+stderr).
-fn in_container(d: &Dockerd, name: &str, script: &str) -> (bool, String) {
-    let o = d.docker(&["exec", name, "/bin/busybox", "sh", "-c", script]);
-    (
-        o.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
-}
-
-fn start_container(d: &Dockerd, name: &str, extra: &[&str]) {
-    let _ = d.docker(&["rm", "-f", name]);
-    let mut args = vec!["run", "-d", "--name", name];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&["bb:latest", "/bin/busybox", "sleep", "100000"]);
-    d.docker_ok(&args);
-}
-
 /// Write `secret` at offset 0 of a loop device from the host.
 fn write_secret(dev: &str, secret: &str) {
     use std::io::Write;
@@ -195,7 +174,7 @@ fn list_exposures(bed: &Bed) -> Vec<serde_json::Value> {
 // ---- tests -------------------------------------------------------------------------
 
 fn devices_detach_revokes_before_the_number_is_reused(bed: &Bed) {
-    docker(bed, |d| {
+    shared(bed, |d| {
         start_container(d, "dhv-a", &[]);
         bed.create_image(MEMBER, "dhv-a1", 16 << 20);
         bed.create_image(OWN, "dhv-b1", 16 << 20);
@@ -240,7 +219,7 @@ fn devices_detach_revokes_before_the_number_is_reused(bed: &Bed) {
 }
 
 fn devices_loop_clr_fd_in_the_container_is_caught_before_reuse(bed: &Bed) {
-    docker(bed, |d| {
+    shared(bed, |d| {
         start_container(d, "dhv-c", &[]);
         bed.create_image(MEMBER, "dhv-c1", 16 << 20);
         bed.create_image(OWN, "dhv-c2", 16 << 20);
@@ -288,7 +267,7 @@ fn devices_loop_clr_fd_in_the_container_is_caught_before_reuse(bed: &Bed) {
 }
 
 fn devices_exposures_are_listed_survive_a_restart_and_revoke(bed: &Bed) {
-    docker(bed, |d| {
+    shared(bed, |d| {
         start_container(d, "dhv-l", &[]);
         bed.create_image(MEMBER, "dhv-l1", 16 << 20);
         let lp = crate::bed::DaemonLoop::attach(bed, MEMBER, "dhv-l1", &[]);
@@ -384,7 +363,7 @@ fn devices_exposures_are_listed_survive_a_restart_and_revoke(bed: &Bed) {
 }
 
 fn devices_destroy_instance_and_delete_image_revoke(bed: &Bed) {
-    docker(bed, |d| {
+    shared(bed, |d| {
         start_container(d, "dhv-i", &[]);
         bed.create_image(MEMBER, "dhv-i1", 16 << 20);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -437,7 +416,7 @@ fn devices_destroy_instance_and_delete_image_revoke(bed: &Bed) {
 }
 
 fn devices_refusals_change_nothing(bed: &Bed) {
-    docker(bed, |d| {
+    shared(bed, |d| {
         start_container(d, "dhv-r", &[]);
         start_container(d, "dhv-hostdev", &["-v", "/dev:/dev"]);
         let _ = d.docker(&["rm", "-f", "dhv-stopped"]);
@@ -491,7 +470,7 @@ fn devices_refusals_change_nothing(bed: &Bed) {
 }
 
 fn devices_same_name_in_every_container_and_privileged_needs_no_grant(bed: &Bed) {
-    docker(bed, |d| {
+    shared(bed, |d| {
         start_container(d, "dhv-s1", &[]);
         start_container(d, "dhv-s2", &[]);
         // `--privileged` cannot start here (runc: "unable to apply caps" in this VM); a
@@ -606,7 +585,7 @@ fn wait_for(what: &str, f: impl Fn() -> bool) -> std::time::Duration {
 
 fn devices_partitions_follow_a_table_written_inside_the_container(bed: &Bed) {
     use std::os::unix::fs::FileTypeExt;
-    docker(bed, |d| {
+    shared(bed, |d| {
         start_container(d, "dhv-f", &[]);
         bed.create_image(MEMBER, "dhv-f1", 16 << 20);
         let lp = crate::bed::DaemonLoop::attach(bed, MEMBER, "dhv-f1", &[]);
@@ -698,7 +677,7 @@ fn devices_partitions_follow_a_table_written_inside_the_container(bed: &Bed) {
 }
 
 fn devices_a_grant_that_cannot_be_withdrawn_is_busy_unless_forced(bed: &Bed) {
-    docker(bed, |d| {
+    shared(bed, |d| {
         start_container(d, "dhv-b", &[]);
         bed.create_image(MEMBER, "dhv-b1", 16 << 20);
         let lp = crate::bed::DaemonLoop::attach(bed, MEMBER, "dhv-b1", &[]);

@@ -217,22 +217,7 @@ struct InstGuard<'b> {
 
 impl Drop for InstGuard<'_> {
     fn drop(&mut self) {
-        let _ = call(
-            self.bed,
-            "root",
-            "DestroyInstance",
-            "sa{sv}",
-            &[
-                &self.name,
-                "2",
-                "force",
-                "b",
-                "true",
-                "delete_images",
-                "b",
-                "true",
-            ],
-        );
+        let _ = self.bed.destroy_instance_forced(&self.name);
         for d in cgroup_dirs(&self.name) {
             if let Err(e) = fs::remove_dir(&d) {
                 eprintln!("InstGuard: rmdir {}: {e}", d.display());
@@ -765,57 +750,6 @@ fn adopt_sets_oom_score_adj_and_destroy_refuses_then_forces(bed: &Bed) {
     assert!(!st.success(), "the process in the instance was killed");
 }
 
-/// The bed's daemon replaced by one started with `--docker-host`; the bed's own daemon
-/// comes back on drop.
-struct DockerHostDaemon<'b> {
-    bed: &'b Bed,
-    child: Child,
-}
-
-impl<'b> DockerHostDaemon<'b> {
-    fn start(bed: &'b Bed, socket: &Path) -> Self {
-        let st = bed.stop_daemon().expect("bed daemon was running");
-        assert!(st.success(), "bed daemon exit: {st}");
-        let log = fs::File::create(bed.scratch("daemon-docker.log")).unwrap();
-        let child = Command::new(Bed::daemon_bin())
-            .arg("--bus-address")
-            .arg(&bed.address)
-            .arg("--state-dir")
-            .arg(&bed.state_dir)
-            .arg("--docker-host")
-            .arg(format!("unix://{}", socket.display()))
-            .args(["--log-level", "debug"])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start dindhelperd");
-        let d = DockerHostDaemon { bed, child };
-        let t = std::time::Instant::now();
-        while !bed.name_has_owner(BUS_NAME) {
-            assert!(
-                t.elapsed() < std::time::Duration::from_secs(20),
-                "dindhelperd --docker-host did not come up: {}",
-                fs::read_to_string(bed.scratch("daemon-docker.log")).unwrap_or_default()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        d
-    }
-}
-
-impl Drop for DockerHostDaemon<'_> {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on the daemon this test started.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let _ = self.child.wait();
-        if let Err(e) = self.bed.start_daemon() {
-            eprintln!("restart of the bed's daemon failed: {e}");
-        }
-    }
-}
-
 /// Every pid in the container's cgroup (pids hierarchy on v1, unified on v2).
 fn container_pids(d: &dockerd::Dockerd, ctr: &str) -> Vec<u32> {
     let pid = d.docker_ok(&["inspect", "-f", "{{.State.Pid}}", ctr]);
@@ -844,9 +778,12 @@ fn container_pids(d: &dockerd::Dockerd, ctr: &str) -> Vec<u32> {
     .collect()
 }
 
+/// On the run's shared dockerd (the bed's daemon pointed at it with `--docker-host`).
 fn adopt_docker_container_by_name_with_a_real_dockerd(bed: &Bed) {
-    let d = dockerd::Dockerd::start();
-    let _daemon = DockerHostDaemon::start(bed, &d.socket);
+    crate::docker::shared(bed, |d| adopt_docker_container_by_name(bed, d))
+}
+
+fn adopt_docker_container_by_name(bed: &Bed, d: &dockerd::Dockerd) {
     let name = iname("dk");
     let _g = guard(bed, &name);
     let (_, _, parent) = create(
@@ -878,7 +815,7 @@ fn adopt_docker_container_by_name_with_a_real_dockerd(bed: &Bed) {
             .starts_with(&format!("/dind/{name}/")),
         "{r}"
     );
-    let pids = container_pids(&d, "dhjc1");
+    let pids = container_pids(d, "dhjc1");
     assert!(pids.len() >= 2, "{pids:?}");
     for p in &pids {
         assert_eq!(
@@ -893,7 +830,7 @@ fn adopt_docker_container_by_name_with_a_real_dockerd(bed: &Bed) {
     d.docker_ok(&["restart", "-t", "0", "dhjc1"]);
     let t = std::time::Instant::now();
     loop {
-        let pids = container_pids(&d, "dhjc1");
+        let pids = container_pids(d, "dhjc1");
         let all = !pids.is_empty()
             && pids
                 .iter()

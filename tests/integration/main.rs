@@ -18,6 +18,7 @@ mod capture_tests;
 mod crash_tests;
 mod ctl_tests;
 mod devices_tests;
+mod docker;
 // The dockerd fixture of tests/common (dockerd in its own netns, image bb:latest), shared
 // by the modules that need Docker.
 #[path = "../common/dockerd.rs"]

@@ -14,6 +14,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use crate::bed::{gv_str, Bed, Out, BUS_NAME, MANAGER_PATH, MEMBER, OWN, PLAIN};
+use crate::docker::DaemonInDockerd;
 use crate::dockerd::Dockerd;
 use crate::Test;
 
@@ -74,10 +75,11 @@ pub fn tests() -> Vec<Test> {
     ]
 }
 
-/// dockerd + the bed's daemon moved into dockerd's netns; undone on drop.
+/// dockerd + the bed's daemon moved into dockerd's netns ([`DaemonInDockerd`]); undone on
+/// drop (it also unpublishes what a test left).
 struct PortsEnv<'b> {
     bed: &'b Bed,
-    d: Option<Dockerd>,
+    env: DaemonInDockerd<'b>,
 }
 
 impl<'b> PortsEnv<'b> {
@@ -89,21 +91,14 @@ impl<'b> PortsEnv<'b> {
     /// The same with extra dockerd arguments (a private dockerd, stopped by pid on drop).
     #[track_caller]
     fn with_args(bed: &'b Bed, extra: &[&str]) -> PortsEnv<'b> {
-        let d = Dockerd::start_args("dhr", false, extra);
-        let env = PortsEnv { bed, d: Some(d) };
-        bed.stop_daemon();
-        bed.set_daemon_args(&[]); // the place gives --docker-host
-        bed.set_daemon_place(Some((
-            env.d().ns_path(),
-            format!("unix://{}", env.d().socket.display()),
-        )));
-        bed.start_daemon()
-            .unwrap_or_else(|e| panic!("daemon in dockerd's netns: {e}"));
-        env
+        PortsEnv {
+            bed,
+            env: DaemonInDockerd::with_args(bed, "dhr", extra),
+        }
     }
 
     fn d(&self) -> &Dockerd {
-        self.d.as_ref().expect("dockerd")
+        self.env.d()
     }
 
     /// Publish through the bus as `user`; `opts` are busctl a{sv} triples.
@@ -235,29 +230,6 @@ impl<'b> PortsEnv<'b> {
                     .collect()
             })
             .unwrap_or_default()
-    }
-}
-
-impl Drop for PortsEnv<'_> {
-    fn drop(&mut self) {
-        // Unpublish what is left, per container, so the state holds nothing of this dockerd.
-        let out = self.call("root", "ListMappings", "", &[]);
-        if out.ok() {
-            let rows = out.json_data()[0].as_array().cloned().unwrap_or_default();
-            let ids: HashSet<String> = rows
-                .iter()
-                .filter_map(|r| r[3].as_str().map(str::to_owned))
-                .collect();
-            for cid in ids {
-                self.call("root", "UnpublishContainer", "sa{sv}", &[&cid, "0"]);
-            }
-        }
-        self.bed.stop_daemon();
-        self.bed.set_daemon_place(None);
-        drop(self.d.take());
-        if let Err(e) = self.bed.start_daemon() {
-            eprintln!("PortsEnv: the bed's daemon did not come back: {e}");
-        }
     }
 }
 
@@ -645,7 +617,7 @@ fn published_port_survives_dockerd_restart(bed: &Bed) {
     assert_eq!(env.d().curl(8080).as_deref(), Some("hello"));
     env.assert_tagged(3);
 
-    let d = env.d.as_mut().unwrap();
+    let d = env.env.d_mut();
     d.stop_daemon();
     // dockerd down: a Publish says so (Failed, naming dockerd), nothing hangs
     env.expect_error(
@@ -660,7 +632,7 @@ fn published_port_survives_dockerd_restart(bed: &Bed) {
         ],
         "Failed",
     );
-    let d = env.d.as_mut().unwrap();
+    let d = env.env.d_mut();
     d.start_daemon(); // returns once `docker version` answers
     let t0 = Instant::now();
     let d = env.d();
@@ -691,7 +663,7 @@ fn daemon_started_while_dockerd_is_down_catches_up(bed: &Bed) {
     let path = env.publish_ok(MEMBER, "web", 8080, 80);
     assert_eq!(env.d().curl(8080).as_deref(), Some("hello"));
     bed.stop_daemon();
-    env.d.as_mut().unwrap().stop_daemon();
+    env.env.d_mut().stop_daemon();
     bed.start_daemon()
         .expect("the daemon must start without a reachable dockerd");
     assert_eq!(env.list().len(), 1, "mapping kept while dockerd is away");
@@ -707,7 +679,7 @@ fn daemon_started_while_dockerd_is_down_catches_up(bed: &Bed) {
         ],
         "Failed",
     );
-    env.d.as_mut().unwrap().start_daemon();
+    env.env.d_mut().start_daemon();
     let d = env.d();
     let took = wait_until(
         "the port after dockerd came back",

@@ -10,7 +10,7 @@
 //! removed.
 
 use crate::bed::{run, Bed, BUS_NAME, MANAGER_PATH};
-use crate::dockerd::Dockerd;
+use crate::docker::DaemonInDockerd;
 use crate::Test;
 
 pub fn tests() -> Vec<Test> {
@@ -19,22 +19,6 @@ pub fn tests() -> Vec<Test> {
         needs_daemon: true,
         run: provision_example_runs_a_students_whole_flow_and_leaves_nothing,
     }]
-}
-
-struct Env<'b> {
-    bed: &'b Bed,
-    d: Option<Dockerd>,
-}
-
-impl Drop for Env<'_> {
-    fn drop(&mut self) {
-        self.bed.stop_daemon();
-        self.bed.set_daemon_place(None);
-        drop(self.d.take());
-        if let Err(e) = self.bed.start_daemon() {
-            eprintln!("provision: the bed's daemon did not come back: {e}");
-        }
-    }
 }
 
 fn names(bed: &Bed, iface: &str, method: &str, col: usize) -> Vec<String> {
@@ -50,15 +34,9 @@ fn names(bed: &Bed, iface: &str, method: &str, col: usize) -> Vec<String> {
 }
 
 fn provision_example_runs_a_students_whole_flow_and_leaves_nothing(bed: &Bed) {
-    let d = Dockerd::start_tagged("dhv", false);
-    bed.stop_daemon();
-    bed.set_daemon_args(&[]);
+    let env = DaemonInDockerd::new(bed, "dhv");
+    let d = env.d();
     let docker_host = format!("unix://{}", d.socket.display());
-    bed.set_daemon_place(Some((d.ns_path(), docker_host.clone())));
-    let env = Env { bed, d: Some(d) };
-    bed.start_daemon()
-        .unwrap_or_else(|e| panic!("daemon in dockerd's netns: {e}"));
-    let d = env.d.as_ref().unwrap();
 
     let student = format!("dhv{}", std::process::id());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/provision.py");
