@@ -1101,7 +1101,7 @@ fn ipv6_tcp_passes_over_ipv6_and_unpublish_restores_ip6tables(bed: &Bed) {
     wait_until("IPv6 port of family auto", Duration::from_secs(10), || {
         env.d().curl6(8089).as_deref() == Some("hello")
     });
-    let dm = env.d.as_mut().unwrap();
+    let dm = env.env.d_mut();
     dm.stop_daemon();
     dm.start_daemon();
     let d = env.d();
