@@ -234,8 +234,16 @@ async fn export(conn: &zbus::Connection, core: &Arc<Core>) -> Result<Served, Dae
     let server = conn.object_server();
     let at = DaemonError::Export;
 
+    // Our own ObjectManager: GetManagedObjects answers per caller (bus::visibility).
     server
-        .at(MANAGER_PATH, zbus::fdo::ObjectManager)
+        .at(
+            MANAGER_PATH,
+            crate::bus::visibility::ObjectManager {
+                core: core.clone(),
+                auth: auth.clone(),
+                captures: captures.clone(),
+            },
+        )
         .await
         .map_err(at)?;
     let manager = Manager {
@@ -274,7 +282,7 @@ async fn export(conn: &zbus::Connection, core: &Arc<Core>) -> Result<Served, Dae
     server.at(MANAGER_PATH, devices_iface).await.map_err(at)?;
 
     let port_changes = core.ports.subscribe();
-    crate::bus::ports::publish_all(server, core).await;
+    crate::bus::ports::publish_all(server, core, &auth).await;
     let ports_iface = crate::bus::ports::Ports {
         core: core.clone(),
         auth: auth.clone(),
@@ -284,6 +292,7 @@ async fn export(conn: &zbus::Connection, core: &Arc<Core>) -> Result<Served, Dae
     let port_signals = tokio::spawn(crate::bus::ports::follow(
         conn.clone(),
         core.clone(),
+        auth.clone(),
         port_changes,
     ));
     Ok(Served {

@@ -27,6 +27,7 @@ mod loop_tests;
 mod partition_tests;
 mod ports_tests;
 mod provision_tests;
+mod visibility_tests;
 
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -63,6 +64,7 @@ fn all_tests() -> Vec<Test> {
     v.extend(devices_tests::tests());
     v.extend(attack_tests::tests());
     v.extend(ctl_tests::tests());
+    v.extend(visibility_tests::tests());
     v
 }
 
@@ -78,6 +80,8 @@ fn missing_prerequisites() -> Vec<String> {
         "pkcheck",
         "busctl",
         "gdbus",
+        "dbus-monitor",
+        "stdbuf",
         "losetup",
         "sfdisk",
         "mkfs.ext4",
