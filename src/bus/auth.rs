@@ -455,6 +455,25 @@ mod tests {
     }
 
     #[test]
+    fn viewers_see_their_own_or_everything() {
+        let tenant = Viewer {
+            uid: 1000,
+            all: false,
+        };
+        assert!(tenant.sees(1000));
+        assert!(!tenant.sees(1001));
+        assert!(!tenant.sees(0));
+        let member = Viewer {
+            uid: 1002,
+            all: true,
+        };
+        assert!(member.sees(1000) && member.sees(0));
+        assert!(sees_all(0));
+        // No passwd entry: not a member of anything.
+        assert!(!sees_all(4_000_000_000));
+    }
+
+    #[test]
     fn twinless_actions_ignore_others() {
         assert_eq!(
             Action::InstancesOomProtect.id(true),

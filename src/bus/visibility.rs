@@ -15,9 +15,10 @@
 //!   of everyone's objects, MappingChanged/PartitionsChanged/Finished their paths. The
 //!   policy lets only root and the provisioning group receive signals from the daemon;
 //!   tenants poll (GetManagedObjects, `Get`, the `List*` methods);
-//! - zbus answers `Introspect` with the child nodes of a path, and image and instance
-//!   paths carry uids and names: tenants may introspect `/` and `/org/dindhelper1` only
-//!   (their child nodes are the fixed `loop`, `image`, `instance`, `capture`, `port`);
+//! - zbus answers `Introspect` with the whole subtree below the path (measured: on `/` or
+//!   `/org/dindhelper1` it lists every object path, and image and instance paths carry
+//!   uids and names; zbus's Introspectable cannot be replaced per caller): tenants may not
+//!   introspect at all and use the documented interface (dbus/org.dindhelper1.xml);
 //! - users in neither group get no properties, objects or introspection at all (only
 //!   `org.freedesktop.DBus.Peer`).
 //!
