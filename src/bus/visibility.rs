@@ -22,6 +22,12 @@
 //! - users in neither group get no properties, objects or introspection at all (only
 //!   `org.freedesktop.DBus.Peer`).
 //!
+//! Signals sent before the daemon owns `org.dindhelper1` match no sender rule: the start-up
+//! InterfacesAdded go out from `/org/dindhelper1` (denied by path too), and the port signal
+//! task waits for the name (daemon.rs, `Served::named`). Left: a partition-table write in a
+//! followed exposure during the milliseconds between export and RequestName would send
+//! one Loop PropertiesChanged (Partitions) that a tenant's match rule could catch.
+//!
 //! A getter called without a message header is zbus itself building PropertiesChanged or
 //! InterfacesAdded (no caller to filter for; delivery is restricted by the policy): it
 //! answers.
