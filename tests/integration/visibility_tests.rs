@@ -514,6 +514,8 @@ fn shipped_bus_policy(bed: &Bed) {
     let state = PathBuf::from(format!("/var/lib/dht-{}-vis", std::process::id()));
     std::fs::create_dir_all(&run).expect("run dir");
     std::fs::create_dir_all(&state).expect("state dir");
+    // Removed however the test ends (declared first: dropped after the daemon stopped).
+    let _state = RemoveDir(state.clone());
     let plog = run.join("polkitd.log");
     let mut polkitd = Command::new(crate::bed::POLKITD)
         .arg("--no-debug")
@@ -709,5 +711,12 @@ fn shipped_bus_policy(bed: &Bed) {
     drop(a);
     drop(b);
     drop(daemon);
-    let _ = std::fs::remove_dir_all(&state);
+}
+
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
