@@ -70,6 +70,7 @@ pub async fn run(opts: DaemonOptions) -> Result<(), DaemonError> {
     // Signal handlers before the name: a SIGTERM right after `ready` is not lost.
     let signals = Signals::install().map_err(DaemonError::Signals)?;
     own_name(&conn).await?;
+    served.named.send_replace(true);
     tracing::info!(bus = %bus, state_dir = %opts.state_dir.display(), "dindhelperd ready as {BUS_NAME}");
     let which = serve(signals).await;
     tracing::info!("{which}: releasing {BUS_NAME}, finishing calls in flight");
@@ -224,6 +225,11 @@ struct Served {
     gate: Arc<tokio::sync::RwLock<()>>,
     captures: ops::capture::Captures,
     port_signals: tokio::task::JoinHandle<()>,
+    /// Set once the name is owned. The port signal task waits for it: the bus policy
+    /// keeps the daemon's signals from tenants by sender name (and by the path
+    /// /org/dindhelper1), and a PropertiesChanged sent from an object path before the name
+    /// is owned would match neither (bus::visibility).
+    named: tokio::sync::watch::Sender<bool>,
 }
 
 /// Export every interface on `/org/dindhelper1` and every object.
@@ -234,8 +240,16 @@ async fn export(conn: &zbus::Connection, core: &Arc<Core>) -> Result<Served, Dae
     let server = conn.object_server();
     let at = DaemonError::Export;
 
+    // Our own ObjectManager: GetManagedObjects answers per caller (bus::visibility).
     server
-        .at(MANAGER_PATH, zbus::fdo::ObjectManager)
+        .at(
+            MANAGER_PATH,
+            crate::bus::visibility::ObjectManager {
+                core: core.clone(),
+                auth: auth.clone(),
+                captures: captures.clone(),
+            },
+        )
         .await
         .map_err(at)?;
     let manager = Manager {
@@ -274,22 +288,25 @@ async fn export(conn: &zbus::Connection, core: &Arc<Core>) -> Result<Served, Dae
     server.at(MANAGER_PATH, devices_iface).await.map_err(at)?;
 
     let port_changes = core.ports.subscribe();
-    crate::bus::ports::publish_all(server, core).await;
+    crate::bus::ports::publish_all(server, core, &auth).await;
     let ports_iface = crate::bus::ports::Ports {
         core: core.clone(),
         auth: auth.clone(),
         gate: gate.clone(),
     };
     server.at(MANAGER_PATH, ports_iface).await.map_err(at)?;
-    let port_signals = tokio::spawn(crate::bus::ports::follow(
-        conn.clone(),
-        core.clone(),
-        port_changes,
-    ));
+    let (named, mut named_rx) = tokio::sync::watch::channel(false);
+    let follow = crate::bus::ports::follow(conn.clone(), core.clone(), auth.clone(), port_changes);
+    let port_signals = tokio::spawn(async move {
+        if named_rx.wait_for(|owned| *owned).await.is_ok() {
+            follow.await;
+        }
+    });
     Ok(Served {
         gate,
         captures,
         port_signals,
+        named,
     })
 }
 

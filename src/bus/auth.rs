@@ -132,6 +132,54 @@ pub struct Caller {
     pub uid: u32,
 }
 
+/// The provisioning group: its members (and root) see every resource of every uid. The
+/// one definition of "provisioning" for reads; the D-Bus policy (dbus/org.dindhelper1.conf)
+/// and the shipped polkit rules name the same group for calls.
+pub const PROVISIONING_GROUP: &str = "dindhelper";
+
+/// What a caller may see (issue 9, visibility): uid 0 and members of
+/// [`PROVISIONING_GROUP`] see everything; every other uid (tenants, and anyone the bus
+/// lets through) sees only resources it owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Viewer {
+    pub uid: u32,
+    pub all: bool,
+}
+
+impl Viewer {
+    /// Whether a resource owned by `owner` is visible to this caller.
+    pub fn sees(&self, owner: u32) -> bool {
+        self.all || self.uid == owner
+    }
+}
+
+/// Whether `uid` is root or a member of [`PROVISIONING_GROUP`], decided like dbus-daemon
+/// decides `<policy group="…">`: the user database's group list of the uid (primary group
+/// plus supplementary groups), not the groups of the calling process. A uid without a
+/// passwd entry, or a missing group, is not a member. Blocking (NSS): call it off the
+/// runtime.
+pub fn sees_all(uid: u32) -> bool {
+    use nix::unistd::{getgrouplist, Group, Uid, User};
+    if uid == 0 {
+        return true;
+    }
+    let Ok(Some(group)) = Group::from_name(PROVISIONING_GROUP) else {
+        return false;
+    };
+    let Ok(Some(user)) = User::from_uid(Uid::from_raw(uid)) else {
+        return false;
+    };
+    if user.gid == group.gid {
+        return true;
+    }
+    let Ok(name) = std::ffi::CString::new(user.name) else {
+        return false;
+    };
+    getgrouplist(&name, user.gid)
+        .map(|gs| gs.contains(&group.gid))
+        .unwrap_or(false)
+}
+
 pub struct Authorizer {
     conn: zbus::Connection,
     /// Positive non-interactive polkit answers; see [`GrantCache`].
@@ -139,6 +187,10 @@ pub struct Authorizer {
     /// uid per unique bus name. A unique name is never reused during a bus's lifetime, so
     /// the bus daemon's answer stays true; bounded by clearing when full.
     uids: std::sync::Mutex<HashMap<String, u32>>,
+    /// [`Viewer`] per unique bus name: group membership as it was when the connection was
+    /// first seen (dbus-daemon also fixes a connection's groups when it connects); bounded
+    /// like `uids`.
+    viewers: std::sync::Mutex<HashMap<String, Viewer>>,
     dbus: tokio::sync::OnceCell<zbus::fdo::DBusProxy<'static>>,
     authority: tokio::sync::OnceCell<AuthorityProxy<'static>>,
 }
@@ -148,6 +200,7 @@ impl Authorizer {
         Authorizer {
             conn,
             uids: std::sync::Mutex::new(HashMap::new()),
+            viewers: std::sync::Mutex::new(HashMap::new()),
             grants: std::sync::Mutex::new(GrantCache::default()),
             dbus: tokio::sync::OnceCell::new(),
             authority: tokio::sync::OnceCell::new(),
@@ -208,6 +261,32 @@ impl Authorizer {
             name: sender.to_string(),
             uid,
         })
+    }
+
+    /// What the sender of `hdr` may see (see [`Viewer`]); the answer is cached per unique
+    /// bus name, so a property read costs one map lookup after the first.
+    pub async fn viewer(&self, hdr: &Header<'_>) -> Result<Viewer, BusError> {
+        let caller = self.caller(hdr).await?;
+        let cached = self
+            .viewers
+            .lock()
+            .expect("viewer cache")
+            .get(&caller.name)
+            .copied();
+        if let Some(v) = cached {
+            return Ok(v);
+        }
+        let uid = caller.uid;
+        let all = tokio::task::spawn_blocking(move || sees_all(uid))
+            .await
+            .unwrap_or(false);
+        let v = Viewer { uid, all };
+        let mut m = self.viewers.lock().expect("viewer cache");
+        if m.len() >= UID_CACHE_MAX {
+            m.clear();
+        }
+        m.insert(caller.name, v);
+        Ok(v)
     }
 
     /// Identify the caller and check `action` with polkit.
@@ -373,6 +452,25 @@ mod tests {
         assert!(!c.lookup(":1.6", "org.dindhelper1.loop", &d, false));
         let other: Details = vec![("instance", "b".into())];
         assert!(!c.lookup(":1.5", "org.dindhelper1.loop", &other, false));
+    }
+
+    #[test]
+    fn viewers_see_their_own_or_everything() {
+        let tenant = Viewer {
+            uid: 1000,
+            all: false,
+        };
+        assert!(tenant.sees(1000));
+        assert!(!tenant.sees(1001));
+        assert!(!tenant.sees(0));
+        let member = Viewer {
+            uid: 1002,
+            all: true,
+        };
+        assert!(member.sees(1000) && member.sees(0));
+        assert!(sees_all(0));
+        // No passwd entry: not a member of anything.
+        assert!(!sees_all(4_000_000_000));
     }
 
     #[test]

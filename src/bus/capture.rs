@@ -8,7 +8,6 @@
 //! State/Reason/counters plus the Finished signal. A finished session stays exported for
 //! `ops::capture::FINISHED_KEEP`.
 
-use super::audit;
 use super::auth::{Action, Authorizer, Caller};
 use super::error::BusError;
 use super::options::{describe, interactive, Options, Opts};
@@ -159,6 +158,7 @@ impl CaptureManager {
                     session: s.clone(),
                     captures: self.captures.clone(),
                     auth: self.auth.clone(),
+                    gate: self.gate.clone(),
                 },
             )
             .await
@@ -340,8 +340,17 @@ impl CaptureManager {
                 };
                 let inter = interactive(&options)?;
                 o.finish()?;
+                let details: super::auth::Details =
+                    vec![("capture", name.clone()), ("owner", owner.to_string())];
                 self.auth
-                    .check_caller(hdr, &caller, Action::Capture, owner != caller.uid, inter)
+                    .check_with(
+                        hdr,
+                        &caller,
+                        Action::Capture,
+                        owner != caller.uid,
+                        inter,
+                        &details,
+                    )
                     .await?;
                 self.captures
                     .delete_file(owner, &name)
@@ -355,8 +364,19 @@ impl CaptureManager {
 
     /// Sessions (running and recently finished): object, target, owner uid, state
     /// ("running"/"finished"), file path ("" for fd sessions), instance.
-    async fn list_captures(&self) -> Vec<CaptureRow> {
-        self.captures.list().iter().map(|s| row(s)).collect()
+    /// Callers outside the provisioning group get their own sessions only.
+    async fn list_captures(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<Vec<CaptureRow>, BusError> {
+        let who = self.auth.viewer(&hdr).await?;
+        Ok(self
+            .captures
+            .list()
+            .iter()
+            .filter(|s| who.sees(s.owner_uid))
+            .map(|s| row(s))
+            .collect())
     }
 
     /// A session ended: its object, final packets, bytes (file size), kernel drops and the
@@ -375,7 +395,16 @@ impl CaptureManager {
 pub struct CaptureObject {
     session: Arc<Session>,
     captures: Captures,
+    /// Also the guard of every getter: owner-only (see [`super::visibility`]).
     auth: Arc<Authorizer>,
+    /// Shared with every interface: Stop runs in the one call frame (`audited`).
+    gate: Arc<tokio::sync::RwLock<()>>,
+}
+
+impl CaptureObject {
+    async fn shown(&self, hdr: Option<&Header<'_>>) -> zbus::fdo::Result<()> {
+        super::visibility::owner_only(&self.auth, hdr, self.session.owner_uid).await
+    }
 }
 
 #[interface(name = "org.dindhelper1.Capture")]
@@ -387,75 +416,95 @@ impl CaptureObject {
         options: Options,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<(), BusError> {
-        let caller = self.auth.caller(&hdr).await?;
-        let r = async {
-            let inter = interactive(&options)?;
-            Opts::new(&options).finish()?;
-            let s = self.captures.get(self.session.id).map_err(BusError::map)?;
-            self.auth
-                .check_caller(&hdr, &caller, Action::Capture, false, inter)
-                .await?;
-            if s.owner_uid != caller.uid {
+        let path = capture_path(self.session.id).to_string();
+        let hdr = &hdr;
+        super::audited(
+            &self.auth,
+            &self.gate,
+            hdr,
+            "Stop",
+            &path,
+            |caller| async move {
+                let inter = interactive(&options)?;
+                Opts::new(&options).finish()?;
+                let s = self.captures.get(self.session.id).map_err(BusError::map)?;
+                let mut details: super::auth::Details = vec![
+                    ("target", s.target.clone()),
+                    ("owner", s.owner_uid.to_string()),
+                ];
+                if let Some(i) = &s.instance {
+                    details.push(("instance", i.clone()));
+                }
+                let others = s.owner_uid != caller.uid;
                 self.auth
-                    .check_caller(&hdr, &caller, Action::Capture, true, inter)
+                    .check_with(hdr, &caller, Action::Capture, others, inter, &details)
                     .await?;
-            }
-            s.stop();
-            let _ = tokio::time::timeout(Duration::from_secs(10), s.wait()).await;
-            Ok(())
-        }
-        .await;
-        audit(&caller, "Stop", &capture_path(self.session.id), &r);
-        r
+                s.stop();
+                let _ = tokio::time::timeout(Duration::from_secs(10), s.wait()).await;
+                Ok(())
+            },
+        )
+        .await
     }
 
     /// "running" or "finished".
     #[zbus(property)]
-    fn state(&self) -> String {
-        self.session.state().to_owned()
+    async fn state(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.session.state().to_owned())
     }
     /// The target as given to StartCapture.
     #[zbus(property)]
-    fn target(&self) -> String {
-        self.session.target.clone()
+    async fn target(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.session.target.clone())
     }
     /// Packets written.
     #[zbus(property)]
-    fn packets(&self) -> u64 {
-        self.session.stats().packets
+    async fn packets(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<u64> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.session.stats().packets)
     }
     /// Bytes written, pcap headers included (= the file size).
     #[zbus(property)]
-    fn bytes(&self) -> u64 {
-        self.session.stats().bytes
+    async fn bytes(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<u64> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.session.stats().bytes)
     }
     /// Packets the kernel dropped (ring full).
     #[zbus(property)]
-    fn dropped(&self) -> u64 {
-        self.session.stats().dropped
+    async fn dropped(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<u64> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.session.stats().dropped)
     }
     /// The capture file ("" for StartCaptureFd).
     #[zbus(property)]
-    fn path(&self) -> String {
-        self.session
-            .path
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default()
+    async fn path(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok({
+            self.session
+                .path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        })
     }
     #[zbus(property)]
-    fn owner_uid(&self) -> u32 {
-        self.session.owner_uid
+    async fn owner_uid(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<u32> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.session.owner_uid)
     }
     /// DinD instance ("" for none).
     #[zbus(property)]
-    fn instance(&self) -> String {
-        self.session.instance.clone().unwrap_or_default()
+    async fn instance(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.session.instance.clone().unwrap_or_default())
     }
     /// "" while running, then why it ended.
     #[zbus(property)]
-    fn reason(&self) -> String {
-        self.session.reason()
+    async fn reason(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.session.reason())
     }
 }
 

@@ -81,19 +81,17 @@ impl Devices {
         device: &str,
         inter: bool,
     ) -> Result<u32, BusError> {
-        self.auth
-            .check_caller(hdr, caller, Action::Devices, false, inter)
-            .await?;
-        let number = crate::loopdev::parse_device(device).map_err(BusError::map)?;
-        let rec = ops::loops::managed(&self.core, number)
-            .await
-            .map_err(BusError::map)?;
-        if rec.owner_uid != caller.uid {
-            self.auth
-                .check_caller(hdr, caller, Action::Devices, true, inter)
-                .await?;
-        }
-        Ok(number)
+        let rec = super::authorize_loop(
+            &self.auth,
+            &self.core,
+            hdr,
+            caller,
+            Action::Devices,
+            device,
+            inter,
+        )
+        .await?;
+        Ok(rec.number)
     }
 
     /// Update the Loop object's record in place and signal the Exposures change.
@@ -227,10 +225,16 @@ impl Devices {
 
     /// Every exposure: loop object, device, container id, container name, cgroup grant,
     /// nodes inside the container, rules granted.
-    async fn list_exposures(&self) -> Vec<ExposureRow> {
-        ops::devices::list(&self.core)
+    /// Callers outside the provisioning group get the exposures of their own loops only.
+    async fn list_exposures(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<Vec<ExposureRow>, BusError> {
+        let who = self.auth.viewer(&hdr).await?;
+        Ok(ops::devices::list(&self.core)
             .await
             .into_iter()
+            .filter(|(_, owner, _)| who.sees(*owner))
             .map(|(n, _, e)| {
                 let (id, name, grant, nodes, rules): ExposureTuple = exposure_tuple(&e);
                 (
@@ -243,6 +247,6 @@ impl Devices {
                     rules,
                 )
             })
-            .collect()
+            .collect())
     }
 }

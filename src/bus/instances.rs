@@ -168,7 +168,17 @@ impl Instances {
                         .unwrap_or_default()
                 })
                 .unwrap_or_default();
-            if let Err(e) = server.at(&path, InstanceObject { rec, backend }).await {
+            if let Err(e) = server
+                .at(
+                    &path,
+                    InstanceObject {
+                        rec,
+                        backend,
+                        auth: self.auth.clone(),
+                    },
+                )
+                .await
+            {
                 tracing::error!(error = %e, %path, "cannot export instance object");
             }
         }
@@ -321,11 +331,17 @@ impl Instances {
         .await
     }
 
-    /// Instances: object, name, slice unit, cgroup parent, owner uid, limits.
-    async fn list_instances(&self) -> Vec<InstanceRow> {
-        ops::instances::list(&self.core)
+    /// Instances: object, name, slice unit, cgroup parent, owner uid, limits. Callers
+    /// outside the provisioning group get their own instances only.
+    async fn list_instances(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<Vec<InstanceRow>, BusError> {
+        let who = self.auth.viewer(&hdr).await?;
+        Ok(ops::instances::list(&self.core)
             .await
             .into_iter()
+            .filter(|r| who.sees(r.owner_uid))
             .map(|r| {
                 (
                     instance_path(&r.instance.name),
@@ -336,7 +352,7 @@ impl Instances {
                     limits_dict(&r.instance.limits),
                 )
             })
-            .collect()
+            .collect())
     }
 
     /// Check that `container` (Docker name or id, or `pid:N`) runs inside the instance
@@ -463,52 +479,84 @@ impl Instances {
 pub struct InstanceObject {
     pub rec: InstanceRecord,
     pub backend: String,
+    /// Every getter is owner-only (see [`super::visibility`]).
+    pub auth: Arc<Authorizer>,
+}
+
+impl InstanceObject {
+    async fn shown(&self, hdr: Option<&Header<'_>>) -> zbus::fdo::Result<()> {
+        super::visibility::owner_only(&self.auth, hdr, self.rec.owner_uid).await
+    }
 }
 
 #[interface(name = "org.dindhelper1.Instance")]
 impl InstanceObject {
     #[zbus(property)]
-    fn name(&self) -> String {
-        self.rec.instance.name.clone()
+    async fn name(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.rec.instance.name.clone())
     }
     /// `dind-<name>.slice` (dashes escaped); the systemd unit with the systemd backend.
     #[zbus(property)]
-    fn slice_unit(&self) -> String {
-        self.rec.instance.slice_unit.clone()
+    async fn slice_unit(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.rec.instance.slice_unit.clone())
     }
     /// The value for the docker run option `cgroup-parent`.
     #[zbus(property)]
-    fn cgroup_parent(&self) -> String {
-        self.rec.instance.cgroup_parent.clone()
+    async fn cgroup_parent(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.rec.instance.cgroup_parent.clone())
     }
     /// The knobs that are set (a{sv}).
     #[zbus(property)]
-    fn limits(&self) -> HashMap<String, OwnedValue> {
-        limits_dict(&self.rec.instance.limits)
+    async fn limits(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<HashMap<String, OwnedValue>> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(limits_dict(&self.rec.instance.limits))
     }
     /// The oom_score_adj adopted containers get (default +500).
     #[zbus(property)]
-    fn oom_score_adj(&self) -> i32 {
-        self.rec.instance.limits.effective_oom_score_adj()
+    async fn oom_score_adj(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<i32> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.rec.instance.limits.effective_oom_score_adj())
     }
     #[zbus(property)]
-    fn owner_uid(&self) -> u32 {
-        self.rec.owner_uid
+    async fn owner_uid(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<u32> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.rec.owner_uid)
     }
     /// Adopted containers (Docker ids, or `pid:N`).
     #[zbus(property)]
-    fn containers(&self) -> Vec<String> {
-        self.rec.containers.clone()
+    async fn containers(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<Vec<String>> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.rec.containers.clone())
     }
     /// `systemd`, `cgroupfs-v2` or `cgroupfs-v1`.
     #[zbus(property)]
-    fn backend(&self) -> String {
-        self.backend.clone()
+    async fn backend(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.backend.clone())
     }
     /// Seconds since the Unix epoch.
     #[zbus(property)]
-    fn created_at(&self) -> u64 {
-        self.rec.instance.created_at
+    async fn created_at(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<u64> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.rec.instance.created_at)
     }
 }
 

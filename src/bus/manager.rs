@@ -24,10 +24,6 @@ pub struct Manager {
     pub gate: Arc<tokio::sync::RwLock<()>>,
 }
 
-fn parse_loop_device(device: &str) -> Result<u32, BusError> {
-    crate::loopdev::parse_device(device).map_err(BusError::map)
-}
-
 fn attach_request(o: &mut Opts<'_>) -> Result<AttachRequest, BusError> {
     let instance = o.string("instance")?;
     if let Some(i) = &instance {
@@ -67,6 +63,7 @@ impl Manager {
                 LoopObject {
                     rec: rec.clone(),
                     size,
+                    auth: self.auth.clone(),
                 },
             )
             .await
@@ -101,6 +98,7 @@ impl Manager {
                         rec,
                         path: file,
                         device,
+                        auth: self.auth.clone(),
                     },
                 )
                 .await
@@ -156,23 +154,34 @@ impl Manager {
     }
 
     /// After the method's own options are read from `o`: refuse unknown ones, then ask
-    /// polkit for the loop action (its `-others` twin when `owner` is another uid).
+    /// polkit for the loop action (its `-others` twin when `owner` is another uid), with
+    /// details `image` (the name) and `owner` (uid) — for the caller's own images too.
     async fn authorize_for_owner(
         &self,
         hdr: &Header<'_>,
         caller: &Caller,
         owner: u32,
+        image: &str,
         o: Opts<'_>,
     ) -> Result<(), BusError> {
         let inter = o.interactive()?;
         o.finish()?;
+        let details: super::auth::Details =
+            vec![("image", image.to_owned()), ("owner", owner.to_string())];
         self.auth
-            .check_caller(hdr, caller, Action::Loop, owner != caller.uid, inter)
+            .check_with(
+                hdr,
+                caller,
+                Action::Loop,
+                owner != caller.uid,
+                inter,
+                &details,
+            )
             .await
     }
 
-    /// Authorize an action on a managed loop device: the base action, then the `-others`
-    /// twin when the device belongs to another uid.
+    /// Authorize an action on a managed loop device ([`super::authorize_loop`]: details
+    /// on the caller's own devices too, the `-others` twin for another uid's).
     async fn authorize_device(
         &self,
         hdr: &Header<'_>,
@@ -181,20 +190,10 @@ impl Manager {
         options: &Options,
     ) -> Result<(Caller, LoopRecord), BusError> {
         let inter = interactive(options)?;
-        let caller = self.auth.check(hdr, action, false, inter).await?;
-        let number = parse_loop_device(device)?;
-        let rec = ops::loops::managed(&self.core, number)
-            .await
-            .map_err(BusError::map)?;
-        if rec.owner_uid != caller.uid {
-            let mut details: super::auth::Details = vec![("device", rec.device())];
-            if let Some(i) = &rec.instance {
-                details.push(("instance", i.clone()));
-            }
-            self.auth
-                .check_with(hdr, &caller, action, true, inter, &details)
+        let caller = self.auth.caller(hdr).await?;
+        let rec =
+            super::authorize_loop(&self.auth, &self.core, hdr, &caller, action, device, inter)
                 .await?;
-        }
         Ok((caller, rec))
     }
 }
@@ -221,7 +220,8 @@ impl Manager {
             |caller| async move {
                 let mut o = Opts::new(&options);
                 let owner = owner_option(&mut o, &caller)?;
-                self.authorize_for_owner(hdr, &caller, owner, o).await?;
+                self.authorize_for_owner(hdr, &caller, owner, &name, o)
+                    .await?;
                 let rec = ops::loops::create_image(&self.core, owner, &name, size)
                     .await
                     .map_err(BusError::map)?;
@@ -251,7 +251,8 @@ impl Manager {
             |caller| async move {
                 let mut o = Opts::new(&options);
                 let owner = owner_option(&mut o, &caller)?;
-                self.authorize_for_owner(hdr, &caller, owner, o).await?;
+                self.authorize_for_owner(hdr, &caller, owner, &name, o)
+                    .await?;
                 ops::loops::delete_image(&self.core, owner, &name)
                     .await
                     .map_err(BusError::map)?;
@@ -265,10 +266,17 @@ impl Manager {
     }
 
     /// Images: object, name, size, owner uid, attached device ("" if none).
-    async fn list_images(&self) -> Vec<(OwnedObjectPath, String, u64, u32, String)> {
+    /// Callers outside the provisioning group get their own rows only (bus::visibility).
+    async fn list_images(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<Vec<(OwnedObjectPath, String, u64, u32, String)>, BusError> {
+        let who = self.auth.viewer(&hdr).await?;
         let st = self.core.state.lock().await;
-        st.image_rows()
+        Ok(st
+            .image_rows()
             .into_iter()
+            .filter(|r| who.sees(r.image.owner_uid))
             .map(|r| {
                 let i = r.image;
                 (
@@ -279,7 +287,7 @@ impl Manager {
                     r.device,
                 )
             })
-            .collect()
+            .collect())
     }
 
     /// Attach an image by name to a free loop device.
@@ -305,7 +313,8 @@ impl Manager {
                 let mut req = attach_request(&mut o)?;
                 req.quota_exempt = crate::config::quota_exempt(caller.uid, owner);
                 let inter = o.interactive()?;
-                self.authorize_for_owner(hdr, &caller, owner, o).await?;
+                self.authorize_for_owner(hdr, &caller, owner, &name, o)
+                    .await?;
                 super::authorize_instance_tag(
                     &self.auth,
                     &self.core,
@@ -410,10 +419,16 @@ impl Manager {
     }
 
     /// Loop devices: object, device, backing file, size, read-only, owner uid, instance.
-    async fn list_loops(&self) -> Vec<(OwnedObjectPath, String, String, u64, bool, u32, String)> {
-        crate::ops::loops::list_loops(&self.core)
+    /// Callers outside the provisioning group get their own rows only (bus::visibility).
+    async fn list_loops(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<Vec<(OwnedObjectPath, String, String, u64, bool, u32, String)>, BusError> {
+        let who = self.auth.viewer(&hdr).await?;
+        Ok(crate::ops::loops::list_loops(&self.core)
             .await
             .into_iter()
+            .filter(|r| who.sees(r.owner_uid))
             .map(|r| {
                 (
                     loop_path(r.number),
@@ -425,7 +440,7 @@ impl Manager {
                     r.instance,
                 )
             })
-            .collect()
+            .collect())
     }
 
     /// Re-read the partition table of a managed loop device in userspace and sync the

@@ -10,6 +10,7 @@ pub mod manager;
 pub mod objects;
 pub mod options;
 pub mod ports;
+pub mod visibility;
 
 pub const BUS_NAME: &str = "org.dindhelper1";
 pub const MANAGER_PATH: &str = "/org/dindhelper1";
@@ -53,6 +54,63 @@ pub async fn authorize_instance_tag(
             .await?;
     }
     Ok(())
+}
+
+/// polkit details of a managed loop device: `device`, `owner` (uid), `image` and
+/// `instance` when it has them.
+pub fn loop_details(rec: &crate::state::LoopRecord) -> auth::Details {
+    let mut d: auth::Details = vec![
+        ("device", rec.device()),
+        ("owner", rec.owner_uid.to_string()),
+    ];
+    if let Some((_, name)) = &rec.image {
+        d.push(("image", name.clone()));
+    }
+    if let Some(i) = &rec.instance {
+        d.push(("instance", i.clone()));
+    }
+    d
+}
+
+/// Authorize `action` on managed loop device `device` (as the caller named it): the base
+/// action with the device's details for the caller's own device, the `-others` twin as
+/// well for another uid's. A device that is not valid or not managed is reported only
+/// after the base action was granted (with `device` as given), so a caller without the
+/// action cannot probe which devices the daemon manages.
+pub async fn authorize_loop(
+    auth: &auth::Authorizer,
+    core: &crate::ops::Core,
+    hdr: &zbus::message::Header<'_>,
+    caller: &auth::Caller,
+    action: auth::Action,
+    device: &str,
+    interactive: bool,
+) -> Result<crate::state::LoopRecord, error::BusError> {
+    let found = match crate::loopdev::parse_device(device) {
+        Ok(n) => crate::ops::loops::managed(core, n).await,
+        Err(e) => Err(e.into()),
+    };
+    match found {
+        Ok(rec) => {
+            let others = rec.owner_uid != caller.uid;
+            auth.check_with(
+                hdr,
+                caller,
+                action,
+                others,
+                interactive,
+                &loop_details(&rec),
+            )
+            .await?;
+            Ok(rec)
+        }
+        Err(e) => {
+            let details: auth::Details = vec![("device", device.to_owned())];
+            auth.check_with(hdr, caller, action, false, interactive, &details)
+                .await?;
+            Err(error::BusError::map(e))
+        }
+    }
 }
 
 /// The call frame of every mutating method, written once: hold the gate shared (shutdown

@@ -2,9 +2,13 @@
 //! properties. Each object holds a snapshot of its record; the manager replaces it on
 //! change and emits PropertiesChanged, so property reads never wait on the state lock.
 
+use super::auth::Authorizer;
+use super::visibility::owner_only;
 use crate::partitions::Partition;
 use crate::state::{ImageRecord, LoopRecord};
+use std::sync::Arc;
 use zbus::interface;
+use zbus::message::Header;
 use zbus::zvariant::OwnedObjectPath;
 
 /// The D-Bus form of a partition: number, start, size (bytes), type, name, uuid, node,
@@ -71,64 +75,94 @@ pub fn image_path(uid: u32, name: &str) -> OwnedObjectPath {
 pub struct LoopObject {
     pub rec: LoopRecord,
     pub size: u64,
+    /// Every getter is owner-only (see [`super::visibility`]).
+    pub auth: Arc<Authorizer>,
+}
+
+impl LoopObject {
+    async fn shown(&self, hdr: Option<&Header<'_>>) -> zbus::fdo::Result<()> {
+        owner_only(&self.auth, hdr, self.rec.owner_uid).await
+    }
 }
 
 #[interface(name = "org.dindhelper1.Loop")]
 impl LoopObject {
     /// Device node, e.g. /dev/loop3.
     #[zbus(property)]
-    fn device(&self) -> String {
-        self.rec.device()
+    async fn device(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.rec.device())
     }
     /// Backing file as the kernel reports it.
     #[zbus(property)]
-    fn backing_file(&self) -> String {
-        self.rec.backing_file.display().to_string()
+    async fn backing_file(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.rec.backing_file.display().to_string())
     }
     /// Size in bytes as seen by the kernel when attached.
     #[zbus(property)]
-    fn size(&self) -> u64 {
-        self.size
+    async fn size(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<u64> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.size)
     }
     #[zbus(property)]
-    fn offset(&self) -> u64 {
-        self.rec.offset
+    async fn offset(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<u64> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.rec.offset)
     }
     #[zbus(property)]
-    fn read_only(&self) -> bool {
-        self.rec.read_only
+    async fn read_only(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<bool> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.rec.read_only)
     }
     #[zbus(property)]
-    fn partscan(&self) -> bool {
-        self.rec.partscan
+    async fn partscan(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<bool> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.rec.partscan)
     }
     #[zbus(property)]
-    fn owner_uid(&self) -> u32 {
-        self.rec.owner_uid
+    async fn owner_uid(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<u32> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.rec.owner_uid)
     }
     /// DinD instance this device belongs to ("" for none).
     #[zbus(property)]
-    fn instance(&self) -> String {
-        self.rec.instance.clone().unwrap_or_default()
+    async fn instance(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.rec.instance.clone().unwrap_or_default())
     }
     /// Image name when attached by name ("" for AttachFd).
     #[zbus(property)]
-    fn image(&self) -> String {
-        self.rec
-            .image
-            .as_ref()
-            .map(|(_, n)| n.clone())
-            .unwrap_or_default()
+    async fn image(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok({
+            self.rec
+                .image
+                .as_ref()
+                .map(|(_, n)| n.clone())
+                .unwrap_or_default()
+        })
     }
     /// Partitions the last Rescan told the kernel about.
     #[zbus(property)]
-    fn partitions(&self) -> Vec<PartitionTuple> {
-        self.rec.partitions.iter().map(partition_tuple).collect()
+    async fn partitions(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<Vec<PartitionTuple>> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.rec.partitions.iter().map(partition_tuple).collect())
     }
     /// Containers this device is exposed in (see org.dindhelper1.Devices).
     #[zbus(property)]
-    fn exposures(&self) -> Vec<ExposureTuple> {
-        self.rec.exposures.iter().map(exposure_tuple).collect()
+    async fn exposures(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<Vec<ExposureTuple>> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.rec.exposures.iter().map(exposure_tuple).collect())
     }
 }
 
@@ -136,32 +170,45 @@ pub struct ImageObject {
     pub rec: ImageRecord,
     pub path: String,
     pub device: String,
+    /// Every getter is owner-only (see [`super::visibility`]).
+    pub auth: Arc<Authorizer>,
+}
+
+impl ImageObject {
+    async fn shown(&self, hdr: Option<&Header<'_>>) -> zbus::fdo::Result<()> {
+        owner_only(&self.auth, hdr, self.rec.owner_uid).await
+    }
 }
 
 #[interface(name = "org.dindhelper1.Image")]
 impl ImageObject {
     #[zbus(property)]
-    fn name(&self) -> String {
-        self.rec.name.clone()
+    async fn name(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.rec.name.clone())
     }
     #[zbus(property)]
-    fn owner_uid(&self) -> u32 {
-        self.rec.owner_uid
+    async fn owner_uid(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<u32> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.rec.owner_uid)
     }
     /// Apparent size in bytes.
     #[zbus(property)]
-    fn size(&self) -> u64 {
-        self.rec.size
+    async fn size(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<u64> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.rec.size)
     }
     /// File on the host.
     #[zbus(property)]
-    fn path(&self) -> String {
-        self.path.clone()
+    async fn path(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.path.clone())
     }
     /// Loop device it is attached to ("" when none).
     #[zbus(property)]
-    fn device(&self) -> String {
-        self.device.clone()
+    async fn device(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.device.clone())
     }
 }
 

@@ -81,21 +81,33 @@ pub type MappingTuple = (
     String,
 );
 
+/// Host address text ("" = every address).
+fn host_ip_text(m: &Mapping) -> String {
+    m.host_ip.map(|i| i.to_string()).unwrap_or_default()
+}
+
+/// The container's address the rules point at ("" unless active).
+fn container_ip_text(m: &Mapping) -> String {
+    match &m.state {
+        MappingState::Active { ip, .. } => ip.to_string(),
+        _ => String::new(),
+    }
+}
+
 pub fn mapping_tuple(m: &Mapping) -> MappingTuple {
-    let o = PortObject { m: m.clone() };
     (
         port_path(&m.id),
         m.id.clone(),
         m.container_name.clone(),
         m.container_id.clone(),
         m.protocol.to_string(),
-        o.host_ip(),
+        host_ip_text(m),
         m.host_port,
         m.container_port,
-        o.container_ip(),
+        container_ip_text(m),
         m.network.clone(),
         m.owner_uid,
-        o.instance(),
+        m.instance.clone().unwrap_or_default(),
         state_name(&m.state).to_owned(),
     )
 }
@@ -148,13 +160,22 @@ fn request(
 }
 
 /// Export (or refresh) the object of `m`.
-async fn export(server: &ObjectServer, m: &Mapping) {
+async fn export(server: &ObjectServer, auth: &Arc<Authorizer>, m: &Mapping) {
     let path = port_path(&m.id);
     if let Ok(iface) = server.interface::<_, PortObject>(&path).await {
         update(&iface, m).await;
         return;
     }
-    if let Err(e) = server.at(&path, PortObject { m: m.clone() }).await {
+    if let Err(e) = server
+        .at(
+            &path,
+            PortObject {
+                m: m.clone(),
+                auth: auth.clone(),
+            },
+        )
+        .await
+    {
         tracing::error!(error = %e, %path, "cannot export port object");
     }
 }
@@ -188,9 +209,9 @@ async fn update(iface: &zbus::object_server::InterfaceRef<PortObject>, m: &Mappi
 }
 
 /// Export every mapping (at start).
-pub async fn publish_all(server: &ObjectServer, core: &Core) {
+pub async fn publish_all(server: &ObjectServer, core: &Core, auth: &Arc<Authorizer>) {
     for m in ops::ports::list(core) {
-        export(server, &m).await;
+        export(server, auth, &m).await;
     }
 }
 
@@ -199,6 +220,7 @@ pub async fn publish_all(server: &ObjectServer, core: &Core) {
 pub async fn follow(
     conn: zbus::Connection,
     core: Arc<Core>,
+    auth: Arc<Authorizer>,
     mut rx: tokio::sync::broadcast::Receiver<MappingChange>,
 ) {
     let server = conn.object_server();
@@ -227,7 +249,7 @@ pub async fn follow(
                     let _ = Ports::mapping_removed(&emitter, path).await;
                 }
                 for m in &now {
-                    export(server, m).await;
+                    export(server, &auth, m).await;
                     let _ =
                         Ports::mapping_changed(&emitter, port_path(&m.id), state_name(&m.state))
                             .await;
@@ -239,7 +261,7 @@ pub async fn follow(
         let r = match change {
             MappingChange::Added(m) | MappingChange::Updated(m) => {
                 known.insert(m.id.clone());
-                export(server, &m).await;
+                export(server, &auth, &m).await;
                 Ports::mapping_changed(&emitter, port_path(&m.id), state_name(&m.state)).await
             }
             MappingChange::Removed(m) => {
@@ -352,7 +374,7 @@ impl Ports {
     async fn export_new(&self, server: &ObjectServer, ms: &[Mapping]) {
         for m in ms {
             if let Some(cur) = self.core.ports.get(&m.id) {
-                export(server, &cur).await;
+                export(server, &self.auth, &cur).await;
                 if self.core.ports.get(&m.id).is_none() {
                     let _ = server.remove::<PortObject, _>(&port_path(&m.id)).await;
                 }
@@ -569,11 +591,17 @@ impl Ports {
 
     /// Every mapping: object, id, container, container id, protocol, host ip, host port,
     /// container port, container ip, network, owner uid, instance, state.
-    async fn list_mappings(&self) -> Vec<MappingTuple> {
-        ops::ports::list(&self.core)
+    /// Callers outside the provisioning group get their own mappings only.
+    async fn list_mappings(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<Vec<MappingTuple>, BusError> {
+        let who = self.auth.viewer(&hdr).await?;
+        Ok(ops::ports::list(&self.core)
             .iter()
+            .filter(|m| who.sees(m.owner_uid))
             .map(mapping_tuple)
-            .collect()
+            .collect())
     }
 
     /// A mapping was added or its state changed (`active`, `waiting`, `error`).
@@ -595,48 +623,78 @@ impl Ports {
 /// A mapping object (snapshot; replaced on change).
 pub struct PortObject {
     pub m: Mapping,
+    /// Every getter is owner-only (see [`super::visibility`]).
+    pub auth: Arc<Authorizer>,
+}
+
+impl PortObject {
+    async fn shown(&self, hdr: Option<&Header<'_>>) -> zbus::fdo::Result<()> {
+        super::visibility::owner_only(&self.auth, hdr, self.m.owner_uid).await
+    }
 }
 
 #[interface(name = "org.dindhelper1.Port")]
 impl PortObject {
     #[zbus(property)]
-    fn id(&self) -> String {
-        self.m.id.clone()
+    async fn id(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.m.id.clone())
     }
     /// Container name (without the leading /).
     #[zbus(property)]
-    fn container(&self) -> String {
-        self.m.container_name.clone()
+    async fn container(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.m.container_name.clone())
     }
     #[zbus(property)]
-    fn container_id(&self) -> String {
-        self.m.container_id.clone()
+    async fn container_id(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.m.container_id.clone())
     }
     /// "tcp" or "udp".
     #[zbus(property)]
-    fn protocol(&self) -> String {
-        self.m.protocol.to_string()
+    async fn protocol(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.m.protocol.to_string())
     }
     /// Host address the DNAT is restricted to ("" = every address).
     #[zbus(property)]
-    fn host_ip(&self) -> String {
-        self.m.host_ip.map(|i| i.to_string()).unwrap_or_default()
+    async fn host_ip(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.m.host_ip.map(|i| i.to_string()).unwrap_or_default())
     }
     #[zbus(property)]
-    fn host_port(&self) -> u16 {
-        self.m.host_port
+    async fn host_port(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<u16> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.m.host_port)
     }
     #[zbus(property)]
-    fn container_port(&self) -> u16 {
-        self.m.container_port
+    async fn container_port(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<u16> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.m.container_port)
     }
     /// The container's address the rules point at ("" unless active).
     #[zbus(property)]
-    fn container_ip(&self) -> String {
-        match &self.m.state {
-            MappingState::Active { ip, .. } => ip.to_string(),
-            _ => String::new(),
-        }
+    async fn container_ip(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok({
+            match &self.m.state {
+                MappingState::Active { ip, .. } => ip.to_string(),
+                _ => String::new(),
+            }
+        })
     }
     /// The container's IPv6 address the rules also point at ("" unless active with IPv6).
     #[zbus(property)]
@@ -667,40 +725,50 @@ impl PortObject {
     }
     /// The Linux bridge of the network ("" unless active).
     #[zbus(property)]
-    fn bridge(&self) -> String {
-        match &self.m.state {
-            MappingState::Active { bridge, .. } => bridge.clone(),
-            _ => String::new(),
-        }
+    async fn bridge(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok({
+            match &self.m.state {
+                MappingState::Active { bridge, .. } => bridge.clone(),
+                _ => String::new(),
+            }
+        })
     }
     /// Docker network name.
     #[zbus(property)]
-    fn network(&self) -> String {
-        self.m.network.clone()
+    async fn network(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.m.network.clone())
     }
     #[zbus(property)]
-    fn owner_uid(&self) -> u32 {
-        self.m.owner_uid
+    async fn owner_uid(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<u32> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.m.owner_uid)
     }
     /// DinD instance this mapping belongs to ("" for none).
     #[zbus(property)]
-    fn instance(&self) -> String {
-        self.m.instance.clone().unwrap_or_default()
+    async fn instance(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.m.instance.clone().unwrap_or_default())
     }
     /// "active" (rules written), "waiting" (container stopped), "disconnected" (container
     /// runs but left the mapping's network; rules back when it is connected again) or
     /// "error" (see Error).
     #[zbus(property)]
-    fn state(&self) -> String {
-        state_name(&self.m.state).to_owned()
+    async fn state(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(state_name(&self.m.state).to_owned())
     }
     /// Why the mapping is in state "error" ("" otherwise).
     #[zbus(property)]
-    fn error(&self) -> String {
-        match &self.m.state {
-            MappingState::Error(e) => e.clone(),
-            _ => String::new(),
-        }
+    async fn error(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok({
+            match &self.m.state {
+                MappingState::Error(e) => e.clone(),
+                _ => String::new(),
+            }
+        })
     }
 }
 

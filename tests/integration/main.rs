@@ -28,6 +28,7 @@ mod loop_tests;
 mod partition_tests;
 mod ports_tests;
 mod provision_tests;
+mod visibility_tests;
 
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -64,6 +65,7 @@ fn all_tests() -> Vec<Test> {
     v.extend(devices_tests::tests());
     v.extend(attack_tests::tests());
     v.extend(ctl_tests::tests());
+    v.extend(visibility_tests::tests());
     v
 }
 
@@ -79,6 +81,8 @@ fn missing_prerequisites() -> Vec<String> {
         "pkcheck",
         "busctl",
         "gdbus",
+        "dbus-monitor",
+        "stdbuf",
         "losetup",
         "sfdisk",
         "mkfs.ext4",

@@ -830,6 +830,9 @@ async fn capture_cmd(c: &Client, args: CaptureArgs) -> anyhow::Result<()> {
 }
 
 /// StartCaptureFd with our stdout; wait for the session's Finished signal (Ctrl-C: Stop).
+/// The bus delivers the daemon's signals to root and group `dindhelper` only (tenants
+/// poll, see the README's "What each group sees"), so the session's State is also read
+/// once a second: "finished", or the object gone, ends the wait too.
 async fn follow(c: &Client, target: &str, opts: Opts) -> anyhow::Result<()> {
     use futures_util::StreamExt;
     use std::io::IsTerminal;
@@ -853,8 +856,21 @@ async fn follow(c: &Client, target: &str, opts: Opts) -> anyhow::Result<()> {
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut stopping = false;
+    let mut poll = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         let interrupted = tokio::select! {
+            _ = poll.tick() => {
+                if let Some((packets, bytes, dropped, reason)) = finished_by_poll(c, &session).await {
+                    eprintln!(
+                        "dindhelperctl: {packets} packets, {bytes} bytes, {dropped} dropped by the kernel; ended: {reason}"
+                    );
+                    if reason.starts_with("error") && !reason.contains("Broken pipe") {
+                        bail!("capture failed: {reason}");
+                    }
+                    return Ok(());
+                }
+                continue;
+            }
             m = finished.next() => {
                 let Some(m) = m else { bail!("the bus connection closed") };
                 let m = m?;
@@ -882,6 +898,35 @@ async fn follow(c: &Client, target: &str, opts: Opts) -> anyhow::Result<()> {
                 .await?;
         }
     }
+}
+
+/// The session's end as its properties say (None while it runs): packets, bytes,
+/// dropped and reason once State is "finished" (the same numbers Finished carries).
+async fn finished_by_poll(
+    c: &Client,
+    session: &OwnedObjectPath,
+) -> Option<(u64, u64, u64, String)> {
+    const PROPS: &str = "org.freedesktop.DBus.Properties";
+    let get = |name: &'static str| async move {
+        let v: anyhow::Result<zbus::zvariant::OwnedValue> = c
+            .call(session.as_str(), PROPS, "Get", &(CAPTURE, name))
+            .await;
+        v.ok()
+    };
+    let state = get("State").await.and_then(|v| String::try_from(v).ok());
+    if state.as_deref() != Some("finished") {
+        return None;
+    }
+    let num = |v: Option<zbus::zvariant::OwnedValue>| v.and_then(|v| u64::try_from(v).ok());
+    Some((
+        num(get("Packets").await).unwrap_or(0),
+        num(get("Bytes").await).unwrap_or(0),
+        num(get("Dropped").await).unwrap_or(0),
+        get("Reason")
+            .await
+            .and_then(|v| String::try_from(v).ok())
+            .unwrap_or_default(),
+    ))
 }
 
 // ---- monitor ------------------------------------------------------------------------
