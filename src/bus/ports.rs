@@ -698,21 +698,30 @@ impl PortObject {
     }
     /// The container's IPv6 address the rules also point at ("" unless active with IPv6).
     #[zbus(property)]
-    fn container_ip6(&self) -> String {
-        match &self.m.state {
+    async fn container_ip6(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(match &self.m.state {
             MappingState::Active { ip6: Some(a), .. } => a.to_string(),
             _ => String::new(),
-        }
+        })
     }
     /// The families asked for: "auto" (IPv4, plus IPv6 where available), "ipv4", "both".
     #[zbus(property)]
-    fn family(&self) -> String {
-        self.m.family.as_str().to_owned()
+    async fn family(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(self.m.family.as_str().to_owned())
     }
     /// The families that have rules now: ["ipv4"] or ["ipv4", "ipv6"]; [] unless active.
     #[zbus(property)]
-    fn families(&self) -> Vec<String> {
-        match &self.m.state {
+    async fn families(
+        &self,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> zbus::fdo::Result<Vec<String>> {
+        self.shown(hdr.as_ref()).await?;
+        Ok(match &self.m.state {
             MappingState::Active { ip6, .. } => {
                 let mut v = vec!["ipv4".to_owned()];
                 if ip6.is_some() {
@@ -721,7 +730,7 @@ impl PortObject {
                 v
             }
             _ => vec![],
-        }
+        })
     }
     /// The Linux bridge of the network ("" unless active).
     #[zbus(property)]
