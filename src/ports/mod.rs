@@ -12,7 +12,8 @@
 //! - [`iptables`]: iptables-nft / iptables-legacy (save/restore); [`rules`] builds its
 //!   batches and parses `iptables-save`.
 //! - [`nftables`]: Docker 29's nftables backend (our own table, map elements, the mark
-//!   Docker's `--bridge-accept-fwmark` rule accepts).
+//!   Docker's `--bridge-accept-fwmark` rule accepts); it writes through [`libnft`]
+//!   (libnftables in process) or the `nft` program.
 //! - [`sockets`]: sockets bound in the daemon's network namespace (port conflicts), read
 //!   through sock_diag netlink ([`diag`]) or procfs.
 //!
@@ -33,6 +34,7 @@ pub mod diag;
 pub mod firewall;
 pub mod hairpin;
 pub mod iptables;
+pub mod libnft;
 pub mod nftables;
 pub mod reconcile;
 pub mod resolver;

@@ -66,6 +66,7 @@ use serde_json::Value;
 
 use super::firewall::{Change, Detected, Firewall, Fut, Repaired, Tagged};
 use super::iptables::{run_prog, sbin, NetnsContext};
+use super::libnft::LibNft;
 use super::rules::{Protocol, RuleSpec};
 use super::types::PortsError;
 
@@ -196,6 +197,8 @@ pub struct Nftables {
     mark: std::sync::Mutex<FwMark>,
     detected: Detected,
     known: tokio::sync::Mutex<Option<Known>>,
+    /// libnftables in process (None: the `nft` program; see [`super::libnft`]).
+    lib: Option<LibNft>,
 }
 
 /// True when Docker's nftables table exists in `netns`.
@@ -366,6 +369,22 @@ impl Nftables {
         super::rules::check_tag_part("state id", owner)?;
         let mark = read_docker_mark(netns).await?;
         let table = format!("dindhelper-{owner}");
+        let lib = if std::env::var_os("DINDHELPER_NFT_PROGRAM").is_some() {
+            None
+        } else {
+            match LibNft::open(netns) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::info!(error = %e, "libnftables not usable; writing through the nft program");
+                    None
+                }
+            }
+        };
+        let via = if lib.is_some() {
+            "libnftables"
+        } else {
+            "the nft program"
+        };
         Ok(Nftables {
             netns: netns.clone(),
             detected: Detected {
@@ -373,12 +392,14 @@ impl Nftables {
                 reason: format!(
                     "Docker's nftables table ip {DOCKER_TABLE} exists (dockerd \
                      --firewall-backend=nftables); its \"{FWMARK_COMMENT}\" rule accepts \
-                     mark {mark} (--bridge-accept-fwmark); ports go into table ip {table}"
+                     mark {mark} (--bridge-accept-fwmark); ports go into table ip {table} \
+                     (written through {via})"
                 ),
             },
             table,
             mark: std::sync::Mutex::new(mark),
             known: tokio::sync::Mutex::new(None),
+            lib,
         })
     }
 
@@ -524,7 +545,18 @@ impl Nftables {
         if text.is_empty() {
             return Ok(());
         }
-        self.nft(&["-f", "-"], Some(text)).await.map(|_| ())
+        match &self.lib {
+            Some(lib) => lib
+                .run(text)
+                .await
+                .map(|_| ())
+                .map_err(|stderr| PortsError::Iptables {
+                    command: "libnftables nft_run_cmd_from_buffer".into(),
+                    status: 1,
+                    stderr,
+                }),
+            None => self.nft(&["-f", "-"], Some(text)).await.map(|_| ()),
+        }
     }
 
     async fn apply_change(&self, change: &Change) -> Result<(), PortsError> {
