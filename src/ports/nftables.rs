@@ -49,14 +49,18 @@
 //! - A repair replaces the whole table in one transaction (`add table; delete table;
 //!   table {…}`): also after `nft flush ruleset` (nftables.service restart) removed it.
 //!
-//! Library: the `nft` program, text on stdin (`nft -f -`), one process per write round
-//! (the commit step batches concurrent calls into one round); reads use `nft -j` (JSON,
-//! parsed with serde_json). The `nftables` crate (netavark's choice) is JSON through the
-//! same program: same process cost, a dependency more. Netlink directly (libnftnl's
-//! message format) would save the process start (~2 ms per round, measured in the ports
-//! bench) but means writing and maintaining nf_tables batch encoding ourselves; with group
-//! commit, the process cost is per round, not per call, and the goal (1000 calls
-//! from 10 callers ≤ 0.3 s) is met through the program (README, ports bench).
+//! Library (decision): writes go through libnftables in process ([`super::libnft`]:
+//! `dlopen("libnftables.so.1")`, the library inside the `nft` program, same text as
+//! `nft -f -`), one transaction per write round (the commit step batches concurrent calls
+//! into one round); reads (detection, repair, list) use the `nft -j` program and
+//! serde_json. Measured (one element per transaction, this 2-core machine under load ~3):
+//! an `nft -f -` process costs ~6 ms, which alone puts 1000 Publish calls from 10 callers
+//! (~100 rounds) near a second; in process the transaction is the netlink round trip
+//! (README, ports bench). The `nftables` crate (netavark's choice) is JSON through the same
+//! program (the same process cost, a dependency more); raw netlink (libnftnl's batch
+//! format written by hand) would save little over libnftables and is ours to maintain.
+//! When the library cannot be loaded the backend writes through the `nft` program
+//! (`DINDHELPER_NFT_PROGRAM=1` forces that, for the benchmark's comparison).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
