@@ -414,7 +414,7 @@ async fn nft_table(
             Some(
                 "add table ip dhr-bench\n\
                  add chain ip dhr-bench pre { type nat hook prerouting priority -100; }\n\
-                 add chain ip dhr-bench fwd { type filter hook forward priority 0; }\n",
+                 add chain ip dhr-bench fwdin { type filter hook forward priority 0; }\n",
             ),
         )
         .await;
@@ -423,7 +423,7 @@ async fn nft_table(
             let port = BASE_PORT + i as u16;
             let text = format!(
                 "add rule ip dhr-bench pre iifname != \"docker0\" tcp dport {port} counter dnat to {ip}:80 comment \"DNAT\"\n\
-                 add rule ip dhr-bench fwd ip daddr {ip} tcp dport 80 counter accept\n"
+                 add rule ip dhr-bench fwdin ip daddr {ip} tcp dport 80 counter accept\n"
             );
             nft(netns, &["-f", "-"], Some(&text)).await;
         }
