@@ -180,43 +180,9 @@ async fn bench(ns: &[usize]) {
     let log_path = std::env::var_os("DHR_BENCH_LOG")
         .map(PathBuf::from)
         .unwrap_or_else(|| bus.dir.join("daemon.log"));
-    let log = std::fs::File::create(&log_path).unwrap();
-    let daemon = Daemon {
-        child: Command::new("nsenter")
-            .arg(format!("--net={}", d.ns_path().display()))
-            .arg(env!("CARGO_BIN_EXE_dindhelperd"))
-            .arg("--bus-address")
-            .arg(&bus.address)
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--docker-host")
-            .arg(format!("unix://{}", d.socket.display()))
-            .args(["--log-level", "warn"])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("dindhelperd"),
-        state: state.clone(),
-    };
-    let conn = zbus::connection::Builder::address(bus.address.as_str())
-        .unwrap()
-        .build()
-        .await
-        .expect("connect to the private bus");
-    let dbus = zbus::fdo::DBusProxy::new(&conn).await.unwrap();
-    let t = Instant::now();
-    while !dbus
-        .name_has_owner(BUS_NAME.try_into().unwrap())
-        .await
-        .unwrap_or(false)
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "dindhelperd did not come up; see {}",
-            log_path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let _ = std::fs::remove_file(&log_path);
+    let daemon = spawn_daemon(&d, &bus, &state, &log_path, false);
+    let conn = connect(&bus, &log_path).await;
     let netns = NetnsContext::open(&d.ns_path()).expect("dockerd netns");
 
     println!("publishing N ports to {ip}:80 (3 rules per port), iptables-nft in dockerd's netns");
@@ -338,8 +304,354 @@ async fn bench(ns: &[usize]) {
     }
     drop(conn);
     drop(daemon);
+
+    // Docker 29's nftables backend: Docker's table (moby's new-daemon layout with the
+    // --bridge-accept-fwmark rule) beside dockerd 20.10's chains, and a fresh daemon,
+    // which then detects the nftables backend (the container facts still come from the
+    // real dockerd)
+    let fixture = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/docker-layouts/nftables-v29/new-daemon.nft"
+    ))
+    .unwrap()
+    .replace("hook output priority dstnat", "hook output priority -100")
+    .replace(
+        "\t\tiifname \"docker0\" counter accept comment \"ICC\"",
+        "\t\tmeta mark & 0x00000003 == 0x00000002 counter accept comment \"ALLOW FW MARK\"\n\t\tiifname \"docker0\" counter accept comment \"ICC\"",
+    );
+    nft(&netns, &["-f", "-"], Some(&fixture)).await;
+    for program in [false, true] {
+        let state2 = PathBuf::from(format!("/var/tmp/dhr-bench-{pid}-state-nft{program}"));
+        let daemon = spawn_daemon(&d, &bus, &state2, &log_path, program);
+        let conn = connect(&bus, &log_path).await;
+        nft_table(&conn, &bus.address, &netns, ns, &ip).await;
+        drop(conn);
+        drop(daemon);
+    }
+    nft(&netns, &["delete", "table", "ip", "docker-bridges"], None).await;
     drop(bus);
     drop(d);
+}
+
+const CALLERS: usize = 10;
+
+/// The nftables rows: PublishMany, N×Publish (one connection, 50 outstanding), N×Publish
+/// from 10 callers (10 connections, each its share one call after the other) and
+/// docker-style (one `nft -f -` process per port with its DNAT and accept rules, as
+/// dockerd applies each port binding).
+async fn nft_table(
+    conn: &zbus::Connection,
+    address: &str,
+    netns: &NetnsContext,
+    ns: &[usize],
+    ip: &str,
+) {
+    let fw: String = conn
+        .call_method(
+            Some(BUS_NAME),
+            PATH,
+            Some("org.freedesktop.DBus.Properties"),
+            "Get",
+            &(IFACE, "FirewallBackend"),
+        )
+        .await
+        .map(|r| {
+            r.body()
+                .deserialize::<zbus::zvariant::OwnedValue>()
+                .ok()
+                .and_then(|v| String::try_from(v).ok())
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    println!();
+    let reason: String = conn
+        .call_method(
+            Some(BUS_NAME),
+            PATH,
+            Some("org.freedesktop.DBus.Properties"),
+            "Get",
+            &(IFACE, "FirewallBackendReason"),
+        )
+        .await
+        .map(|r| {
+            r.body()
+                .deserialize::<zbus::zvariant::OwnedValue>()
+                .ok()
+                .and_then(|v| String::try_from(v).ok())
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    let via = if reason.contains("through libnftables") {
+        "libnftables in process"
+    } else {
+        "the nft program"
+    };
+    println!("nftables backend (Docker 29 table ip docker-bridges with an accept mark; FirewallBackend {fw:?}), written through {via}: one map element per port");
+    println!(
+        "{:>6} | {:>22} | {:>22} | {:>22} | {:>26} | {:>8} {:>8}",
+        "N",
+        "PublishMany total/port",
+        "N×Publish total/port",
+        "10 callers total/port",
+        "docker-style total/port",
+        "ratio 1",
+        "ratio N"
+    );
+    let mut conns: Vec<zbus::Connection> = Vec::new();
+    for _ in 0..CALLERS {
+        conns.push(
+            zbus::connection::Builder::address(address)
+                .unwrap()
+                .build()
+                .await
+                .expect("connect to the private bus"),
+        );
+    }
+    for &n in ns {
+        // docker-style
+        nft(
+            netns,
+            &["-f", "-"],
+            Some(
+                "add table ip dhr-bench\n\
+                 add chain ip dhr-bench pre { type nat hook prerouting priority -100; }\n\
+                 add chain ip dhr-bench fwdin { type filter hook forward priority 0; }\n",
+            ),
+        )
+        .await;
+        let t = Instant::now();
+        for i in 0..n {
+            let port = BASE_PORT + i as u16;
+            let text = format!(
+                "add rule ip dhr-bench pre iifname != \"docker0\" tcp dport {port} counter dnat to {ip}:80 comment \"DNAT\"\n\
+                 add rule ip dhr-bench fwdin ip daddr {ip} tcp dport 80 counter accept\n"
+            );
+            nft(netns, &["-f", "-"], Some(&text)).await;
+        }
+        let docker = t.elapsed();
+        nft(netns, &["delete", "table", "ip", "dhr-bench"], None).await;
+
+        // one PublishMany
+        let entries: Vec<(String, String, u16, u16)> = (0..n)
+            .map(|i| ("web".into(), "tcp".into(), BASE_PORT + i as u16, 80u16))
+            .collect();
+        let opts: HashMap<&str, Value<'_>> = HashMap::new();
+        let t = Instant::now();
+        conn.call_method(
+            Some(BUS_NAME),
+            PATH,
+            Some(IFACE),
+            "PublishMany",
+            &(entries, opts),
+        )
+        .await
+        .expect("PublishMany");
+        let many = t.elapsed();
+        assert_eq!(count_elems(netns).await, n);
+        unpublish_all_nft(conn, netns).await;
+
+        // N Publish calls, 50 outstanding on one connection
+        let t = Instant::now();
+        let window = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+        let calls: Vec<_> = (0..n)
+            .map(|i| {
+                let conn = conn.clone();
+                let window = window.clone();
+                tokio::spawn(async move {
+                    let _slot = window.acquire_owned().await.expect("semaphore");
+                    publish_one(&conn, BASE_PORT + i as u16).await
+                })
+            })
+            .collect();
+        for c in calls {
+            c.await.expect("task").expect("Publish");
+        }
+        let single = t.elapsed();
+        assert_eq!(count_elems(netns).await, n);
+        unpublish_all_nft(conn, netns).await;
+
+        // 10 callers, each its share one after the other
+        let t = Instant::now();
+        let callers: Vec<_> = conns
+            .iter()
+            .enumerate()
+            .map(|(c, conn)| {
+                let conn = conn.clone();
+                tokio::spawn(async move {
+                    let mut i = c;
+                    while i < n {
+                        publish_one(&conn, BASE_PORT + i as u16).await?;
+                        i += CALLERS;
+                    }
+                    Ok::<_, zbus::Error>(())
+                })
+            })
+            .collect();
+        for c in callers {
+            c.await.expect("task").expect("Publish");
+        }
+        let ten = t.elapsed();
+        assert_eq!(count_elems(netns).await, n);
+        unpublish_all_nft(conn, netns).await;
+
+        let per = |x: Duration| x.as_secs_f64() * 1000.0 / n as f64;
+        println!(
+            "{:>6} | {:>10.1} ms {:>6.3} ms | {:>10.1} ms {:>6.3} ms | {:>10.1} ms {:>6.3} ms | {:>12.1} ms {:>8.3} ms | {:>7.1}× {:>7.1}×",
+            n,
+            many.as_secs_f64() * 1000.0,
+            per(many),
+            single.as_secs_f64() * 1000.0,
+            per(single),
+            ten.as_secs_f64() * 1000.0,
+            per(ten),
+            docker.as_secs_f64() * 1000.0,
+            per(docker),
+            docker.as_secs_f64() / many.as_secs_f64(),
+            docker.as_secs_f64() / single.as_secs_f64(),
+        );
+    }
+    println!("ratio 1 = docker-style / PublishMany; ratio N = docker-style / N×Publish; goal: 1000 calls from 10 callers <= 300 ms");
+}
+
+async fn publish_one(conn: &zbus::Connection, port: u16) -> Result<(), zbus::Error> {
+    let opts: HashMap<&str, Value<'_>> = HashMap::new();
+    conn.call_method(
+        Some(BUS_NAME),
+        PATH,
+        Some(IFACE),
+        "Publish",
+        &("web", "tcp", port, 80u16, opts),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// `nft ARGS` in dockerd's netns (panics on failure).
+async fn nft(netns: &NetnsContext, args: &[&str], stdin: Option<&str>) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut child = netns
+        .command(Path::new("/usr/sbin/nft"))
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("nft");
+    if let Some(text) = stdin {
+        let mut si = child.stdin.take().unwrap();
+        si.write_all(text.as_bytes()).await.unwrap();
+    }
+    let out = child.wait_with_output().await.unwrap();
+    assert!(out.status.success(), "nft {args:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Map elements in the daemon's table (0 when it has none).
+async fn count_elems(netns: &NetnsContext) -> usize {
+    let tables = nft(netns, &["list", "tables"], None).await;
+    let Some(t) = tables
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("table ip dindhelper-"))
+    else {
+        return 0;
+    };
+    let out = nft(
+        netns,
+        &[
+            "-j",
+            "list",
+            "map",
+            "ip",
+            &format!("dindhelper-{t}"),
+            "dnat4",
+        ],
+        None,
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i.pointer("/map/elem").and_then(|e| e.as_array()))
+        .map(Vec::len)
+        .sum()
+}
+
+async fn unpublish_all_nft(conn: &zbus::Connection, netns: &NetnsContext) {
+    let opts: HashMap<&str, Value<'_>> = HashMap::new();
+    conn.call_method(
+        Some(BUS_NAME),
+        PATH,
+        Some(IFACE),
+        "UnpublishContainer",
+        &("web", opts),
+    )
+    .await
+    .expect("UnpublishContainer");
+    assert_eq!(count_elems(netns).await, 0);
+}
+
+fn spawn_daemon(
+    d: &dockerd::Dockerd,
+    bus: &Bus,
+    state: &Path,
+    log_path: &Path,
+    nft_program: bool,
+) -> Daemon {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .unwrap();
+    let mut cmd = Command::new("nsenter");
+    if nft_program {
+        cmd.env("DINDHELPER_NFT_PROGRAM", "1");
+    }
+    Daemon {
+        child: cmd
+            .arg(format!("--net={}", d.ns_path().display()))
+            .arg(env!("CARGO_BIN_EXE_dindhelperd"))
+            .arg("--bus-address")
+            .arg(&bus.address)
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--docker-host")
+            .arg(format!("unix://{}", d.socket.display()))
+            .args(["--log-level", "warn"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("dindhelperd"),
+        state: state.to_owned(),
+    }
+}
+
+/// A connection to the private bus once dindhelperd owns its name.
+async fn connect(bus: &Bus, log_path: &Path) -> zbus::Connection {
+    let conn = zbus::connection::Builder::address(bus.address.as_str())
+        .unwrap()
+        .build()
+        .await
+        .expect("connect to the private bus");
+    let dbus = zbus::fdo::DBusProxy::new(&conn).await.unwrap();
+    let t = Instant::now();
+    while !dbus
+        .name_has_owner(BUS_NAME.try_into().unwrap())
+        .await
+        .unwrap_or(false)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "dindhelperd did not come up; see {}",
+            log_path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    conn
 }
 
 /// utime + stime of each pid in ms (0 for a pid that is gone).

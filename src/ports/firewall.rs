@@ -7,8 +7,9 @@
 //! Backends:
 //! - [`super::iptables::Iptables`]: `iptables-nft` or `iptables-legacy`, whichever holds
 //!   Docker's `DOCKER` chain (Docker 20.10 … 28, and 29 with its default iptables backend).
-//! - Docker 29's `--firewall-backend=nftables` (table `ip docker-bridges`): detected and
-//!   answered with NotSupported naming what is missing (see [`detect`]).
+//! - [`super::nftables::Nftables`]: Docker 29's `--firewall-backend=nftables` (table
+//!   `ip docker-bridges`); our own table, marked packets Docker's `--bridge-accept-fwmark`
+//!   rule accepts. Without that option: NotSupported naming it (see [`detect`]).
 //!
 //! Ownership: every backend is bound to an *owner*, the daemon's state id. It writes its
 //! tags with it and its `repair` and `apply` only ever delete what carries it (or the tag
@@ -19,7 +20,8 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 
-use super::iptables::{self, Iptables, NetnsContext};
+use super::iptables::{Iptables, NetnsContext};
+use super::nftables::{self, Nftables};
 use super::rules::RuleSpec;
 use super::types::PortsError;
 
@@ -60,7 +62,7 @@ pub struct Repaired {
 /// Which backend was chosen and why (logged once, exposed as a D-Bus property).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Detected {
-    /// `iptables-nft` or `iptables-legacy`.
+    /// `iptables-nft`, `iptables-legacy` or `nftables`.
     pub name: &'static str,
     /// One sentence: what was found that decided it.
     pub reason: String,
@@ -99,15 +101,27 @@ pub trait Firewall: Send + Sync + std::fmt::Debug {
 
 /// Pick the firewall Docker uses in `netns`, bound to `owner` (the state id). The choice
 /// and the reason are in [`Firewall::detected`].
+///
+/// Order, as Docker decides: Docker's nftables table `ip docker-bridges` present → the
+/// nftables backend (dockerd 29 `--firewall-backend=nftables`; dockerd removes the other
+/// backend's rules when it starts, so a DOCKER iptables chain beside it is a leftover and
+/// is named in the reason); else the iptables flavour whose nat table has the DOCKER chain.
 pub async fn detect(netns: &NetnsContext, owner: &str) -> Result<Box<dyn Firewall>, PortsError> {
     super::rules::check_tag_part("state id", owner)?;
     let mut notes = Vec::new();
+    if nftables::docker_table_present(netns).await {
+        let mut b = Nftables::detect(netns, owner).await?;
+        if let Ok(ipt) = Iptables::detect(netns, owner, &mut notes).await {
+            b.note(&format!(
+                "a DOCKER chain in {} is ignored (dockerd uses nftables)",
+                ipt.detected().name
+            ));
+        }
+        return Ok(Box::new(b));
+    }
     match Iptables::detect(netns, owner, &mut notes).await {
         Ok(b) => return Ok(Box::new(b)),
         Err(e) => notes.push(e.to_string()),
-    }
-    if let Some(e) = iptables::docker_nftables(netns).await {
-        return Err(e);
     }
     Err(PortsError::NotSupported {
         reason: format!(

@@ -14,7 +14,7 @@
 //!   batch (the commit is atomic per restore run for nft; legacy commits per table).
 //! - `-w` waits for the xtables lock (legacy) instead of failing when dockerd holds it.
 //! - Docker 29+ may run its nftables firewall backend (`table ip docker-bridges`): there
-//!   is no DOCKER iptables chain to write to ([`docker_nftables`] names what to do).
+//!   is no DOCKER iptables chain to write to (that is [`super::nftables`]).
 //! - Known rules: after a successful restore the backend knows exactly which tagged rules
 //!   it has (it wrote them), so removing a mapping needs no `-save` of the whole, growing
 //!   table. What it knows can be stale (dockerd restarted and flushed its chains, an admin
@@ -515,23 +515,6 @@ impl Firewall for Iptables {
     ) -> Fut<'a, Repaired> {
         Box::pin(self.repair_to(desired, legacy_ids, scope))
     }
-}
-
-/// When dockerd runs its nftables firewall backend (Docker 29 `--firewall-backend=nftables`,
-/// table `ip docker-bridges`), the error that says so and what an admin can do.
-pub async fn docker_nftables(netns: &NetnsContext) -> Option<PortsError> {
-    let out = run_prog(netns, &sbin("nft"), &["list", "tables"], None)
-        .await
-        .ok()?;
-    out.lines()
-        .any(|l| l.trim() == "table ip docker-bridges")
-        .then(|| PortsError::NotSupported {
-            reason: "dockerd runs its nftables firewall backend (--firewall-backend=nftables, \
-                     table ip docker-bridges); dindhelper publishes into Docker's iptables \
-                     chains only: run dockerd with the iptables backend (daemon.json \
-                     \"firewall-backend\": \"iptables\")"
-                .into(),
-        })
 }
 
 #[cfg(test)]

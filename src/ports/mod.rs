@@ -11,6 +11,9 @@
 //! The firewall behind one trait ([`firewall::Firewall`], chosen by [`firewall::detect`]):
 //! - [`iptables`]: iptables-nft / iptables-legacy (save/restore); [`rules`] builds its
 //!   batches and parses `iptables-save`.
+//! - [`nftables`]: Docker 29's nftables backend (our own table, map elements, the mark
+//!   Docker's `--bridge-accept-fwmark` rule accepts); it writes through [`libnft`]
+//!   (libnftables in process) or the `nft` program.
 //! - [`sockets`]: sockets bound in the daemon's network namespace (port conflicts), read
 //!   through sock_diag netlink ([`diag`]) or procfs.
 //!
@@ -31,6 +34,8 @@ pub mod diag;
 pub mod firewall;
 pub mod hairpin;
 pub mod iptables;
+pub mod libnft;
+pub mod nftables;
 pub mod reconcile;
 pub mod resolver;
 pub mod rules;
@@ -48,6 +53,7 @@ use crate::docker::{ContainerInfo, Docker, DockerError};
 
 pub use firewall::{Change, Detected, Firewall, Tagged};
 pub use iptables::{Flavor, Iptables, NetnsContext};
+pub use nftables::{FwMark, Nftables};
 pub use reconcile::watch;
 pub use resolver::Resolver;
 pub use rules::{Batch, IpFamily, Protocol, Rule, RuleKey, RuleSpec};
