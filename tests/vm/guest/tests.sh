@@ -100,9 +100,12 @@ t_plain_user_refused() {
   refused "access.?denied" plain $M CreateImage sta{sv} nope 1048576 0
   refused "access.?denied" plain $I CreateInstance sa{sv} nope 0
   refused "access.?denied" plain $P ListMappings
-  # introspection and properties stay open to everyone
-  ok plain busctl introspect $DH /org/dindhelper1 >/dev/null
-  ok plain busctl tree $DH
+  # a user in neither group reads nothing either (issue 9, visibility): no introspection,
+  # no properties, no managed objects; only org.freedesktop.DBus.Peer answers
+  refused "access.?denied" plain busctl introspect $DH /org/dindhelper1
+  refused "access.?denied" plain busctl get-property $DH /org/dindhelper1 org.dindhelper1.Ports FirewallBackend
+  refused "access.?denied" plain busctl call $DH /org/dindhelper1 org.freedesktop.DBus.ObjectManager GetManagedObjects
+  ok plain busctl call $DH /org/dindhelper1 org.freedesktop.DBus.Peer Ping
   refused "access.?denied" plain $M ListImages
 }
 
