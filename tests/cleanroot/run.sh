@@ -5,7 +5,7 @@
 #                                     `sudo scripts/demo.sh stop` in a fresh copy of it, check
 #                                     that nothing is left, remove the copy
 #   tests/cleanroot/run.sh --prepare  only build (or find) the cached root
-#   tests/cleanroot/run.sh --clean    remove the cache (/var/cache/dindhelper-cleanroot)
+#   tests/cleanroot/run.sh --clean    remove the cache (/var/cache/dindhelper-vm/cleanroot)
 #   DH_CLEANROOT_KEEP=1 ...           keep the copy (its path is printed) for a look
 #   DH_CLEANROOT_FAULT=skip-stop ...  self-check: no `demo.sh stop`; the run must FAIL and
 #                                     still leave nothing (processes killed, cgroups removed)
@@ -14,7 +14,7 @@
 # - the root: `mmdebstrap --variant=minbase bookworm` (Essential + Priority required + apt:
 #   no curl, no iproute2, no gcc, no ca-certificates) plus `sudo` and a user `student`
 #   (uid 1000) who may sudo without a password, as on a machine whose admin runs the README's
-#   commands. Cached under /var/cache/dindhelper-cleanroot/bookworm-<hash of the recipe>
+#   commands. Cached under /var/cache/dindhelper-vm/cleanroot/bookworm-<hash of the recipe>
 #   (184 MB) and reused; every run works on a fresh `cp -a` of it, never on the cache.
 #   A copy, not an overlay: the demo's dockerd keeps its data root inside the root, and
 #   overlay2 refuses an overlayfs below it (it would fall back to vfs, not what a machine does).
@@ -54,7 +54,7 @@ set -Eeuo pipefail
 { # read whole before it runs: an edit of this file during a run does not change the run
 HERE=$(cd "$(dirname "$0")" && pwd)
 SRC=$(cd "$HERE/../.." && pwd)
-CACHE=${DH_CLEANROOT_CACHE:-/var/cache/dindhelper-cleanroot}
+CACHE=${DH_CLEANROOT_CACHE:-/var/cache/dindhelper-vm/cleanroot}
 SUITE=bookworm
 USERNAME=student
 ts() { date +%s.%N; }
