@@ -403,7 +403,6 @@ impl Ports {
             "{container} {protocol} {host_port}:{container_port} {}",
             describe(&options)
         );
-        let args = args.to_string();
         let hdr = &hdr;
         super::audited(
             &self.auth,
@@ -451,7 +450,6 @@ impl Ports {
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<Vec<OwnedObjectPath>, BusError> {
         let args = format!("{} ports {}", ports.len(), describe(&options));
-        let args = args.to_string();
         let hdr = &hdr;
         super::audited(
             &self.auth,

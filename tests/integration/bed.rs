@@ -574,12 +574,7 @@ impl Bed {
 
     /// `busctl call org.dindhelper1 /org/dindhelper1 org.dindhelper1.Manager METHOD SIG ARGS…`
     pub fn call_as(&self, user: &str, method: &str, sig: &str, args: &[&str]) -> Out {
-        let mut v = vec!["call", BUS_NAME, MANAGER_PATH, MANAGER_IFACE, method];
-        if !sig.is_empty() {
-            v.push(sig);
-        }
-        v.extend_from_slice(args);
-        self.busctl_as(user, &v)
+        self.call_iface_as(user, "Manager", method, sig, args)
     }
 
     /// `busctl call … org.dindhelper1.<iface> METHOD SIG ARGS…` as `user` on the manager

@@ -67,12 +67,7 @@ pub fn tests() -> Vec<Test> {
 
 /// busctl call on the Captures interface as `user`.
 fn captures_call(bed: &Bed, user: &str, method: &str, sig: &str, args: &[&str]) -> Out {
-    let mut v = vec!["call", BUS_NAME, MANAGER_PATH, CAPTURES, method];
-    if !sig.is_empty() {
-        v.push(sig);
-    }
-    v.extend_from_slice(args);
-    bed.busctl_as(user, &v)
+    bed.call_iface_as(user, "Captures", method, sig, args)
 }
 
 /// StartCapture as `user`; `opts` are busctl name/type/value triples. Returns (object, path).

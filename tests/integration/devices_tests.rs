@@ -64,12 +64,7 @@ pub fn tests() -> Vec<Test> {
 // ---- helpers -----------------------------------------------------------------------
 
 fn devices_call(bed: &Bed, user: &str, method: &str, sig: &str, args: &[&str]) -> Out {
-    let mut v = vec!["call", BUS_NAME, MANAGER_PATH, DEVICES, method];
-    if !sig.is_empty() {
-        v.push(sig);
-    }
-    v.extend_from_slice(args);
-    bed.busctl_as(user, &v)
+    bed.call_iface_as(user, "Devices", method, sig, args)
 }
 
 fn gdbus_devices(bed: &Bed, user: &str, method: &str, args: &[&str]) -> Out {

@@ -64,12 +64,7 @@ fn iname(suffix: &str) -> String {
 
 /// `busctl call … org.dindhelper1.Instances METHOD SIG ARGS…` as `user`.
 fn call(bed: &Bed, user: &str, method: &str, sig: &str, args: &[&str]) -> Out {
-    let mut v = vec!["call", BUS_NAME, MANAGER_PATH, IFACE, method];
-    if !sig.is_empty() {
-        v.push(sig);
-    }
-    v.extend_from_slice(args);
-    bed.busctl_as(user, &v)
+    bed.call_iface_as(user, "Instances", method, sig, args)
 }
 
 fn gdbus(bed: &Bed, user: &str, method: &str, args: &[&str]) -> Out {

@@ -139,12 +139,7 @@ impl<'b> PortsEnv<'b> {
     }
 
     fn call(&self, user: &str, method: &str, sig: &str, args: &[&str]) -> Out {
-        let mut v = vec!["call", BUS_NAME, MANAGER_PATH, PORTS_IFACE, method];
-        if !sig.is_empty() {
-            v.push(sig);
-        }
-        v.extend_from_slice(args);
-        self.bed.busctl_as(user, &v)
+        self.bed.call_iface_as(user, "Ports", method, sig, args)
     }
 
     /// gdbus call of a Ports method (reports the D-Bus error name).

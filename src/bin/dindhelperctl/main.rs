@@ -23,7 +23,7 @@ use output::{result, to_json, Table};
 use serde_json::{json, Value as Json};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use zbus::zvariant::{DynamicDeserialize, DynamicType, OwnedObjectPath, OwnedValue, Value};
+use zbus::zvariant::{DynamicDeserialize, DynamicType, OwnedObjectPath, Value};
 
 const SERVICE: &str = "org.dindhelper1";
 const ROOT: &str = "/org/dindhelper1";
@@ -35,44 +35,14 @@ const CAPTURE: &str = "org.dindhelper1.Capture";
 const DEVICES: &str = "org.dindhelper1.Devices";
 
 type Opts = HashMap<String, Value<'static>>;
-type PartTuple = (u32, u64, u64, String, String, String, String, u32, u32);
 type LoopRow = (OwnedObjectPath, String, String, u64, bool, u32, String);
 type ImageRow = (OwnedObjectPath, String, u64, u32, String);
-type MappingRow = (
-    OwnedObjectPath,
-    String,
-    String,
-    String,
-    String,
-    String,
-    u16,
-    u16,
-    String,
-    String,
-    u32,
-    String,
-    String,
-);
-type InstanceRow = (
-    OwnedObjectPath,
-    String,
-    String,
-    String,
-    u32,
-    HashMap<String, OwnedValue>,
-);
-type CaptureRow = (OwnedObjectPath, String, u32, String, String, String);
-/// ListExposures: loop object, device, container id, container name, cgroup grant, nodes
-/// under the container's /dev, rules granted.
-type ExposureRow = (
-    OwnedObjectPath,
-    String,
-    String,
-    String,
-    String,
-    Vec<String>,
-    Vec<String>,
-);
+// The rows the bus layer answers with, by the types it exports (one definition).
+use dindhelper::bus::capture::CaptureRow;
+use dindhelper::bus::devices::ExposureRow;
+use dindhelper::bus::instances::InstanceRow;
+use dindhelper::bus::objects::PartitionTuple as PartTuple;
+use dindhelper::bus::ports::MappingTuple as MappingRow;
 
 struct Client {
     conn: zbus::Connection,
