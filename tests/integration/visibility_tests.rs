@@ -236,18 +236,7 @@ fn assert_shown(text: &str, of: &Owned<'_>, what: &str) {
 fn reads(bed: &Bed, addr: &str, user: &str, other: &Owned<'_>) -> Vec<(String, Out)> {
     let mut v = vec![(
         "GetManagedObjects".to_owned(),
-        busctl(
-            bed,
-            addr,
-            user,
-            &[
-                "call",
-                BUS_NAME,
-                MANAGER_PATH,
-                "org.freedesktop.DBus.ObjectManager",
-                "GetManagedObjects",
-            ],
-        ),
+        managed_objects(bed, &addr, user),
     )];
     for (obj, iface, prop) in [
         (&other.loop_obj, "org.dindhelper1.Loop", "BackingFile"),
@@ -294,6 +283,22 @@ fn reads(bed: &Bed, addr: &str, user: &str, other: &Owned<'_>) -> Vec<(String, O
     v
 }
 
+/// GetManagedObjects as `user` on the bus at `addr`.
+fn managed_objects(bed: &Bed, addr: &str, user: &str) -> Out {
+    busctl(
+        bed,
+        addr,
+        user,
+        &[
+            "call",
+            BUS_NAME,
+            MANAGER_PATH,
+            "org.freedesktop.DBus.ObjectManager",
+            "GetManagedObjects",
+        ],
+    )
+}
+
 /// The daemon's filtering on the bed's bus (its policy lets everyone through).
 fn daemon_filters_per_caller(bed: &Bed) {
     let addr = bed.address.clone();
@@ -302,21 +307,7 @@ fn daemon_filters_per_caller(bed: &Bed) {
     let uid_a = bed.uid(TENANT);
 
     // A: its own objects, nothing of B's, whatever it asks.
-    let gmo = ok(
-        busctl(
-            bed,
-            &addr,
-            TENANT,
-            &[
-                "call",
-                BUS_NAME,
-                MANAGER_PATH,
-                "org.freedesktop.DBus.ObjectManager",
-                "GetManagedObjects",
-            ],
-        ),
-        "A: GetManagedObjects",
-    );
+    let gmo = ok(managed_objects(bed, &addr, TENANT), "A: GetManagedObjects");
     assert_shown(&gmo.stdout, &a, "A's GetManagedObjects");
     // Every OwnerUid A is shown is A's.
     let data = gmo.json_data();
@@ -371,21 +362,7 @@ fn daemon_filters_per_caller(bed: &Bed) {
 
     // The provisioning group and root see both tenants.
     for user in [MEMBER, "root"] {
-        let gmo = ok(
-            busctl(
-                bed,
-                &addr,
-                user,
-                &[
-                    "call",
-                    BUS_NAME,
-                    MANAGER_PATH,
-                    "org.freedesktop.DBus.ObjectManager",
-                    "GetManagedObjects",
-                ],
-            ),
-            "GetManagedObjects",
-        );
+        let gmo = ok(managed_objects(bed, &addr, user), "GetManagedObjects");
         assert_shown(&gmo.stdout, &a, user);
         assert_shown(&gmo.stdout, &b, user);
         let get = bed.gdbus_raw(
@@ -688,22 +665,7 @@ fn shipped_bus_policy(bed: &Bed) {
     );
     assert!(get.stdout.contains(&b.backing), "member reads B's: {get:?}");
     assert_shown(
-        &ok(
-            busctl(
-                bed,
-                &addr,
-                TENANT,
-                &[
-                    "call",
-                    BUS_NAME,
-                    MANAGER_PATH,
-                    "org.freedesktop.DBus.ObjectManager",
-                    "GetManagedObjects",
-                ],
-            ),
-            "A: GetManagedObjects",
-        )
-        .stdout,
+        &ok(managed_objects(bed, &addr, TENANT), "A: GetManagedObjects").stdout,
         &a,
         "A's GetManagedObjects (shipped policy)",
     );
