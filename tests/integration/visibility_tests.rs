@@ -236,7 +236,7 @@ fn assert_shown(text: &str, of: &Owned<'_>, what: &str) {
 fn reads(bed: &Bed, addr: &str, user: &str, other: &Owned<'_>) -> Vec<(String, Out)> {
     let mut v = vec![(
         "GetManagedObjects".to_owned(),
-        managed_objects(bed, &addr, user),
+        managed_objects(bed, addr, user),
     )];
     for (obj, iface, prop) in [
         (&other.loop_obj, "org.dindhelper1.Loop", "BackingFile"),
