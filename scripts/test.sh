@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the whole test suite on a fresh machine (as root): install what the tests use, then
 # unit tests, kernel tests and the integration binary (real dbus-daemon, polkitd, users,
-# loop devices, dockerd in a network namespace).
+# loop devices, dockerd in a network namespace), then the clean-root demo check and the VM
+# suite (`--host-only` runs the first part only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "scripts/test.sh: run as root (real loop devices, polkit users)"; exit 1; }
@@ -31,3 +32,10 @@ cleanup() {
 trap cleanup EXIT
 # Kernel and integration tests share loop devices, users and polkit files: one at a time.
 cargo test --all-targets -- --test-threads=1
+# `--host-only`: stop here (a quick loop while developing). The whole suite goes on with the
+# README's two commands in a clean Debian 12 root, and the modern hosts: Debian 13 and 12
+# guests under qemu with the installed daemon (each installs its own tools), the in-guest
+# instances bench printed.
+[ "${1:-}" = "--host-only" ] && exit 0
+tests/cleanroot/run.sh
+DH_VM_BENCH=${DH_VM_BENCH:-1} DH_VM_BENCH_N=${DH_VM_BENCH_N:-10} scripts/test-vm.sh
