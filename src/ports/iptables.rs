@@ -110,22 +110,29 @@ impl NetnsContext {
         cmd
     }
 
+    /// Move the calling OS thread into this namespace, by the fd opened with the context
+    /// (never by its path again: the path could name another namespace by now). Only for
+    /// threads of their own, never a tokio worker.
+    pub fn enter(&self) -> Result<(), PortsError> {
+        if let Some(fd) = &self.fd {
+            nix::sched::setns(&**fd, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                PortsError::Netns {
+                    path: self.path.clone().unwrap_or_default(),
+                    source: e.into(),
+                }
+            })?;
+        }
+        Ok(())
+    }
+
     /// Run `f` on a short-lived OS thread inside this namespace (never on a tokio worker).
     pub fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, PortsError> {
-        let fd = self.fd.clone();
-        let path = self.path.clone().unwrap_or_default();
+        let ctx = self.clone();
         std::thread::spawn(move || {
-            if let Some(fd) = fd {
-                nix::sched::setns(&*fd, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                    PortsError::Netns {
-                        path,
-                        source: e.into(),
-                    }
-                })?;
-            }
+            ctx.enter()?;
             Ok(f())
         })
         .join()

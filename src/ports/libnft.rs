@@ -113,24 +113,15 @@ fn copy(p: *const c_char) -> String {
 impl LibNft {
     /// A context inside `netns` (its thread enters the namespace first).
     pub fn open(netns: &NetnsContext) -> Result<LibNft, String> {
-        let path = netns.path().map(ToOwned::to_owned);
+        let ctx = netns.clone();
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
         std::thread::Builder::new()
             .name("libnftables".into())
             .spawn(move || {
-                if let Some(p) = path {
-                    let entered =
-                        std::fs::File::open(&p)
-                            .map_err(|e| e.to_string())
-                            .and_then(|f| {
-                                nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
-                                    .map_err(|e| e.to_string())
-                            });
-                    if let Err(e) = entered {
-                        let _ = ready_tx.send(Err(format!("cannot enter {}: {e}", p.display())));
-                        return;
-                    }
+                if let Err(e) = ctx.enter() {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
                 }
                 let api = match load() {
                     Ok(a) => a,
