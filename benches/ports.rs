@@ -2,7 +2,8 @@
 //! docker-style way (one `iptables` process per rule), measured in the same run on the
 //! same chains.
 //!
-//! Run (root): `cargo bench --bench ports` (add `-- 10 100` for other N). Without
+//! Run (root): `cargo bench --bench ports` (add `-- 10 100` for other N;
+//! `DHR_BENCH_ONLY=nftables` for the nftables tables alone). Without
 //! `--bench` in argv (`cargo test --all-targets`) it only does a quick smoke check of the
 //! batch builder and exits.
 //!
@@ -196,7 +197,9 @@ async fn bench(ns: &[usize]) {
         "ratio N"
     );
     let mut cpu_single: Vec<(usize, Vec<u64>)> = Vec::new();
-    for &n in ns {
+    // DHR_BENCH_ONLY=nftables: the nftables tables alone (quicker, for profiling)
+    let only_nft = std::env::var("DHR_BENCH_ONLY").is_ok_and(|v| v == "nftables");
+    for &n in ns.iter().filter(|_| !only_nft) {
         // docker-style
         assert_eq!(count_rules(&d, "dhr-bench"), 0);
         let t = Instant::now();

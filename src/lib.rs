@@ -14,6 +14,7 @@ pub mod docker;
 pub mod error;
 pub mod names;
 pub mod netns;
+pub mod pidfd;
 pub mod random;
 pub mod state;
 

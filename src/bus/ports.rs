@@ -281,7 +281,8 @@ impl Ports {
     /// Before anything is resolved: the `ports` action and the `instance` tag, PublishMany's
     /// size (`max_publish_many`), then `ports-privileged` for every host port below
     /// `privileged_port_floor` (each with its details, so a rule may allow 80 and 443
-    /// only). Publish and PublishMany both start here.
+    /// only). Publish and PublishMany both start here. Returns `ports` with each container
+    /// replaced by the full id its owner check was made for: the requests name that id.
     async fn authorize_ports(
         &self,
         hdr: &Header<'_>,
@@ -289,7 +290,7 @@ impl Ports {
         ports: &[(String, String, u16, u16)],
         instance: Option<&str>,
         inter: bool,
-    ) -> Result<(), BusError> {
+    ) -> Result<Vec<(String, String, u16, u16)>, BusError> {
         super::authorize_into_instance(
             &self.auth,
             &self.core,
@@ -327,26 +328,35 @@ impl Ports {
         }
         // Owned targets: every container must belong to one of the caller's instances,
         // else ports-others.
-        let mut seen = std::collections::HashSet::new();
+        let mut ids: std::collections::HashMap<&str, String> = std::collections::HashMap::new();
         for (container, protocol, host_port, _) in ports {
-            if seen.insert(container.clone()) {
-                super::authorize_container(
-                    &self.auth,
-                    &self.core,
-                    hdr,
-                    caller,
-                    Action::Ports,
-                    container,
-                    inter,
-                    vec![
-                        ("host_port", host_port.to_string()),
-                        ("protocol", protocol.clone()),
-                    ],
-                )
-                .await?;
+            if ids.contains_key(container.as_str()) {
+                continue;
             }
+            let id = ops::ports::resolve_container(&self.core, container)
+                .await
+                .map_err(BusError::map)?;
+            super::authorize_container_id(
+                &self.auth,
+                &self.core,
+                hdr,
+                caller,
+                Action::Ports,
+                container,
+                &id,
+                inter,
+                vec![
+                    ("host_port", host_port.to_string()),
+                    ("protocol", protocol.clone()),
+                ],
+            )
+            .await?;
+            ids.insert(container, id);
         }
-        Ok(())
+        Ok(ports
+            .iter()
+            .map(|(c, p, h, cp)| (ids[c.as_str()].clone(), p.clone(), *h, *cp))
+            .collect())
     }
 
     /// Authorize acting on mappings: the base action, plus `-others` when any of them
@@ -413,22 +423,13 @@ impl Ports {
             |caller| async move {
                 let o = publish_opts(&options)?;
                 let inter = interactive(&options)?;
-                let one = [(
-                    container.clone(),
-                    protocol.clone(),
-                    host_port,
-                    container_port,
-                )];
-                self.authorize_ports(hdr, &caller, &one, o.instance.as_deref(), inter)
-                    .await?;
-                let req = request(
-                    &o,
-                    caller.uid,
-                    container,
-                    protocol,
-                    host_port,
-                    container_port,
-                );
+                let one = [(container, protocol, host_port, container_port)];
+                let [(id, protocol, host_port, container_port)]: [_; 1] = self
+                    .authorize_ports(hdr, &caller, &one, o.instance.as_deref(), inter)
+                    .await?
+                    .try_into()
+                    .map_err(|_| BusError::Failed("one port in, one out".into()))?;
+                let req = request(&o, caller.uid, id, protocol, host_port, container_port);
                 let m = ops::ports::publish(&self.core, req)
                     .await
                     .map_err(BusError::map)?;
@@ -460,9 +461,9 @@ impl Ports {
             |caller| async move {
                 let o = publish_opts(&options)?;
                 let inter = interactive(&options)?;
-                self.authorize_ports(hdr, &caller, &ports, o.instance.as_deref(), inter)
-                    .await?;
-                let reqs = ports
+                let reqs = self
+                    .authorize_ports(hdr, &caller, &ports, o.instance.as_deref(), inter)
+                    .await?
                     .into_iter()
                     .map(|(c, p, h, cp)| request(&o, caller.uid, c, p, h, cp))
                     .collect();

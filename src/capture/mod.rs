@@ -314,23 +314,19 @@ impl Stopper {
     }
 }
 
-fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
-    // SAFETY: plain syscall; returns a new fd.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    Errno::result(fd).map(|fd| unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
 /// Start capturing in the network namespace of `target`, writing pcap to `sink`.
 /// Returns once the socket is set up (filter, interface and target errors come back here).
 pub fn start(target: Target, options: CaptureOptions, sink: File) -> Result<Handle, CaptureError> {
     options.validate()?;
     // The pidfd pins the process identity for the exit watch; verify after opening it.
-    let pidfd = pidfd_open(target.pid).map_err(|e| match e {
-        Errno::ESRCH => CaptureError::Target(NetnsError::Gone { pid: target.pid }),
-        source => CaptureError::Sys {
-            op: "pidfd_open",
-            source,
-        },
+    let pidfd = crate::pidfd::open(target.pid as u32).map_err(|e| {
+        match Errno::from_raw(e.raw_os_error().unwrap_or(0)) {
+            Errno::ESRCH => CaptureError::Target(NetnsError::Gone { pid: target.pid }),
+            source => CaptureError::Sys {
+                op: "pidfd_open",
+                source,
+            },
+        }
     })?;
     target.verify()?;
     let (iface, filter, snaplen, ring) = (

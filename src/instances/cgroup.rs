@@ -318,7 +318,7 @@ fn kill_tree(dir: &Path, pids: &[u32]) {
     }
     let pinned: Vec<(u32, std::os::fd::OwnedFd)> = pids
         .iter()
-        .filter_map(|&p| pidfd_open(p).ok().map(|fd| (p, fd)))
+        .filter_map(|&p| crate::pidfd::open(p).ok().map(|fd| (p, fd)))
         .collect();
     let Ok(now) = procs_in_tree(dir) else { return };
     for (pid, fd) in pinned {
@@ -336,17 +336,6 @@ fn kill_tree(dir: &Path, pids: &[u32]) {
             }
         }
     }
-}
-
-fn pidfd_open(pid: u32) -> io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: plain syscall returning a new fd.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd we own.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// How long [`ensure_empty`] waits for killed processes to leave.

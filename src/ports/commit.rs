@@ -6,8 +6,9 @@
 //! group commit); if that combined change fails, the jobs are retried one by one so each
 //! caller gets its own answer.
 //!
-//! Per round: one conflict check against what Docker publishes and what is bound in the
-//! namespace, then one write. Nothing is read back from the firewall: the backend knows
+//! Per round: one conflict check against what Docker publishes (kept between rounds while
+//! no event changes it, see [`super::facts`]) and what is bound in the namespace (read
+//! every round: no event tells when a socket is bound), then one write. Nothing is read back from the firewall: the backend knows
 //! what it wrote (see [`super::iptables`], "Known rules").
 
 use std::collections::HashSet;
@@ -76,7 +77,17 @@ impl PortsManager {
         // while dockerd answers
         let netns = self.netns.clone();
         let bound = tokio::task::spawn_blocking(move || netns.run(sockets::read_bound));
-        let dp = self.resolver.published_ports().await;
+        let dp = match self.facts.published() {
+            Some(v) => Ok(v),
+            None => {
+                let ticket = self.facts.ticket();
+                let r = self.resolver.published_ports().await;
+                if let Ok(v) = &r {
+                    self.facts.store_published(ticket, v);
+                }
+                r
+            }
+        };
         let bound = bound
             .await
             .map_err(|e| PortsError::Internal(format!("socket reader: {e}")))??

@@ -7,6 +7,8 @@
 //!   names that go into rule text, host ports that are taken.
 //! - [`commit`]: group commit of publish/unpublish jobs under one write lock.
 //! - [`reconcile`]: repair against Docker (start, reconnection, events) and [`watch`].
+//! - [`facts`]: container inspects and Docker's published ports kept between calls while
+//!   the event stream says they are still true.
 //!
 //! The firewall behind one trait ([`firewall::Firewall`], chosen by [`firewall::detect`]):
 //! - [`iptables`]: iptables-nft / iptables-legacy (save/restore); [`rules`] builds its
@@ -31,6 +33,7 @@
 
 pub mod commit;
 pub mod diag;
+pub mod facts;
 pub mod firewall;
 pub mod hairpin;
 pub mod iptables;
@@ -86,6 +89,11 @@ pub struct PortsManager {
     last_event: Mutex<HashMap<String, u64>>,
     /// (container id, pid) whose bridge port has hairpin mode (see [`hairpin`]).
     hairpin_done: Mutex<std::collections::HashSet<(String, u32)>>,
+    /// Docker answers kept while the event stream is followed (see [`facts`]).
+    facts: facts::Facts,
+    /// Ids changed since the last [`PortsManager::take_changed`] (marked in `emit`, under
+    /// the table lock), so persisting costs the change, not the table.
+    changed: Mutex<std::collections::HashSet<String>>,
 }
 
 fn new_id() -> String {
@@ -131,6 +139,8 @@ impl PortsManager {
             event_seq: AtomicU64::new(0),
             last_event: Mutex::new(HashMap::new()),
             hairpin_done: Mutex::new(std::collections::HashSet::new()),
+            facts: facts::Facts::default(),
+            changed: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -243,8 +253,67 @@ impl PortsManager {
         }
     }
 
+    /// Report a change of the table (call with the table lock held, after the change).
     fn emit(&self, c: MappingChange) {
+        let id = match &c {
+            MappingChange::Added(m) | MappingChange::Updated(m) | MappingChange::Removed(m) => {
+                m.id.clone()
+            }
+        };
+        self.changed.lock().unwrap().insert(id);
         let _ = self.changes.send(c);
+    }
+
+    /// The ids changed since the last call, each with its mapping now (None: removed),
+    /// read under the table lock. A caller that cannot store them gives them back with
+    /// [`PortsManager::mark_changed`].
+    pub fn take_changed(&self) -> Vec<(String, Option<Mapping>)> {
+        let table = self.mappings.lock().unwrap();
+        let ids = std::mem::take(&mut *self.changed.lock().unwrap());
+        ids.into_iter()
+            .map(|id| {
+                let m = table.get(&id).cloned();
+                (id, m)
+            })
+            .collect()
+    }
+
+    /// Mark ids changed again (their store failed).
+    pub fn mark_changed(&self, ids: impl IntoIterator<Item = String>) {
+        self.changed.lock().unwrap().extend(ids);
+    }
+
+    /// How many mappings `uid` owns (without copying the table).
+    pub fn count_owned(&self, uid: u32) -> usize {
+        self.mappings
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|m| m.owner_uid == uid)
+            .count()
+    }
+
+    /// The container by name or id, from [`facts`] when it is known and still true, else
+    /// inspected (and kept). The bus layer resolves through this before authorizing, then
+    /// names the container by the id it got, so the container checked is the one acted on.
+    pub async fn resolve(&self, container: &str) -> Result<facts::Fact, PortsError> {
+        if let Some(f) = self.facts.container(container) {
+            return Ok(f);
+        }
+        let ticket = self.facts.ticket();
+        let seq = self.event_seq.load(Ordering::SeqCst);
+        let info = match self.resolver.inspect(container).await {
+            Ok(i) => i,
+            Err(DockerError::NotFound { .. }) => {
+                return Err(PortsError::ContainerNotFound {
+                    container: container.to_owned(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let fact = facts::Fact { info, seq };
+        self.facts.store_container(ticket, &fact);
+        Ok(fact)
     }
 
     /// Publish one port.
@@ -266,20 +335,15 @@ impl PortsManager {
         // fail early (NotSupported) before asking Docker anything
         let docker_v6 = self.backend().await?.ipv6();
 
-        let seen = self.event_seq.load(Ordering::SeqCst);
+        // the oldest fact used: the write round re-resolves a container with a lifecycle
+        // event after it
+        let mut seen = u64::MAX;
         let mut infos: HashMap<String, ContainerInfo> = HashMap::new();
         for v in &vals {
             if !infos.contains_key(&v.container) {
-                let info = match self.resolver.inspect(&v.container).await {
-                    Ok(i) => i,
-                    Err(DockerError::NotFound { .. }) => {
-                        return Err(PortsError::ContainerNotFound {
-                            container: v.container.clone(),
-                        })
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                infos.insert(v.container.clone(), info);
+                let f = self.resolve(&v.container).await?;
+                seen = seen.min(f.seq);
+                infos.insert(v.container.clone(), f.info);
             }
         }
         let mut mappings = Vec::with_capacity(vals.len());

@@ -212,6 +212,8 @@ pub async fn watch(
             }
         };
         backoff = Duration::from_millis(50);
+        // from here on every event reaches `facts` (answers read from now on can be kept)
+        manager.facts.connected();
         let mut retry: Option<tokio::task::JoinHandle<()>> = None;
         match manager.reconcile().await {
             Ok(d) => log_decisions("reconcile after (re)connecting to dockerd", &d),
@@ -238,6 +240,8 @@ pub async fn watch(
         loop {
             match stream.next().await {
                 Ok(Some(ev)) => {
+                    // first: no answer read before this event is used after it
+                    manager.facts.forget(&ev.container_id);
                     match manager.on_event(&ev).await {
                         Ok(d) => log_decisions(&format!("docker event {}", ev.action), &d),
                         Err(e) => {
@@ -258,6 +262,7 @@ pub async fn watch(
                 }
             }
         }
+        manager.facts.disconnected();
         if let Some(r) = retry {
             r.abort();
         }

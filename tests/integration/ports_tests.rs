@@ -57,6 +57,10 @@ pub fn tests() -> Vec<Test> {
             docker_rm_removes_rules_and_mapping_object,
         ),
         t(
+            "ports_kept_docker_facts_follow_replace_rename_restart_stop",
+            kept_docker_facts_follow_replace_rename_restart_stop,
+        ),
+        t(
             "ports_kill9_restart_keeps_rules_without_duplicates",
             kill9_restart_keeps_rules_without_duplicates,
         ),
@@ -760,6 +764,82 @@ fn rule_follows_container_restart_to_new_ip(bed: &Bed) {
                 && m.contains(path.as_str())
                 && m.contains(&new_ip)),
         "no PropertiesChanged with the new IP on {path}:\n{text}"
+    );
+}
+
+/// The daemon keeps Docker's answers between calls (`ports::facts`): each call right
+/// after a `docker` command that changes what a name means must still reach the container
+/// the name means now — replaced (`rm -f` + `run`), renamed away, restarted (new init
+/// process), stopped — and Docker's own `-p` ports stay a conflict.
+fn kept_docker_facts_follow_replace_rename_restart_stop(bed: &Bed) {
+    let env = PortsEnv::new(bed);
+    let d = env.d();
+    d.docker_ok(&["network", "create", "--subnet", "10.78.0.0/24", "factnet"]);
+    let net = ["--network", "factnet"];
+    d.run_web("web", "/www", &[&net[..], &["--ip", "10.78.0.10"]].concat());
+    let p1 = env.publish_ok(MEMBER, "web", 8080, 80);
+    let p2 = env.publish_ok(MEMBER, "web", 8081, 80); // the kept answer
+    assert_eq!(d.curl(8081).as_deref(), Some("hello"));
+    let ip = |p: &str| env.prop(p, "ContainerIp");
+
+    // replaced: same name, another container at another address
+    d.docker_ok(&["rm", "-f", "web"]);
+    d.run_web(
+        "web",
+        "/www2",
+        &[&net[..], &["--ip", "10.78.0.11"]].concat(),
+    );
+    let p3 = env.publish_ok(MEMBER, "web", 8082, 80);
+    assert_eq!(ip(&p3), Some(serde_json::json!("10.78.0.11")));
+    assert_eq!(d.curl(8082).as_deref(), Some("other"));
+    wait_until(
+        "mappings of the removed container gone",
+        Duration::from_secs(5),
+        || ip(&p1).is_none() && ip(&p2).is_none(),
+    );
+
+    // renamed away: the name now means a new container
+    d.docker_ok(&["rename", "web", "web-old"]);
+    d.run_web("web", "/www", &[&net[..], &["--ip", "10.78.0.12"]].concat());
+    let p4 = env.publish_ok(MEMBER, "web", 8083, 80);
+    assert_eq!(ip(&p4), Some(serde_json::json!("10.78.0.12")));
+    assert_eq!(d.curl(8083).as_deref(), Some("hello"));
+    assert_eq!(
+        d.curl(8082).as_deref(),
+        Some("other"),
+        "web-old keeps its port"
+    );
+
+    // restarted: a new init process (same address)
+    d.docker_ok(&["restart", "-t", "1", "web"]);
+    let p5 = env.publish_ok(MEMBER, "web", 8084, 80);
+    assert_eq!(ip(&p5), Some(serde_json::json!("10.78.0.12")));
+    wait_until("8084 answers", Duration::from_secs(5), || {
+        d.curl(8084).as_deref() == Some("hello")
+    });
+
+    // Docker's own -p, started right before the call
+    d.run_web("pub", "/www", &[&net[..], &["-p", "9191:80"]].concat());
+    let no = "@a{sv} {}";
+    let publish = |c: &str, h: u16, kind: &str| {
+        env.expect_error(
+            MEMBER,
+            "Publish",
+            &[&gv_str(c), &gv_str("tcp"), &gv_q(h), &gv_q(80), no],
+            kind,
+        )
+    };
+    publish("web", 9191, "Conflict");
+
+    // stopped: refused at once, nothing written
+    d.docker_ok(&["stop", "-t", "1", "web"]);
+    publish("web", 8085, "Conflict");
+    d.docker_ok(&["rm", "-f", "web-old"]);
+    publish("web-old", 8086, "NotFound");
+    wait_until(
+        "only the stopped web's mappings stay",
+        Duration::from_secs(5),
+        || env.list().len() == 2,
     );
 }
 
