@@ -1,6 +1,6 @@
 //! Capture under load: a UDP flood over a veth pair at rising rates, captured in the same
 //! run by dindhelperd THROUGH THE DAEMON over D-Bus (StartCapture on target `pid:N` of a
-//! process in the receiving namespace, a real polkitd deciding; counters from the session's
+//! process in the receiving namespace, as root: polkitd is not asked for uid 0; counters from the session's
 //! Packets/Dropped properties after Stop) and by `nsenter --net=… tcpdump -i any -B 4096 -w`.
 //! Prints packets sent, then captured and dropped by the kernel for each. Goal: at every
 //! rate no more drops than tcpdump.
