@@ -117,7 +117,7 @@ impl PortsManager {
                 me.run_jobs(jobs).await;
                 tracing::debug!(
                     jobs = n,
-                    ms = t.elapsed().as_millis() as u64,
+                    us = t.elapsed().as_micros() as u64,
                     "ports write round"
                 );
             }
