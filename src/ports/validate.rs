@@ -142,7 +142,8 @@ pub(crate) fn pick_ip6(
             if !docker_v6 {
                 return Err(PortsError::NotSupported {
                     reason: "Docker does not publish IPv6 here (ip6tables has no DOCKER chain \
-                             in its nat table: dockerd runs without ip6tables, or the host has \
+                             in its nat table, or with the nftables backend there is no table \
+                             ip6 docker-bridges: dockerd runs without ip6tables, or the host has \
                              no IPv6): family \"both\" cannot be held; use \"auto\" or \"ipv4\""
                         .into(),
                 });
