@@ -1032,8 +1032,103 @@ fn run_nft_layout(tag: &str, layout: Layout) {
             .await
             .unwrap();
         assert_eq!(nft_ruleset(&net.host()), docker);
+        if v6 {
+            ipv6_only_mappings(&m, &net, &docker).await;
+        }
     });
     println!("{}: ok in {:?}", layout.fixture, t0.elapsed());
+}
+
+/// Family `ipv6` (IPv6 only, every address) and an IPv6 `host_ip` (IPv6 only, that
+/// address): elements in our ip6 table only, IPv4 clients do not pass, the host address
+/// restricts, impossible pairs are InvalidArgs, unpublish restores Docker's tables.
+async fn ipv6_only_mappings(m: &Arc<PortsManager>, net: &Net, docker: &str) {
+    use dindhelper::error::{Classify, Kind};
+    use dindhelper::ports::Family;
+    let with = |port: u16, host_ip: Option<&str>, family: Option<&str>| PublishRequest {
+        host_ip: host_ip.map(Into::into),
+        family: family.map(Into::into),
+        ..req("tcp", port, TCP_CTR)
+    };
+    let all6 = m
+        .publish(with(9092, None, Some("ipv6")))
+        .await
+        .expect("family ipv6");
+    let one6 = m
+        .publish(with(9093, Some("2001:db8:99::1"), None))
+        .await
+        .expect("an IPv6 host_ip");
+    for (x, host) in [(&all6, None), (&one6, Some("2001:db8:99::1"))] {
+        assert_eq!(x.family, Family::Ipv6, "{x:?}");
+        assert_eq!(x.host_ip, host.map(|h| h.parse().unwrap()), "{x:?}");
+        assert!(
+            matches!(x.state, MappingState::Active { ip6: Some(_), .. }),
+            "{x:?}"
+        );
+    }
+    let ruleset = nft_ruleset(&net.host());
+    assert!(
+        ruleset.contains("table ip6 dindhelper-1a70u7 {")
+            && !ruleset.contains("table ip dindhelper-1a70u7 {"),
+        "IPv6-only mappings make no IPv4 table:\n{ruleset}"
+    );
+    for port in [9092, 9093] {
+        assert_eq!(
+            tcp_from(&net.client(), host6(port)).as_deref(),
+            Some("tcp90"),
+            "{port} over IPv6"
+        );
+        assert_eq!(
+            tcp_from(&net.ctr(), host6(port)).as_deref(),
+            Some("tcp90"),
+            "{port}: IPv6 hairpin"
+        );
+        assert_eq!(
+            tcp_from(&net.client(), host(port)),
+            None,
+            "{port}: an IPv6-only mapping must not forward IPv4"
+        );
+    }
+    // the host's other IPv6 address (the bridge's): every address, or not the one given
+    let gw6 = |port| SocketAddr::from((Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1), port));
+    assert_eq!(tcp_from(&net.ctr(), gw6(9092)).as_deref(), Some("tcp90"));
+    assert_eq!(
+        tcp_from(&net.ctr(), gw6(9093)),
+        None,
+        "host_ip 2001:db8:99::1 must not match the host's other address"
+    );
+    // pairs no rule set can hold: InvalidArgs, nothing written
+    for (host_ip, family, says) in [
+        (
+            Some("10.99.0.1"),
+            Some("ipv6"),
+            "cannot go with an IPv4 host_ip",
+        ),
+        (
+            Some("2001:db8:99::1"),
+            Some("ipv4"),
+            "cannot go with an IPv6 host_ip",
+        ),
+        (
+            Some("2001:db8:99::1"),
+            Some("both"),
+            "cannot go with an IPv6 host_ip",
+        ),
+        (Some("fe80::1"), None, "link-local"),
+    ] {
+        let e = m.publish(with(9094, host_ip, family)).await.unwrap_err();
+        assert_eq!(e.kind(), Kind::InvalidArgs, "{host_ip:?} {family:?}: {e}");
+        assert!(e.to_string().contains(says), "{e}");
+    }
+    assert_eq!(
+        nft_ruleset(&net.host()),
+        ruleset,
+        "a refusal wrote something"
+    );
+    m.unpublish_many(vec![all6.id, one6.id])
+        .await
+        .expect("unpublish");
+    assert_eq!(nft_ruleset(&net.host()), docker);
 }
 
 #[test]

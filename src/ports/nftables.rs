@@ -222,8 +222,9 @@ pub struct Elem {
 }
 
 impl Elem {
-    /// The elements of a spec: IPv4, and IPv6 when it has a container IPv6 address and no
-    /// IPv4 host address (an IPv6 DNAT would match every host address).
+    /// The elements of a spec, one per family its host address allows
+    /// ([`RuleSpec::dst4`], [`RuleSpec::dst6`]): an IPv4 host address keeps it IPv4 only
+    /// (an IPv6 DNAT would match every host address), an IPv6 one (or `::`) IPv6 only.
     fn of(s: &RuleSpec) -> Result<Vec<Elem>, PortsError> {
         s.check()?;
         let one = |host_ip: Option<IpAddr>, container_ip: IpAddr| Elem {
@@ -234,9 +235,12 @@ impl Elem {
             container_ip,
             container_port: s.container_port,
         };
-        let mut out = vec![one(s.host_ip.map(IpAddr::V4), IpAddr::V4(s.container_ip))];
-        if let (Some(c6), None) = (s.container_ip6, s.host_ip) {
-            out.push(one(None, IpAddr::V6(c6)));
+        let mut out = Vec::with_capacity(2);
+        if let Some(h4) = s.dst4() {
+            out.push(one(h4.map(IpAddr::V4), IpAddr::V4(s.container_ip)));
+        }
+        if let Some((c6, h6)) = s.dst6() {
+            out.push(one(h6.map(IpAddr::V6), IpAddr::V6(c6)));
         }
         Ok(out)
     }
@@ -1154,6 +1158,26 @@ mod tests {
         // a host IPv4 address keeps the mapping IPv4-only
         let k = known(&[spec(Some("2001:db8::2"), Some("10.0.0.1"))]);
         assert!(k.v6.elems.is_empty() && k.v4.elems["abc"].map() == "dnat4ip");
+    }
+
+    #[test]
+    fn an_ipv6_host_address_is_an_ipv6_element_only() {
+        let b = backend();
+        // family ipv6 on every address (host `::`): dnat6 only, no IPv4 table
+        let any6 = known(&[spec(Some("2001:db8::2"), Some("::"))]);
+        assert!(any6.v4.elems.is_empty());
+        assert_eq!(any6.v6.elems["abc"].map(), "dnat6");
+        let s = b.script(&Known::default(), &any6);
+        assert!(!s.contains("table ip dindhelper-x"), "{s}");
+        // one host IPv6 address: a dnat6ip element keyed by it
+        let one = known(&[spec(Some("2001:db8::2"), Some("2001:db8:99::1"))]);
+        assert!(one.v4.elems.is_empty());
+        let s = b.script(&Known::default(), &one);
+        assert!(
+            s.contains("add element ip6 dindhelper-x dnat6ip { 2001:db8:99::1 . tcp . 9090 comment \"abc\" : 2001:db8::2 . 90 }\n"),
+            "{s}"
+        );
+        assert!(s.contains("ip6 saddr != fe80::/10 ip6 daddr . meta l4proto . th dport @dnat6ip"));
     }
 
     #[test]
