@@ -74,6 +74,10 @@
 //!   the same transaction as the element.
 //! - A repair replaces a whole table in one transaction (`add table; delete table;
 //!   table {…}`): also after `nft flush ruleset` (nftables.service restart) removed it.
+//! - IPv4 never depends on IPv6: while Docker has no ip6 table, a failing read of our ip6
+//!   table (a kernel without nftables IPv6) counts as no table. [`Firewall::ipv6`]
+//!   follows Docker's ip6 table at each repair; the detection reason keeps what detection
+//!   saw.
 //! - A mapping whose IPv6 address goes away (container restarted without one, family
 //!   changed) must lose its ip6 element: an add replaces the mapping's elements in both
 //!   tables, never only in the families it has now.
@@ -675,12 +679,19 @@ impl Nftables {
         })
     }
 
-    /// Both our tables, read fresh.
+    /// Both our tables, read fresh. Without Docker's ip6 table a failing read of ours
+    /// (a kernel without nftables IPv6) counts as no table: IPv4 must not depend on it.
     async fn read(&self) -> Result<Known, PortsError> {
-        Ok(Known {
-            v4: self.read_family(IpFamily::V4).await?,
-            v6: self.read_family(IpFamily::V6).await?,
-        })
+        let v4 = self.read_family(IpFamily::V4).await?;
+        let v6 = match self.read_family(IpFamily::V6).await {
+            Ok(t) => t,
+            Err(e) if !self.ipv6() => {
+                tracing::debug!(error = %e, "cannot read table ip6 {}; IPv4 only", self.table);
+                Tbl::default()
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Known { v4, v6 })
     }
 
     /// The whole table of family `f` with `elems` (after `add table; delete table`:
