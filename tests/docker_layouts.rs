@@ -28,10 +28,13 @@
 //! same proofs, plus NotSupported naming `--bridge-accept-fwmark` while Docker's table has
 //! no accept mark, the mark confined to DNATed packets (direct access stays dropped),
 //! `nft -s list ruleset` byte-identical after unpublish, our table surviving Docker's
-//! table being re-created, and reconcile after `nft flush ruleset`.
+//! table being re-created, and reconcile after `nft flush ruleset`. One layout has IPv6
+//! (`usernet-portmap-ipv6.nft`: Docker's `ip6 docker-bridges` beside its ip table, written
+//! from moby's nftabler sources, see the fixture's header): the same proofs over IPv6
+//! (client `2001:db8:99::2` to the host's `2001:db8:99::1`, container `2001:db8::2`).
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -40,10 +43,14 @@ use std::time::{Duration, Instant};
 
 use dindhelper::docker::{ContainerInfo, DockerError, NetworkAttachment, PublishedPort};
 use dindhelper::ports::resolver::DockerFut;
-use dindhelper::ports::{Action, NetnsContext, PortsManager, PublishRequest, Resolver};
+use dindhelper::ports::{
+    Action, MappingState, NetnsContext, PortsManager, PublishRequest, Resolver,
+};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/docker-layouts");
 const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+/// The host's address towards the client in IPv6 layouts (client 2001:db8:99::2).
+const HOST_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x99, 0, 0, 0, 0, 1);
 /// Ports we publish (host side) and the container's servers behind them.
 const TCP_HOST: u16 = 9090;
 const TCP_CTR: u16 = 90;
@@ -64,6 +71,9 @@ struct Layout {
     docker_port: bool,
     /// The layout matches on ipset docker-ext-bridges-v4 (Docker 28.0.0).
     ipset: bool,
+    /// IPv6 on the network: the container's address and the bridge's (gateway), /64.
+    container_ip6: Option<Ipv6Addr>,
+    gateway6: &'static str,
 }
 
 const USERNET: Layout = Layout {
@@ -74,6 +84,8 @@ const USERNET: Layout = Layout {
     container_ip: Ipv4Addr::new(192, 0, 2, 2),
     docker_port: true,
     ipset: false,
+    container_ip6: None,
+    gateway6: "",
 };
 
 const DEFAULT_BRIDGE: Layout = Layout {
@@ -84,6 +96,8 @@ const DEFAULT_BRIDGE: Layout = Layout {
     container_ip: Ipv4Addr::new(172, 17, 0, 2),
     docker_port: false,
     ipset: false,
+    container_ip6: None,
+    gateway6: "",
 };
 
 fn sh(args: &[&str]) -> std::process::Output {
@@ -274,6 +288,16 @@ fn setup(tag: &str, layout: &Layout) -> Net {
             .status();
         sh(&["ip", "netns", "add", n]);
         sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
+        if layout.container_ip6.is_some() {
+            // no duplicate address detection on the links made next: their link-local
+            // addresses would stay tentative for ~2 s and the first IPv6 connection
+            // times out meanwhile
+            let ns = PathBuf::from(format!("/run/netns/{n}"));
+            in_ns(
+                &ns,
+                &["sysctl", "-q", "-w", "net.ipv6.conf.default.accept_dad=0"],
+            );
+        }
     }
     let (h, c, cl) = (&net.names[0], &net.names[1], &net.names[2]);
     // the bridge and the container behind it
@@ -332,6 +356,46 @@ fn setup(tag: &str, layout: &Layout) -> Net {
         &net.host(),
         &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"],
     );
+    if let Some(c6) = layout.container_ip6 {
+        // the same over IPv6
+        let gw6 = format!("{}/64", layout.gateway6);
+        let c6net = format!("{c6}/64");
+        let c6host = format!("{c6}/128");
+        for (ns, addr, dev) in [
+            (h, gw6.as_str(), layout.bridge),
+            (c, c6net.as_str(), "eth0"),
+            (h, "2001:db8:99::1/64", "vcl"),
+            (cl, "2001:db8:99::2/64", "eth0"),
+        ] {
+            sh(&["ip", "-n", ns, "-6", "addr", "add", addr, "dev", dev]);
+        }
+        sh(&[
+            "ip",
+            "-n",
+            c,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            layout.gateway6,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            cl,
+            "-6",
+            "route",
+            "add",
+            &c6host,
+            "via",
+            "2001:db8:99::1",
+        ]);
+        in_ns(
+            &net.host(),
+            &["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"],
+        );
+    }
     let mut net = net;
     net.init = Some(
         Command::new("nsenter")
@@ -348,13 +412,15 @@ fn serve(ctr: &Path, tcp: &[u16], udp: &[u16]) {
     let tcp = tcp.to_vec();
     let udp = udp.to_vec();
     let (ls, us) = on_ns_thread(ctr, move || {
+        // "::" takes IPv4 too (bindv6only is 0 in a new namespace)
+        let any = IpAddr::from(Ipv6Addr::UNSPECIFIED);
         let ls: Vec<(u16, TcpListener)> = tcp
             .iter()
-            .map(|p| (*p, TcpListener::bind(("0.0.0.0", *p)).expect("bind tcp")))
+            .map(|p| (*p, TcpListener::bind((any, *p)).expect("bind tcp")))
             .collect();
         let us: Vec<(u16, UdpSocket)> = udp
             .iter()
-            .map(|p| (*p, UdpSocket::bind(("0.0.0.0", *p)).expect("bind udp")))
+            .map(|p| (*p, UdpSocket::bind((any, *p)).expect("bind udp")))
             .collect();
         (ls, us)
     });
@@ -390,7 +456,8 @@ fn tcp_from(ns: &Path, to: SocketAddr) -> Option<String> {
 /// One UDP datagram from namespace `ns` to `to` and its answer (retried 3 times).
 fn udp_from(ns: &Path, to: SocketAddr) -> Option<String> {
     on_ns_thread(ns, move || {
-        let u = UdpSocket::bind("0.0.0.0:0").ok()?;
+        let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+        let u = UdpSocket::bind(any).ok()?;
         u.set_read_timeout(Some(Duration::from_millis(300))).ok()?;
         for _ in 0..3 {
             u.send_to(b"ping", to).ok()?;
@@ -445,7 +512,7 @@ fn table(layout: &Layout, pid: u32) -> Arc<Table> {
                 network_name: network.into(),
                 network_id: "n1".into(),
                 ip: Some(layout.container_ip),
-                ip6: None,
+                ip6: layout.container_ip6,
                 bridge_interface: Some(layout.bridge.into()),
             }],
         },
@@ -478,6 +545,10 @@ fn host(port: u16) -> SocketAddr {
     SocketAddr::from((HOST_IP, port))
 }
 
+fn host6(port: u16) -> SocketAddr {
+    SocketAddr::from((HOST_IP6, port))
+}
+
 /// Our ports answer over TCP and UDP from the client, and from the container itself.
 fn assert_ports_work(net: &Net, what: &str) {
     assert_eq!(
@@ -499,6 +570,30 @@ fn assert_ports_work(net: &Net, what: &str) {
         udp_from(&net.ctr(), host(UDP_HOST)).as_deref(),
         Some("udp91"),
         "{what}: UDP hairpin"
+    );
+}
+
+/// The same over IPv6: from the client to the host's IPv6 address, and hairpin.
+fn assert_ports_work6(net: &Net, what: &str) {
+    assert_eq!(
+        tcp_from(&net.client(), host6(TCP_HOST)).as_deref(),
+        Some("tcp90"),
+        "{what}: TCP over IPv6 from the client"
+    );
+    assert_eq!(
+        udp_from(&net.client(), host6(UDP_HOST)).as_deref(),
+        Some("udp91"),
+        "{what}: UDP over IPv6 from the client"
+    );
+    assert_eq!(
+        tcp_from(&net.ctr(), host6(TCP_HOST)).as_deref(),
+        Some("tcp90"),
+        "{what}: IPv6 hairpin (the container to its own published port)"
+    );
+    assert_eq!(
+        udp_from(&net.ctr(), host6(UDP_HOST)).as_deref(),
+        Some("udp91"),
+        "{what}: UDP IPv6 hairpin"
     );
 }
 
@@ -740,14 +835,16 @@ fn nft_ruleset(ns: &Path) -> String {
         .collect()
 }
 
-/// Docker (re)creates its table: the old one out, the fixture's in.
+/// Docker (re)creates its tables: the old ones out, the fixture's in.
 fn load_docker_nft(net: &Net, text: &str) {
     let h = net.host();
-    let _ = Command::new("nsenter")
-        .arg(format!("--net={}", h.display()))
-        .args(["nft", "delete", "table", "ip", "docker-bridges"])
-        .stderr(Stdio::null())
-        .status();
+    for family in ["ip", "ip6"] {
+        let _ = Command::new("nsenter")
+            .arg(format!("--net={}", h.display()))
+            .args(["nft", "delete", "table", family, "docker-bridges"])
+            .stderr(Stdio::null())
+            .status();
+    }
     in_ns_stdin(&h, &["nft", "-f", "-"], text);
 }
 
@@ -758,12 +855,37 @@ fn run_nft_layout(tag: &str, layout: Layout) {
     let net = setup(tag, &layout);
     serve(&net.ctr(), &[TCP_CTR, DOCKER_CTR], &[UDP_CTR]);
     let direct = SocketAddr::from((layout.container_ip, TCP_CTR));
+    let v6 = layout.container_ip6.is_some();
     let docker_port_works = |what: &str| {
         if layout.docker_port {
             assert_eq!(
                 tcp_from(&net.client(), host(DOCKER_HOST)).as_deref(),
                 Some("tcp80"),
                 "{what}: Docker's own published port"
+            );
+            if v6 {
+                assert_eq!(
+                    tcp_from(&net.client(), host6(DOCKER_HOST)).as_deref(),
+                    Some("tcp80"),
+                    "{what}: Docker's own published port over IPv6"
+                );
+            }
+        }
+    };
+    // ours, over IPv4 and (IPv6 layouts) IPv6
+    let ports_work = |what: &str| {
+        assert_ports_work(&net, what);
+        if v6 {
+            assert_ports_work6(&net, what);
+        }
+    };
+    let nothing_answers = |what: &str| {
+        assert_eq!(tcp_from(&net.client(), host(TCP_HOST)), None, "{what}");
+        if v6 {
+            assert_eq!(
+                tcp_from(&net.client(), host6(TCP_HOST)),
+                None,
+                "{what} (IPv6)"
             );
         }
     };
@@ -813,11 +935,16 @@ fn run_nft_layout(tag: &str, layout: Layout) {
         println!("{}: {} ({})", layout.fixture, fw.name, fw.reason);
         assert_eq!(fw.name, "nftables");
         assert!(fw.reason.contains("0x2/0x3"), "{}", fw.reason);
+        // IPv6 exactly when Docker has its ip6 table
+        assert_eq!(m.ipv6_now(), Some(v6), "{}", fw.reason);
         assert_eq!(
-            tcp_from(&net.client(), host(TCP_HOST)),
-            None,
-            "nothing published yet"
+            fw.reason
+                .contains("IPv6 too: Docker's table ip6 docker-bridges exists"),
+            v6,
+            "{}",
+            fw.reason
         );
+        nothing_answers("nothing published yet");
         let maps = m
             .publish_many(vec![
                 req("tcp", TCP_HOST, TCP_CTR),
@@ -829,7 +956,14 @@ fn run_nft_layout(tag: &str, layout: Layout) {
             let e = m.publish(req("tcp", DOCKER_HOST, 81)).await.unwrap_err();
             assert!(e.to_string().contains("published by Docker"), "{e}");
         }
-        assert_ports_work(&net, "published");
+        for x in &maps {
+            let want = layout.container_ip6;
+            assert!(
+                matches!(x.state, MappingState::Active { ip6, .. } if ip6 == want),
+                "{x:?}"
+            );
+        }
+        ports_work("published");
         docker_port_works("beside ours");
         // the mark is set on what we DNAT only: the container's address itself stays
         // behind Docker's drops (raw DROP DIRECT ACCESS, or UNPUBLISHED PORT DROP in
@@ -839,6 +973,13 @@ fn run_nft_layout(tag: &str, layout: Layout) {
             None,
             "direct access to the container's unpublished port must stay dropped"
         );
+        if let Some(c6) = layout.container_ip6 {
+            assert_eq!(
+                tcp_from(&net.client(), SocketAddr::from((c6, TCP_CTR))),
+                None,
+                "direct IPv6 access to the container's unpublished port must stay dropped"
+            );
+        }
 
         // unpublish: Docker's table again, byte for byte, and no table of ours
         m.unpublish_many(maps.iter().map(|x| x.id.clone()).collect())
@@ -849,7 +990,7 @@ fn run_nft_layout(tag: &str, layout: Layout) {
             docker,
             "after unpublish the ruleset must be Docker's exactly"
         );
-        assert_eq!(tcp_from(&net.client(), host(TCP_HOST)), None, "unpublished");
+        nothing_answers("unpublished");
 
         // Docker re-creates its table (dockerd restart): ours is a table of its own and
         // stays; reconcile finds nothing to do
@@ -859,9 +1000,9 @@ fn run_nft_layout(tag: &str, layout: Layout) {
         ])
         .await
         .expect("publish again");
-        assert_ports_work(&net, "published again");
+        ports_work("published again");
         load_docker_nft(&net, &docker);
-        assert_ports_work(&net, "after Docker re-created its table");
+        ports_work("after Docker re-created its tables");
         let ds = m.reconcile().await.expect("reconcile");
         assert!(ds.iter().all(|d| d.action == Action::Unchanged), "{ds:?}");
 
@@ -870,24 +1011,20 @@ fn run_nft_layout(tag: &str, layout: Layout) {
         in_ns(&net.host(), &["nft", "flush", "ruleset"]);
         load_docker_nft(&net, &docker);
         assert_eq!(nft_ruleset(&net.host()), docker);
-        assert_eq!(
-            tcp_from(&net.client(), host(TCP_HOST)),
-            None,
-            "rules flushed"
-        );
+        nothing_answers("rules flushed");
+        // one element per family and mapping
+        let per_mapping = if v6 { 2 } else { 1 };
         let ds = m.reconcile().await.expect("reconcile");
         assert!(
             ds.len() == 2
-                && ds.iter().all(|d| matches!(
-                    d.action,
-                    Action::Repaired {
-                        added: 1,
+                && ds.iter().all(|d| d.action
+                    == Action::Repaired {
+                        added: per_mapping,
                         removed: 0
-                    }
-                )),
+                    }),
             "{ds:?}"
         );
-        assert_ports_work(&net, "after reconcile");
+        ports_work("after reconcile");
         docker_port_works("after reconcile");
         let ds = m.reconcile().await.unwrap();
         assert!(ds.iter().all(|d| d.action == Action::Unchanged), "{ds:?}");
@@ -895,8 +1032,103 @@ fn run_nft_layout(tag: &str, layout: Layout) {
             .await
             .unwrap();
         assert_eq!(nft_ruleset(&net.host()), docker);
+        if v6 {
+            ipv6_only_mappings(&m, &net, &docker).await;
+        }
     });
     println!("{}: ok in {:?}", layout.fixture, t0.elapsed());
+}
+
+/// Family `ipv6` (IPv6 only, every address) and an IPv6 `host_ip` (IPv6 only, that
+/// address): elements in our ip6 table only, IPv4 clients do not pass, the host address
+/// restricts, impossible pairs are InvalidArgs, unpublish restores Docker's tables.
+async fn ipv6_only_mappings(m: &Arc<PortsManager>, net: &Net, docker: &str) {
+    use dindhelper::error::{Classify, Kind};
+    use dindhelper::ports::Family;
+    let with = |port: u16, host_ip: Option<&str>, family: Option<&str>| PublishRequest {
+        host_ip: host_ip.map(Into::into),
+        family: family.map(Into::into),
+        ..req("tcp", port, TCP_CTR)
+    };
+    let all6 = m
+        .publish(with(9092, None, Some("ipv6")))
+        .await
+        .expect("family ipv6");
+    let one6 = m
+        .publish(with(9093, Some("2001:db8:99::1"), None))
+        .await
+        .expect("an IPv6 host_ip");
+    for (x, host) in [(&all6, None), (&one6, Some("2001:db8:99::1"))] {
+        assert_eq!(x.family, Family::Ipv6, "{x:?}");
+        assert_eq!(x.host_ip, host.map(|h| h.parse().unwrap()), "{x:?}");
+        assert!(
+            matches!(x.state, MappingState::Active { ip6: Some(_), .. }),
+            "{x:?}"
+        );
+    }
+    let ruleset = nft_ruleset(&net.host());
+    assert!(
+        ruleset.contains("table ip6 dindhelper-1a70u7 {")
+            && !ruleset.contains("table ip dindhelper-1a70u7 {"),
+        "IPv6-only mappings make no IPv4 table:\n{ruleset}"
+    );
+    for port in [9092, 9093] {
+        assert_eq!(
+            tcp_from(&net.client(), host6(port)).as_deref(),
+            Some("tcp90"),
+            "{port} over IPv6"
+        );
+        assert_eq!(
+            tcp_from(&net.ctr(), host6(port)).as_deref(),
+            Some("tcp90"),
+            "{port}: IPv6 hairpin"
+        );
+        assert_eq!(
+            tcp_from(&net.client(), host(port)),
+            None,
+            "{port}: an IPv6-only mapping must not forward IPv4"
+        );
+    }
+    // the host's other IPv6 address (the bridge's): every address, or not the one given
+    let gw6 = |port| SocketAddr::from((Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1), port));
+    assert_eq!(tcp_from(&net.ctr(), gw6(9092)).as_deref(), Some("tcp90"));
+    assert_eq!(
+        tcp_from(&net.ctr(), gw6(9093)),
+        None,
+        "host_ip 2001:db8:99::1 must not match the host's other address"
+    );
+    // pairs no rule set can hold: InvalidArgs, nothing written
+    for (host_ip, family, says) in [
+        (
+            Some("10.99.0.1"),
+            Some("ipv6"),
+            "cannot go with an IPv4 host_ip",
+        ),
+        (
+            Some("2001:db8:99::1"),
+            Some("ipv4"),
+            "cannot go with an IPv6 host_ip",
+        ),
+        (
+            Some("2001:db8:99::1"),
+            Some("both"),
+            "cannot go with an IPv6 host_ip",
+        ),
+        (Some("fe80::1"), None, "link-local"),
+    ] {
+        let e = m.publish(with(9094, host_ip, family)).await.unwrap_err();
+        assert_eq!(e.kind(), Kind::InvalidArgs, "{host_ip:?} {family:?}: {e}");
+        assert!(e.to_string().contains(says), "{e}");
+    }
+    assert_eq!(
+        nft_ruleset(&net.host()),
+        ruleset,
+        "a refusal wrote something"
+    );
+    m.unpublish_many(vec![all6.id, one6.id])
+        .await
+        .expect("unpublish");
+    assert_eq!(nft_ruleset(&net.host()), docker);
 }
 
 #[test]
@@ -939,6 +1171,24 @@ fn docker_29_nftables_usernet_portmap_routed() {
         Layout {
             fixture: "nftables-v29/usernet-portmap-routed.nft",
             docker_port: false,
+            ..USERNET
+        },
+    );
+}
+
+/// IPv6 on the nftables backend: Docker's `ip6 docker-bridges` beside its ip table (a user
+/// network created with `--ipv6`); the mapping (family auto) gets an element in our `ip6`
+/// table too: TCP and UDP over IPv6 from the client, hairpin over IPv6, Docker's own
+/// IPv6 port untouched, direct IPv6 access dropped, both tables byte-identical after
+/// unpublish, repair after `nft flush ruleset`.
+#[test]
+fn docker_29_nftables_usernet_portmap_ipv6() {
+    run_nft_layout(
+        "v29",
+        Layout {
+            fixture: "nftables-v29/usernet-portmap-ipv6.nft",
+            container_ip6: Some(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2)),
+            gateway6: "2001:db8::1",
             ..USERNET
         },
     );

@@ -86,12 +86,9 @@ fn host_ip_text(m: &Mapping) -> String {
     m.host_ip.map(|i| i.to_string()).unwrap_or_default()
 }
 
-/// The container's address the rules point at ("" unless active).
+/// The container's IPv4 address the rules point at ("" unless active with IPv4 rules).
 fn container_ip_text(m: &Mapping) -> String {
-    match &m.state {
-        MappingState::Active { ip, .. } => ip.to_string(),
-        _ => String::new(),
-    }
+    m.container_ip4().map(|i| i.to_string()).unwrap_or_default()
 }
 
 pub fn mapping_tuple(m: &Mapping) -> MappingTuple {
@@ -681,19 +678,14 @@ impl PortObject {
         self.shown(hdr.as_ref()).await?;
         Ok(self.m.container_port)
     }
-    /// The container's address the rules point at ("" unless active).
+    /// The container's IPv4 address the rules point at ("" unless active with IPv4 rules).
     #[zbus(property)]
     async fn container_ip(
         &self,
         #[zbus(header)] hdr: Option<Header<'_>>,
     ) -> zbus::fdo::Result<String> {
         self.shown(hdr.as_ref()).await?;
-        Ok({
-            match &self.m.state {
-                MappingState::Active { ip, .. } => ip.to_string(),
-                _ => String::new(),
-            }
-        })
+        Ok(container_ip_text(&self.m))
     }
     /// The container's IPv6 address the rules also point at ("" unless active with IPv6).
     #[zbus(property)]
@@ -707,29 +699,22 @@ impl PortObject {
             _ => String::new(),
         })
     }
-    /// The families asked for: "auto" (IPv4, plus IPv6 where available), "ipv4", "both".
+    /// The families asked for: "auto" (IPv4, plus IPv6 where available), "ipv4", "both",
+    /// "ipv6".
     #[zbus(property)]
     async fn family(&self, #[zbus(header)] hdr: Option<Header<'_>>) -> zbus::fdo::Result<String> {
         self.shown(hdr.as_ref()).await?;
         Ok(self.m.family.as_str().to_owned())
     }
-    /// The families that have rules now: ["ipv4"] or ["ipv4", "ipv6"]; [] unless active.
+    /// The families that have rules now: ["ipv4"], ["ipv4", "ipv6"] or ["ipv6"]; []
+    /// unless active.
     #[zbus(property)]
     async fn families(
         &self,
         #[zbus(header)] hdr: Option<Header<'_>>,
     ) -> zbus::fdo::Result<Vec<String>> {
         self.shown(hdr.as_ref()).await?;
-        Ok(match &self.m.state {
-            MappingState::Active { ip6, .. } => {
-                let mut v = vec!["ipv4".to_owned()];
-                if ip6.is_some() {
-                    v.push("ipv6".to_owned());
-                }
-                v
-            }
-            _ => vec![],
-        })
+        Ok(self.m.families().into_iter().map(str::to_owned).collect())
     }
     /// The Linux bridge of the network ("" unless active).
     #[zbus(property)]

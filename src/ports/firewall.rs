@@ -8,8 +8,9 @@
 //! - [`super::iptables::Iptables`]: `iptables-nft` or `iptables-legacy`, whichever holds
 //!   Docker's `DOCKER` chain (Docker 20.10 … 28, and 29 with its default iptables backend).
 //! - [`super::nftables::Nftables`]: Docker 29's `--firewall-backend=nftables` (table
-//!   `ip docker-bridges`); our own table, marked packets Docker's `--bridge-accept-fwmark`
-//!   rule accepts. Without that option: NotSupported naming it (see [`detect`]).
+//!   `ip docker-bridges`, and `ip6 docker-bridges` with IPv6); our own tables, marked
+//!   packets Docker's `--bridge-accept-fwmark` rule accepts. Without that option:
+//!   NotSupported naming it (see [`detect`]).
 //!
 //! Ownership: every backend is bound to an *owner*, the daemon's state id. It writes its
 //! tags with it and its `repair` and `apply` only ever delete what carries it (or the tag

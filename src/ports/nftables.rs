@@ -1,9 +1,9 @@
 //! The nftables backend ([`Firewall`]) for Docker 29's `--firewall-backend=nftables`
-//! (Docker's rules in table `ip docker-bridges`).
+//! (Docker's rules in tables `ip docker-bridges` and, with IPv6, `ip6 docker-bridges`).
 //!
-//! Our own table per daemon, `ip dindhelper-<state id>`: two daemons with different state
-//! ids never touch each other's table, and Docker never touches it (it only manages
-//! `docker-bridges`). Its layout:
+//! Our own tables per daemon, `ip dindhelper-<state id>` and (IPv6) `ip6 dindhelper-<state
+//! id>`: two daemons with different state ids never touch each other's tables, and Docker
+//! never touches them (it only manages `docker-bridges`). The IPv4 table:
 //!
 //! ```text
 //! table ip dindhelper-S {
@@ -20,9 +20,33 @@
 //! }
 //! ```
 //!
-//! One Publish is one map element (`add element … dnat4 { tcp . 9090 comment "<mapping id>"
-//! : 192.0.2.2 . 90 }`) plus its hairpin element; the chains never change after the table
-//! is made. The element comment carries the mapping id; the owner is in the table name.
+//! The IPv6 table is the same with `ip6`, `ipv6_addr`, maps `dnat6`/`dnat6ip`, set
+//! `hairpin6`, output skipping `ip6 daddr != ::1`, and the DNAT rules starting with `ip6
+//! saddr != fe80::/10` (as Docker's own IPv6 DNAT: a link-local source cannot be forwarded
+//! to another link). A mapping with a container IPv6 address (family auto/both, Docker's
+//! ip6 table present) is one element in each table; an IPv4-only mapping never creates the
+//! ip6 table.
+//!
+//! One Publish is one map element per family (`add element … dnat4 { tcp . 9090 comment
+//! "<mapping id>" : 192.0.2.2 . 90 }`) plus its hairpin element; the chains never change
+//! after a table is made. The element comment carries the mapping id; the owner is in the
+//! table name. Both families go into one transaction.
+//!
+//! IPv6 layout (decision): Docker 29 with IPv6 (`ip6tables`, on by default) keeps
+//! `ip6 docker-bridges` beside `ip docker-bridges`, with the same chains
+//! (moby `daemon/libnetwork/drivers/bridge/internal/nftabler`: `nftabler.go` makes both
+//! tables, `network.go` gives a bridge chains in a family only when the network has a
+//! prefix in it, the ALLOW FW MARK rule included; `port.go` writes the IPv6 DNAT with `ip6
+//! saddr != fe80::/10`; TestNftabler's `__ip6.golden` files). We mirror it with an `ip6`
+//! table of our own rather than one `inet` table for both families: measured on this
+//! machine (libnftables in process, 1000 one-mapping transactions each, in a scratch
+//! netns): IPv4 only 125–138 µs, ip + ip6 tables in one transaction 146–148 µs, one inet
+//! table with both maps 145–155 µs, so the cost is the same; separate tables keep the IPv4
+//! table of earlier versions unchanged (no migration of a live table on upgrade), leave
+//! `nft list ruleset` without any ip6 table of ours on hosts without IPv6 mappings, and
+//! follow Docker's per-family split (its mark rule and drops live per family too).
+//! [`Firewall::ipv6`] is true while Docker's `ip6 docker-bridges` exists (checked at
+//! detection and again at every repair).
 //!
 //! Traps:
 //! - Docker's `filter-forward-in__<bridge>` chain ends in `counter drop comment "UNPUBLISHED
@@ -30,24 +54,33 @@
 //!   forward hook must accept, and a drop anywhere is final. The only way through is the
 //!   rule Docker adds itself when dockerd runs with `--bridge-accept-fwmark=MARK[/MASK]`
 //!   (daemon.json `"bridge-accept-fwmark"`): `meta mark & MASK == MARK counter accept
-//!   comment "ALLOW FW MARK"`, placed before the ICC rule (so noicc networks pass too).
-//!   We set that mark on exactly the packets we DNAT (the same rule as the DNAT: the map
-//!   lookup comes first, so other packets are never marked).
+//!   comment "ALLOW FW MARK"`, placed before the ICC rule (so noicc networks pass too), in
+//!   the ip and the ip6 table. We set that mark on exactly the packets we DNAT (the same
+//!   rule as the DNAT: the map lookup comes first, so other packets are never marked).
 //! - How we learn the mark: from Docker's live ruleset (the "ALLOW FW MARK" rule in any
 //!   `filter-forward-in__*` chain, read with `nft -j`), not from a config key of ours. It
 //!   is visible there, it is what Docker actually enforces, and a config key could drift
-//!   from dockerd's option. When no such rule exists, detection answers NotSupported
-//!   naming the option and the daemon.json key. Every repair reads it again (a dockerd
-//!   restarted with another mark).
+//!   from dockerd's option. When no such rule exists in the ip table, detection answers
+//!   NotSupported naming the option and the daemon.json key. The ip6 table's mark is read
+//!   the same way from `ip6 docker-bridges`; while that has no bridge chain yet (no IPv6
+//!   network) the IPv4 mark is used (one dockerd option sets both). Every repair reads
+//!   them again (a dockerd restarted with another mark).
 //! - Only the first packet of a connection passes the nat hooks, so only it carries the
 //!   mark; Docker's chain accepts the rest as `ct state established,related`.
 //! - The nat chains use numeric priorities (-100, 100): nft 1.0.6 (Debian 12) refuses the
 //!   name `dstnat` on the output hook.
-//! - The table is deleted when its last element goes, so unpublishing everything leaves
+//! - A table is deleted when its last element goes, so unpublishing everything leaves
 //!   `nft list ruleset` exactly as Docker wrote it; the next publish creates it again in
 //!   the same transaction as the element.
-//! - A repair replaces the whole table in one transaction (`add table; delete table;
+//! - A repair replaces a whole table in one transaction (`add table; delete table;
 //!   table {…}`): also after `nft flush ruleset` (nftables.service restart) removed it.
+//! - IPv4 never depends on IPv6: while Docker has no ip6 table, a failing read of our ip6
+//!   table (a kernel without nftables IPv6) counts as no table. [`Firewall::ipv6`]
+//!   follows Docker's ip6 table at each repair; the detection reason keeps what detection
+//!   saw.
+//! - A mapping whose IPv6 address goes away (container restarted without one, family
+//!   changed) must lose its ip6 element: an add replaces the mapping's elements in both
+//!   tables, never only in the families it has now.
 //!
 //! Library (decision): writes go through libnftables in process ([`super::libnft`]:
 //! `dlopen("libnftables.so.1")`, the library inside the `nft` program, same text as
@@ -64,20 +97,93 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::Value;
 
 use super::firewall::{Change, Detected, Firewall, Fut, Repaired, Tagged};
 use super::iptables::{run_prog, sbin, NetnsContext};
 use super::libnft::LibNft;
-use super::rules::{Protocol, RuleSpec};
+use super::rules::{IpFamily, Protocol, RuleSpec};
 use super::types::PortsError;
 
-/// Docker's nftables table (IPv4).
+/// Docker's nftables tables (`ip` and, with IPv6, `ip6`).
 pub const DOCKER_TABLE: &str = "docker-bridges";
 /// The comment of the rule Docker adds for `--bridge-accept-fwmark`.
 pub const FWMARK_COMMENT: &str = "ALLOW FW MARK";
+
+const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
+
+/// The nft words of one address family.
+trait NftFamily {
+    /// Table family: `ip` / `ip6` (also the payload protocol of address matches).
+    fn nft(self) -> &'static str;
+    /// The address type: `ipv4_addr` / `ipv6_addr`.
+    fn addr_type(self) -> &'static str;
+    /// Map of mappings on every host address: `dnat4` / `dnat6`.
+    fn dnat_map(self) -> &'static str;
+    /// Map of mappings on one host address: `dnat4ip` / `dnat6ip`.
+    fn dnat_ip_map(self) -> &'static str;
+    /// Hairpin set: `hairpin4` / `hairpin6`.
+    fn hairpin_set(self) -> &'static str;
+    /// Loopback destinations the output hook leaves alone.
+    fn loopback(self) -> &'static str;
+    /// Sources the DNAT leaves alone (IPv6 link-local, as Docker does).
+    fn src_skip(self) -> &'static str;
+}
+
+impl NftFamily for IpFamily {
+    fn nft(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "ip",
+            IpFamily::V6 => "ip6",
+        }
+    }
+    fn addr_type(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "ipv4_addr",
+            IpFamily::V6 => "ipv6_addr",
+        }
+    }
+    fn dnat_map(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "dnat4",
+            IpFamily::V6 => "dnat6",
+        }
+    }
+    fn dnat_ip_map(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "dnat4ip",
+            IpFamily::V6 => "dnat6ip",
+        }
+    }
+    fn hairpin_set(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "hairpin4",
+            IpFamily::V6 => "hairpin6",
+        }
+    }
+    fn loopback(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "127.0.0.0/8",
+            IpFamily::V6 => "::1",
+        }
+    }
+    fn src_skip(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "",
+            IpFamily::V6 => "ip6 saddr != fe80::/10 ",
+        }
+    }
+}
+
+fn family_of(ip: IpAddr) -> IpFamily {
+    match ip {
+        IpAddr::V4(_) => IpFamily::V4,
+        IpAddr::V6(_) => IpFamily::V6,
+    }
+}
 
 /// The mark Docker accepts: `meta mark & mask == value`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,35 +213,51 @@ impl std::fmt::Display for FwMark {
     }
 }
 
-/// One mapping as our table holds it: a map element (and its hairpin element).
+/// One mapping in one family as our table holds it: a map element (and its hairpin
+/// element). The family is the container address's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Elem {
     pub id: String,
     pub protocol: Protocol,
-    pub host_ip: Option<Ipv4Addr>,
+    pub host_ip: Option<IpAddr>,
     pub host_port: u16,
-    pub container_ip: Ipv4Addr,
+    pub container_ip: IpAddr,
     pub container_port: u16,
 }
 
 impl Elem {
-    fn of(s: &RuleSpec) -> Result<Elem, PortsError> {
+    /// The elements of a spec, one per family its host address allows
+    /// ([`RuleSpec::dst4`], [`RuleSpec::dst6`]): an IPv4 host address keeps it IPv4 only
+    /// (an IPv6 DNAT would match every host address), an IPv6 one (or `::`) IPv6 only.
+    fn of(s: &RuleSpec) -> Result<Vec<Elem>, PortsError> {
         s.check()?;
-        Ok(Elem {
+        let one = |host_ip: Option<IpAddr>, container_ip: IpAddr| Elem {
             id: s.id.clone(),
             protocol: s.protocol,
-            host_ip: s.host_ip,
+            host_ip,
             host_port: s.host_port,
-            container_ip: s.container_ip,
+            container_ip,
             container_port: s.container_port,
-        })
+        };
+        let mut out = Vec::with_capacity(2);
+        if let Some(h4) = s.dst4() {
+            out.push(one(h4.map(IpAddr::V4), IpAddr::V4(s.container_ip)));
+        }
+        if let Some((c6, h6)) = s.dst6() {
+            out.push(one(h6.map(IpAddr::V6), IpAddr::V6(c6)));
+        }
+        Ok(out)
+    }
+
+    fn family(&self) -> IpFamily {
+        family_of(self.container_ip)
     }
 
     fn map(&self) -> &'static str {
         if self.host_ip.is_some() {
-            "dnat4ip"
+            self.family().dnat_ip_map()
         } else {
-            "dnat4"
+            self.family().dnat_map()
         }
     }
 
@@ -157,7 +279,7 @@ impl Elem {
         )
     }
 
-    fn hairpin(&self) -> (Ipv4Addr, &'static str, u16) {
+    fn hairpin(&self) -> Hairpin {
         (
             self.container_ip,
             self.protocol.as_str(),
@@ -176,20 +298,61 @@ impl Elem {
     }
 }
 
-fn hairpin_elem(h: &(Ipv4Addr, &'static str, u16)) -> String {
+/// A hairpin element: container address, protocol, container port.
+type Hairpin = (IpAddr, &'static str, u16);
+
+fn hairpin_elem(h: &Hairpin) -> String {
     format!("{} . {} . {} . {}", h.0, h.0, h.1, h.2)
 }
 
-/// Our table as last read or written.
-#[derive(Debug, Clone, Default)]
-struct Known {
+/// One of our tables as last read or written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Tbl {
     exists: bool,
     elems: BTreeMap<String, Elem>,
 }
 
-impl Known {
-    fn hairpins(&self) -> BTreeSet<(Ipv4Addr, &'static str, u16)> {
+impl Tbl {
+    fn hairpins(&self) -> BTreeSet<Hairpin> {
         self.elems.values().map(Elem::hairpin).collect()
+    }
+}
+
+/// Our tables (ip, ip6) as last read or written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Known {
+    v4: Tbl,
+    v6: Tbl,
+}
+
+impl Known {
+    fn get(&self, f: IpFamily) -> &Tbl {
+        match f {
+            IpFamily::V4 => &self.v4,
+            IpFamily::V6 => &self.v6,
+        }
+    }
+    fn get_mut(&mut self, f: IpFamily) -> &mut Tbl {
+        match f {
+            IpFamily::V4 => &mut self.v4,
+            IpFamily::V6 => &mut self.v6,
+        }
+    }
+}
+
+/// The marks Docker accepts, per family (the same option sets both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Marks {
+    v4: FwMark,
+    v6: FwMark,
+}
+
+impl Marks {
+    fn get(&self, f: IpFamily) -> FwMark {
+        match f {
+            IpFamily::V4 => self.v4,
+            IpFamily::V6 => self.v6,
+        }
     }
 }
 
@@ -198,21 +361,32 @@ impl Known {
 pub struct Nftables {
     netns: NetnsContext,
     table: String,
-    mark: std::sync::Mutex<FwMark>,
+    marks: std::sync::Mutex<Marks>,
+    /// Docker's `ip6 docker-bridges` exists (at detection, then at each repair).
+    ipv6: AtomicBool,
     detected: Detected,
     known: tokio::sync::Mutex<Option<Known>>,
     /// libnftables in process (None: the `nft` program; see [`super::libnft`]).
     lib: Option<LibNft>,
 }
 
-/// True when Docker's nftables table exists in `netns`.
-pub async fn docker_table_present(netns: &NetnsContext) -> bool {
+/// Which of Docker's tables exist in `netns`: (`ip docker-bridges`, `ip6 docker-bridges`).
+pub async fn docker_tables(netns: &NetnsContext) -> (bool, bool) {
     match run_prog(netns, &sbin("nft"), &["list", "tables"], None).await {
-        Ok(out) => out
-            .lines()
-            .any(|l| l.trim() == format!("table ip {DOCKER_TABLE}")),
-        Err(_) => false,
+        Ok(out) => {
+            let has = |fam: &str| {
+                out.lines()
+                    .any(|l| l.trim() == format!("table {fam} {DOCKER_TABLE}"))
+            };
+            (has("ip"), has("ip6"))
+        }
+        Err(_) => (false, false),
     }
+}
+
+/// True when Docker's (IPv4) nftables table exists in `netns`.
+pub async fn docker_table_present(netns: &NetnsContext) -> bool {
+    docker_tables(netns).await.0
 }
 
 /// The NotSupported answer when dockerd's nftables rules carry no accept mark.
@@ -249,7 +423,7 @@ fn is_meta_mark(v: &Value) -> bool {
 }
 
 /// The mark of Docker's "ALLOW FW MARK" rules in `nft -j list table ip docker-bridges`
-/// output: `meta mark & MASK == MARK` or `meta mark MARK`. None when no
+/// (or `ip6`) output: `meta mark & MASK == MARK` or `meta mark MARK`. None when no
 /// `filter-forward-in__*` chain has one.
 pub fn parse_fwmark(json: &str) -> Option<FwMark> {
     let v: Value = serde_json::from_str(json).ok()?;
@@ -288,21 +462,28 @@ pub fn parse_fwmark(json: &str) -> Option<FwMark> {
     None
 }
 
-/// The elements of our table in `nft -j list table` output (None: no such table).
-fn parse_elems(json: &str) -> Result<BTreeMap<String, Elem>, String> {
+/// The elements of one of our tables in `nft -j list table` output, of the maps of
+/// `family` (`dnat4`/`dnat4ip` or `dnat6`/`dnat6ip`).
+fn parse_elems(json: &str, family: IpFamily) -> Result<BTreeMap<String, Elem>, String> {
     let v: Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
     let mut out = BTreeMap::new();
     let items = v
         .get("nftables")
         .and_then(Value::as_array)
         .ok_or("no nftables array")?;
+    let addr = |v: &Value| -> Option<IpAddr> {
+        let ip: IpAddr = v.as_str()?.parse().ok()?;
+        (family_of(ip) == family).then_some(ip)
+    };
     for item in items {
         let Some(map) = item.get("map") else { continue };
         let name = map.get("name").and_then(Value::as_str).unwrap_or("");
-        let with_ip = match name {
-            "dnat4" => false,
-            "dnat4ip" => true,
-            _ => continue,
+        let with_ip = if name == family.dnat_map() {
+            false
+        } else if name == family.dnat_ip_map() {
+            true
+        } else {
+            continue;
         };
         for pair in map
             .get("elem")
@@ -326,11 +507,7 @@ fn parse_elems(json: &str) -> Result<BTreeMap<String, Elem>, String> {
                 .ok_or_else(bad)?;
             let key: Vec<&Value> = key.iter().collect();
             let (host_ip, proto, port) = match (with_ip, key.as_slice()) {
-                (true, [ip, p, port]) => (
-                    Some(ip.as_str().and_then(|s| s.parse().ok()).ok_or_else(bad)?),
-                    *p,
-                    *port,
-                ),
+                (true, [ip, p, port]) => (Some(addr(ip).ok_or_else(bad)?), *p, *port),
                 (false, [p, port]) => (None, *p, *port),
                 _ => return Err(bad()),
             };
@@ -345,7 +522,7 @@ fn parse_elems(json: &str) -> Result<BTreeMap<String, Elem>, String> {
             let [cip, cport] = dst.as_slice() else {
                 return Err(bad());
             };
-            let container_ip = cip.as_str().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+            let container_ip = addr(cip).ok_or_else(bad)?;
             let container_port = num(cport)
                 .and_then(|p| u16::try_from(p).ok())
                 .ok_or_else(bad)?;
@@ -365,13 +542,45 @@ fn parse_elems(json: &str) -> Result<BTreeMap<String, Elem>, String> {
     Ok(out)
 }
 
+/// What our tables hold after `change` (whose elements are `adds`) on `from`. An added
+/// mapping replaces its elements in both families (a mapping that lost its IPv6 address
+/// loses its ip6 element).
+fn after(from: &Known, change: &Change, adds: &[Elem]) -> Known {
+    let mut to = from.clone();
+    let gone = change.remove.iter().chain(change.add.iter().map(|s| &s.id));
+    for id in gone {
+        for f in FAMILIES {
+            to.get_mut(f).elems.remove(id);
+        }
+    }
+    for e in adds {
+        to.get_mut(e.family()).elems.insert(e.id.clone(), e.clone());
+    }
+    for f in FAMILIES {
+        let t = to.get_mut(f);
+        t.exists = !t.elems.is_empty();
+    }
+    to
+}
+
+/// `stderr` of `nft list table` for a table that does not exist.
+fn no_such_table(e: &PortsError) -> bool {
+    matches!(e, PortsError::Iptables { stderr, .. } if stderr.contains("No such file or directory"))
+}
+
 impl Nftables {
     /// The backend for a namespace where Docker's `ip docker-bridges` table exists; reads
     /// the mark Docker accepts (NotSupported naming `--bridge-accept-fwmark` when there is
-    /// none).
+    /// none), and IPv6 too when Docker's `ip6 docker-bridges` exists.
     pub async fn detect(netns: &NetnsContext, owner: &str) -> Result<Nftables, PortsError> {
         super::rules::check_tag_part("state id", owner)?;
         let mark = read_docker_mark(netns).await?;
+        let (_, has6) = docker_tables(netns).await;
+        let mark6 = if has6 {
+            read_docker_mark6(netns).await.unwrap_or(mark)
+        } else {
+            mark
+        };
         let table = format!("dindhelper-{owner}");
         let lib = if std::env::var_os("DINDHELPER_NFT_PROGRAM").is_some() {
             None
@@ -389,6 +598,17 @@ impl Nftables {
         } else {
             "the nft program"
         };
+        let v6 = if has6 {
+            format!(
+                "; IPv6 too: Docker's table ip6 {DOCKER_TABLE} exists (accept mark {mark6}); \
+                 IPv6 ports go into table ip6 {table}"
+            )
+        } else {
+            format!(
+                "; IPv4 only: no table ip6 {DOCKER_TABLE} (dockerd runs without ip6tables, \
+                 or the host has no IPv6)"
+            )
+        };
         Ok(Nftables {
             netns: netns.clone(),
             detected: Detected {
@@ -397,11 +617,15 @@ impl Nftables {
                     "Docker's nftables table ip {DOCKER_TABLE} exists (dockerd \
                      --firewall-backend=nftables); its \"{FWMARK_COMMENT}\" rule accepts \
                      mark {mark} (--bridge-accept-fwmark); ports go into table ip {table} \
-                     (written through {via})"
+                     (written through {via}){v6}"
                 ),
             },
             table,
-            mark: std::sync::Mutex::new(mark),
+            marks: std::sync::Mutex::new(Marks {
+                v4: mark,
+                v6: mark6,
+            }),
+            ipv6: AtomicBool::new(has6),
             known: tokio::sync::Mutex::new(None),
             lib,
         })
@@ -413,63 +637,85 @@ impl Nftables {
         self.detected.reason.push_str(what);
     }
 
-    /// Our table's name (`dindhelper-<state id>`).
+    /// Our tables' name (`dindhelper-<state id>`, in family ip and ip6).
     pub fn table(&self) -> &str {
         &self.table
     }
 
+    /// The mark set on IPv4 packets.
     pub fn mark(&self) -> FwMark {
-        *self.mark.lock().unwrap()
+        self.marks.lock().unwrap().v4
+    }
+
+    /// The mark set on IPv6 packets.
+    pub fn mark6(&self) -> FwMark {
+        self.marks.lock().unwrap().v6
     }
 
     async fn nft(&self, args: &[&str], stdin: Option<&str>) -> Result<String, PortsError> {
         run_prog(&self.netns, &sbin("nft"), args, stdin).await
     }
 
-    /// Our table's elements, read fresh (exists = false: no table).
-    async fn read(&self) -> Result<Known, PortsError> {
+    /// One of our tables, read fresh (exists = false: no table).
+    async fn read_family(&self, f: IpFamily) -> Result<Tbl, PortsError> {
         let out = match self
-            .nft(&["-j", "list", "table", "ip", &self.table], None)
+            .nft(&["-j", "list", "table", f.nft(), &self.table], None)
             .await
         {
             Ok(o) => o,
-            Err(PortsError::Iptables { stderr, .. })
-                if stderr.contains("No such file or directory") =>
-            {
-                return Ok(Known::default());
-            }
+            Err(e) if no_such_table(&e) => return Ok(Tbl::default()),
             Err(e) => return Err(e),
         };
-        let elems = parse_elems(&out).map_err(|e| {
+        let elems = parse_elems(&out, f).map_err(|e| {
             PortsError::Internal(format!(
-                "cannot parse nft -j list table {}: {e}",
+                "cannot parse nft -j list table {} {}: {e}",
+                f.nft(),
                 self.table
             ))
         })?;
-        Ok(Known {
+        Ok(Tbl {
             exists: true,
             elems,
         })
     }
 
-    /// The whole table with `elems` (after `add table; delete table`: replaces it).
-    fn render_table(&self, elems: &BTreeMap<String, Elem>) -> String {
+    /// Both our tables, read fresh. Without Docker's ip6 table a failing read of ours
+    /// (a kernel without nftables IPv6) counts as no table: IPv4 must not depend on it.
+    async fn read(&self) -> Result<Known, PortsError> {
+        let v4 = self.read_family(IpFamily::V4).await?;
+        let v6 = match self.read_family(IpFamily::V6).await {
+            Ok(t) => t,
+            Err(e) if !self.ipv6() => {
+                tracing::debug!(error = %e, "cannot read table ip6 {}; IPv4 only", self.table);
+                Tbl::default()
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Known { v4, v6 })
+    }
+
+    /// The whole table of family `f` with `elems` (after `add table; delete table`:
+    /// replaces it).
+    fn render_table(&self, f: IpFamily, elems: &BTreeMap<String, Elem>) -> String {
         let t = &self.table;
-        let mark = self.mark().set_stmt();
+        let (fam, addr) = (f.nft(), f.addr_type());
+        let (dnat, dnat_ip, hp) = (f.dnat_map(), f.dnat_ip_map(), f.hairpin_set());
+        let (lo, skip) = (f.loopback(), f.src_skip());
+        let mark = self.marks.lock().unwrap().get(f).set_stmt();
         let mut s = String::new();
-        let _ = writeln!(s, "add table ip {t}\ndelete table ip {t}");
-        let _ = writeln!(s, "table ip {t} {{");
+        let _ = writeln!(s, "add table {fam} {t}\ndelete table {fam} {t}");
+        let _ = writeln!(s, "table {fam} {t} {{");
         let _ = writeln!(
             s,
-            "  map dnat4 {{ type inet_proto . inet_service : ipv4_addr . inet_service; }}"
+            "  map {dnat} {{ type inet_proto . inet_service : {addr} . inet_service; }}"
         );
         let _ = writeln!(
             s,
-            "  map dnat4ip {{ type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; }}"
+            "  map {dnat_ip} {{ type {addr} . inet_proto . inet_service : {addr} . inet_service; }}"
         );
         let _ = writeln!(
             s,
-            "  set hairpin4 {{ type ipv4_addr . ipv4_addr . inet_proto . inet_service; }}"
+            "  set {hp} {{ type {addr} . {addr} . inet_proto . inet_service; }}"
         );
         let _ = writeln!(
             s,
@@ -477,72 +723,77 @@ impl Nftables {
         );
         let _ = writeln!(
             s,
-            "  chain output {{ type nat hook output priority -100; policy accept; ip daddr != 127.0.0.0/8 fib daddr type local jump ports; }}"
+            "  chain output {{ type nat hook output priority -100; policy accept; {fam} daddr != {lo} fib daddr type local jump ports; }}"
         );
         let _ = writeln!(s, "  chain ports {{");
         let _ = writeln!(
             s,
-            "    ip daddr . meta l4proto . th dport @dnat4ip {mark} dnat ip to ip daddr . meta l4proto . th dport map @dnat4ip"
+            "    {skip}{fam} daddr . meta l4proto . th dport @{dnat_ip} {mark} dnat {fam} to {fam} daddr . meta l4proto . th dport map @{dnat_ip}"
         );
         let _ = writeln!(
             s,
-            "    meta l4proto . th dport @dnat4 {mark} dnat ip to meta l4proto . th dport map @dnat4"
+            "    {skip}meta l4proto . th dport @{dnat} {mark} dnat {fam} to meta l4proto . th dport map @{dnat}"
         );
         let _ = writeln!(s, "  }}");
         let _ = writeln!(
             s,
-            "  chain postrouting {{ type nat hook postrouting priority 100; policy accept; ct status dnat ip saddr . ip daddr . meta l4proto . th dport @hairpin4 masquerade; }}"
+            "  chain postrouting {{ type nat hook postrouting priority 100; policy accept; ct status dnat {fam} saddr . {fam} daddr . meta l4proto . th dport @{hp} masquerade; }}"
         );
         let _ = writeln!(s, "}}");
-        let k = Known {
+        let to = Tbl {
             exists: true,
             elems: elems.clone(),
         };
-        s.push_str(&self.render_elems(&Known::default(), &k));
+        s.push_str(&self.render_elems(f, &Tbl::default(), &to));
         s
     }
 
-    /// The element commands that turn `from` into `to` (both tables exist).
-    fn render_elems(&self, from: &Known, to: &Known) -> String {
-        let t = &self.table;
+    /// The element commands that turn `from` into `to` in the table of family `f` (both
+    /// exist).
+    fn render_elems(&self, f: IpFamily, from: &Tbl, to: &Tbl) -> String {
+        let (fam, t, hp) = (f.nft(), &self.table, f.hairpin_set());
         let mut s = String::new();
         for (id, e) in &from.elems {
             if to.elems.get(id) != Some(e) {
-                let _ = writeln!(s, "delete element ip {t} {} {{ {} }}", e.map(), e.key());
+                let _ = writeln!(s, "delete element {fam} {t} {} {{ {} }}", e.map(), e.key());
             }
         }
         let (hf, ht) = (from.hairpins(), to.hairpins());
         for h in hf.difference(&ht) {
-            let _ = writeln!(
-                s,
-                "delete element ip {t} hairpin4 {{ {} }}",
-                hairpin_elem(h)
-            );
+            let _ = writeln!(s, "delete element {fam} {t} {hp} {{ {} }}", hairpin_elem(h));
         }
         for (id, e) in &to.elems {
             if from.elems.get(id) != Some(e) {
-                let _ = writeln!(s, "add element ip {t} {} {{ {} }}", e.map(), e.element());
+                let _ = writeln!(s, "add element {fam} {t} {} {{ {} }}", e.map(), e.element());
             }
         }
         for h in ht.difference(&hf) {
-            let _ = writeln!(s, "add element ip {t} hairpin4 {{ {} }}", hairpin_elem(h));
+            let _ = writeln!(s, "add element {fam} {t} {hp} {{ {} }}", hairpin_elem(h));
         }
         s
     }
 
-    /// The script that turns `from` into `to`.
-    fn script(&self, from: &Known, to: &Known) -> String {
+    /// The commands that turn our table of family `f` from `from` into `to`.
+    fn script_family(&self, f: IpFamily, from: &Tbl, to: &Tbl) -> String {
         if to.elems.is_empty() {
             return if from.exists {
-                format!("delete table ip {}\n", self.table)
+                format!("delete table {} {}\n", f.nft(), self.table)
             } else {
                 String::new()
             };
         }
         if !from.exists {
-            return self.render_table(&to.elems);
+            return self.render_table(f, &to.elems);
         }
-        self.render_elems(from, to)
+        self.render_elems(f, from, to)
+    }
+
+    /// The script (one transaction) that turns `from` into `to`, both families.
+    fn script(&self, from: &Known, to: &Known) -> String {
+        FAMILIES
+            .iter()
+            .map(|&f| self.script_family(f, from.get(f), to.get(f)))
+            .collect()
     }
 
     async fn run_script(&self, text: &str) -> Result<(), PortsError> {
@@ -563,32 +814,35 @@ impl Nftables {
         }
     }
 
+    /// The elements of `specs`; NotSupported for an IPv6 one while Docker has no ip6 table.
+    fn elems_of(&self, specs: &[RuleSpec]) -> Result<Vec<Elem>, PortsError> {
+        let mut out = Vec::with_capacity(specs.len());
+        for s in specs {
+            let es = Elem::of(s)?;
+            if es.iter().any(|e| e.family() == IpFamily::V6) && !self.ipv6() {
+                return Err(PortsError::NotSupported {
+                    reason: format!(
+                        "Docker does not publish IPv6 here (no table ip6 {DOCKER_TABLE})"
+                    ),
+                });
+            }
+            out.extend(es);
+        }
+        Ok(out)
+    }
+
     async fn apply_change(&self, change: &Change) -> Result<(), PortsError> {
-        let adds = change
-            .add
-            .iter()
-            .map(Elem::of)
-            .collect::<Result<Vec<_>, _>>()?;
+        let adds = self.elems_of(&change.add)?;
         let mut known = self.known.lock().await;
         if known.is_none() {
             *known = Some(self.read().await?);
         }
-        let target = |from: &Known| {
-            let mut to = from.clone();
-            for id in &change.remove {
-                to.elems.remove(id);
-            }
-            for e in &adds {
-                to.elems.insert(e.id.clone(), e.clone());
-            }
-            to.exists = !to.elems.is_empty();
-            to
-        };
+        let target = |from: &Known| after(from, change, &adds);
         let from = known.clone().unwrap_or_default();
         let mut to = target(&from);
         if let Err(e) = self.run_script(&self.script(&from, &to)).await {
             // what we knew may be stale (table flushed, elements deleted): read once, retry
-            tracing::debug!(error = %e, "nft batch failed; re-reading our table");
+            tracing::debug!(error = %e, "nft batch failed; re-reading our tables");
             let live = match self.read().await {
                 Ok(l) => l,
                 Err(_) => {
@@ -605,68 +859,94 @@ impl Nftables {
         Ok(())
     }
 
+    /// Docker's tables and marks again (a dockerd restarted with another mark, with or
+    /// without IPv6): which families' marks changed.
+    async fn refresh_docker(&self) -> Result<[bool; 2], PortsError> {
+        let (has4, has6) = docker_tables(&self.netns).await;
+        if self.ipv6.swap(has6, Ordering::SeqCst) != has6 {
+            tracing::warn!(
+                ipv6 = has6,
+                "Docker's table ip6 {DOCKER_TABLE} {}",
+                if has6 { "appeared" } else { "is gone" }
+            );
+        }
+        if !has4 {
+            return Ok([false, false]);
+        }
+        let m4 = read_docker_mark(&self.netns).await?;
+        let m6 = if has6 {
+            read_docker_mark6(&self.netns).await.unwrap_or(m4)
+        } else {
+            m4
+        };
+        let new = Marks { v4: m4, v6: m6 };
+        let mut cur = self.marks.lock().unwrap();
+        let changed = [cur.v4 != new.v4, cur.v6 != new.v6];
+        if *cur != new {
+            tracing::warn!(old = ?*cur, new = ?new, "Docker's accept mark changed");
+        }
+        *cur = new;
+        Ok(changed)
+    }
+
     async fn repair_to(
         &self,
         desired: &[RuleSpec],
         scope: &(dyn Fn(&str) -> bool + Send + Sync),
     ) -> Result<Repaired, PortsError> {
-        let want = desired
-            .iter()
-            .map(Elem::of)
-            .collect::<Result<Vec<_>, _>>()?;
         let mut known = self.known.lock().await;
         *known = None;
-        // Docker may have been restarted with another mark (or none)
-        let mark_changed = if docker_table_present(&self.netns).await {
-            let m = read_docker_mark(&self.netns).await?;
-            let mut cur = self.mark.lock().unwrap();
-            let changed = *cur != m;
-            if changed {
-                tracing::warn!(old = %*cur, new = %m, "Docker's accept mark changed");
-            }
-            *cur = m;
-            changed
-        } else {
-            false
-        };
+        let mark_changed = self.refresh_docker().await?;
+        // what reconcile decided (IPv6 from the flag it read before this repair)
+        let mut want = Vec::new();
+        for s in desired {
+            want.extend(Elem::of(s)?);
+        }
         let live = self.read().await?;
         let mut out = Repaired::default();
-        let mut to = Known {
-            exists: false,
-            elems: live
+        let mut to = Known::default();
+        let mut script = String::new();
+        for (i, f) in FAMILIES.into_iter().enumerate() {
+            let (l, t) = (live.get(f), to.get_mut(f));
+            t.elems = l
                 .elems
                 .iter()
                 .filter(|(id, _)| !scope(id))
                 .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        };
-        for e in &want {
-            to.elems.insert(e.id.clone(), e.clone());
-        }
-        for (id, e) in &live.elems {
-            if scope(id) && to.elems.get(id) != Some(e) {
-                *out.removed.entry(id.clone()).or_default() += 1;
+                .collect();
+            for e in want.iter().filter(|e| e.family() == f) {
+                t.elems.insert(e.id.clone(), e.clone());
+            }
+            for (id, e) in &l.elems {
+                if scope(id) && t.elems.get(id) != Some(e) {
+                    *out.removed.entry(id.clone()).or_default() += 1;
+                }
+            }
+            for (id, e) in &t.elems {
+                if l.elems.get(id) != Some(e) {
+                    *out.added.entry(id.clone()).or_default() += 1;
+                }
+            }
+            t.exists = !t.elems.is_empty();
+            let whole = t.exists && (mark_changed[i] || !l.exists || self.chains_missing(f).await);
+            if whole {
+                script.push_str(&self.render_table(f, &t.elems));
+            } else {
+                script.push_str(&self.script_family(f, l, t));
             }
         }
-        for (id, e) in &to.elems {
-            if live.elems.get(id) != Some(e) {
-                *out.added.entry(id.clone()).or_default() += 1;
-            }
-        }
-        to.exists = !to.elems.is_empty();
-        let script = if to.exists && (mark_changed || !live.exists || self.chains_missing().await) {
-            self.render_table(&to.elems)
-        } else {
-            self.script(&live, &to)
-        };
         self.run_script(&script).await?;
         *known = Some(to);
         Ok(out)
     }
 
-    /// True when our table exists but a chain of it is gone (an admin deleted it).
-    async fn chains_missing(&self) -> bool {
-        match self.nft(&["list", "table", "ip", &self.table], None).await {
+    /// True when our table of family `f` exists but a chain of it is gone (an admin
+    /// deleted it).
+    async fn chains_missing(&self, f: IpFamily) -> bool {
+        match self
+            .nft(&["list", "table", f.nft(), &self.table], None)
+            .await
+        {
             Ok(out) => ["prerouting", "output", "ports", "postrouting"]
                 .iter()
                 .any(|c| !out.contains(&format!("chain {c} {{"))),
@@ -687,9 +967,27 @@ pub async fn read_docker_mark(netns: &NetnsContext) -> Result<FwMark, PortsError
     parse_fwmark(&out).ok_or_else(no_fwmark_error)
 }
 
+/// The mark of the "ALLOW FW MARK" rule in Docker's ip6 table (None: no table, or no
+/// bridge chain with one yet).
+pub async fn read_docker_mark6(netns: &NetnsContext) -> Option<FwMark> {
+    let out = run_prog(
+        netns,
+        &sbin("nft"),
+        &["-j", "list", "table", "ip6", DOCKER_TABLE],
+        None,
+    )
+    .await
+    .ok()?;
+    parse_fwmark(&out)
+}
+
 impl Firewall for Nftables {
     fn detected(&self) -> &Detected {
         &self.detected
+    }
+
+    fn ipv6(&self) -> bool {
+        self.ipv6.load(Ordering::SeqCst)
     }
 
     fn apply<'a>(&'a self, change: &'a Change) -> Fut<'a, ()> {
@@ -700,9 +998,9 @@ impl Firewall for Nftables {
         Box::pin(async move {
             let live = self.read().await?;
             let owner = self.table.trim_start_matches("dindhelper-").to_owned();
-            let out = live
-                .elems
-                .values()
+            let out = FAMILIES
+                .iter()
+                .flat_map(|&f| live.get(f).elems.values())
                 .map(|e| Tagged {
                     mapping_id: e.id.clone(),
                     owner: Some(owner.clone()),
@@ -772,11 +1070,142 @@ mod tests {
     #[test]
     fn elements_from_json() {
         let j = r#"{"nftables":[{"map":{"family":"ip","name":"dnat4","table":"dindhelper-x","type":["inet_proto","inet_service"],"handle":5,"map":"ipv4_addr . inet_service","elem":[[{"elem":{"val":{"concat":["tcp",9090]},"comment":"abc"}},{"concat":["192.0.2.2",90]}]]}},{"map":{"family":"ip","name":"dnat4ip","table":"dindhelper-x","elem":[[{"elem":{"val":{"concat":["10.0.0.1","udp",53]},"comment":"def"}},{"concat":["192.0.2.3",53]}]]}}]}"#;
-        let e = parse_elems(j).unwrap();
+        let e = parse_elems(j, IpFamily::V4).unwrap();
         assert_eq!(e.len(), 2);
         assert_eq!(e["abc"].host_port, 9090);
         assert_eq!(e["abc"].protocol, Protocol::Tcp);
-        assert_eq!(e["def"].host_ip, Some(Ipv4Addr::new(10, 0, 0, 1)));
-        assert_eq!(e["def"].container_ip, Ipv4Addr::new(192, 0, 2, 3));
+        assert_eq!(e["def"].host_ip, Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(
+            e["def"].container_ip,
+            "192.0.2.3".parse::<IpAddr>().unwrap()
+        );
+        // the IPv6 maps are another family's: not read as IPv4
+        assert!(parse_elems(j, IpFamily::V6).unwrap().is_empty());
+    }
+
+    /// What `nft -j list table ip6 dindhelper-x` prints (nft 1.0.6) for one mapping.
+    #[test]
+    fn ipv6_elements_from_json() {
+        let j = r#"{"nftables":[{"metainfo":{"version":"1.0.6"}},{"table":{"family":"ip6","name":"dindhelper-x","handle":2}},{"map":{"family":"ip6","name":"dnat6","table":"dindhelper-x","type":["inet_proto","inet_service"],"handle":5,"map":"ipv6_addr . inet_service","elem":[[{"elem":{"val":{"concat":["tcp",9090]},"comment":"abc"}},{"concat":["2001:db8::2",90]}]]}},{"set":{"family":"ip6","name":"hairpin6","table":"dindhelper-x","elem":[{"concat":["2001:db8::2","2001:db8::2","tcp",90]}]}}]}"#;
+        let e = parse_elems(j, IpFamily::V6).unwrap();
+        assert_eq!(e.len(), 1);
+        assert_eq!(
+            e["abc"].container_ip,
+            "2001:db8::2".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(e["abc"].family(), IpFamily::V6);
+        assert_eq!(e["abc"].text(), "dnat6 { tcp . 9090 : 2001:db8::2 . 90 }");
+        // an IPv4 address in an IPv6 map is not ours
+        let bad = j.replace("\"2001:db8::2\",90", "\"192.0.2.2\",90");
+        assert!(parse_elems(&bad, IpFamily::V6).is_err());
+    }
+
+    fn backend() -> Nftables {
+        let m = FwMark { value: 2, mask: 3 };
+        Nftables {
+            netns: NetnsContext::current(),
+            table: "dindhelper-x".into(),
+            marks: std::sync::Mutex::new(Marks { v4: m, v6: m }),
+            ipv6: AtomicBool::new(true),
+            detected: Detected {
+                name: "nftables",
+                reason: String::new(),
+            },
+            known: tokio::sync::Mutex::new(None),
+            lib: None,
+        }
+    }
+
+    fn spec(ip6: Option<&str>, host_ip: Option<&str>) -> RuleSpec {
+        RuleSpec {
+            id: "abc".into(),
+            protocol: Protocol::Tcp,
+            host_ip: host_ip.map(|h| h.parse().unwrap()),
+            host_port: 9090,
+            container_ip: "192.0.2.2".parse().unwrap(),
+            container_ip6: ip6.map(|a| a.parse().unwrap()),
+            container_port: 90,
+            bridge: "bridge1".into(),
+        }
+    }
+
+    fn known(specs: &[RuleSpec]) -> Known {
+        let mut k = Known::default();
+        for s in specs {
+            for e in Elem::of(s).unwrap() {
+                k.get_mut(e.family()).elems.insert(e.id.clone(), e);
+            }
+        }
+        k.v4.exists = !k.v4.elems.is_empty();
+        k.v6.exists = !k.v6.elems.is_empty();
+        k
+    }
+
+    #[test]
+    fn a_mapping_with_ipv6_is_one_element_in_each_table_in_one_transaction() {
+        let b = backend();
+        let both = known(&[spec(Some("2001:db8::2"), None)]);
+        let s = b.script(&Known::default(), &both);
+        for want in [
+            "table ip dindhelper-x {",
+            "table ip6 dindhelper-x {",
+            "map dnat6 { type inet_proto . inet_service : ipv6_addr . inet_service; }",
+            "set hairpin6 { type ipv6_addr . ipv6_addr . inet_proto . inet_service; }",
+            "ip6 daddr != ::1 fib daddr type local jump ports;",
+            "    ip6 saddr != fe80::/10 meta l4proto . th dport @dnat6 meta mark set meta mark & 0xfffffffc | 0x2 dnat ip6 to meta l4proto . th dport map @dnat6\n",
+            "ct status dnat ip6 saddr . ip6 daddr . meta l4proto . th dport @hairpin6 masquerade;",
+            "add element ip6 dindhelper-x dnat6 { tcp . 9090 comment \"abc\" : 2001:db8::2 . 90 }\n",
+            "add element ip6 dindhelper-x hairpin6 { 2001:db8::2 . 2001:db8::2 . tcp . 90 }\n",
+            "add element ip dindhelper-x dnat4 { tcp . 9090 comment \"abc\" : 192.0.2.2 . 90 }\n",
+        ] {
+            assert!(s.contains(want), "{want:?} missing in\n{s}");
+        }
+        // the IPv4 table is the one of earlier versions: no IPv6 word in it
+        let v4 = b.script(&Known::default(), &known(&[spec(None, None)]));
+        assert!(!v4.contains("ip6"), "{v4}");
+        // IPv4-only again: the ip6 table goes with its last element, IPv4 stays as it is
+        let s = b.script(&both, &known(&[spec(None, None)]));
+        assert_eq!(s, "delete table ip6 dindhelper-x\n");
+        // a host IPv4 address keeps the mapping IPv4-only
+        let k = known(&[spec(Some("2001:db8::2"), Some("10.0.0.1"))]);
+        assert!(k.v6.elems.is_empty() && k.v4.elems["abc"].map() == "dnat4ip");
+    }
+
+    #[test]
+    fn an_ipv6_host_address_is_an_ipv6_element_only() {
+        let b = backend();
+        // family ipv6 on every address (host `::`): dnat6 only, no IPv4 table
+        let any6 = known(&[spec(Some("2001:db8::2"), Some("::"))]);
+        assert!(any6.v4.elems.is_empty());
+        assert_eq!(any6.v6.elems["abc"].map(), "dnat6");
+        let s = b.script(&Known::default(), &any6);
+        assert!(!s.contains("table ip dindhelper-x"), "{s}");
+        // one host IPv6 address: a dnat6ip element keyed by it
+        let one = known(&[spec(Some("2001:db8::2"), Some("2001:db8:99::1"))]);
+        assert!(one.v4.elems.is_empty());
+        let s = b.script(&Known::default(), &one);
+        assert!(
+            s.contains("add element ip6 dindhelper-x dnat6ip { 2001:db8:99::1 . tcp . 9090 comment \"abc\" : 2001:db8::2 . 90 }\n"),
+            "{s}"
+        );
+        assert!(s.contains("ip6 saddr != fe80::/10 ip6 daddr . meta l4proto . th dport @dnat6ip"));
+    }
+
+    #[test]
+    fn an_added_mapping_replaces_its_elements_in_both_families() {
+        let b = backend();
+        let from = known(&[spec(Some("2001:db8::2"), None)]);
+        let change = Change {
+            remove: vec![],
+            add: vec![spec(None, None)],
+        };
+        let adds = b.elems_of(&change.add).unwrap();
+        let to = after(&from, &change, &adds);
+        assert_eq!(to, known(&[spec(None, None)]));
+        assert_eq!(b.script(&from, &to), "delete table ip6 dindhelper-x\n");
+        // an IPv6 mapping while Docker has no ip6 table: NotSupported, nothing written
+        b.ipv6.store(false, Ordering::SeqCst);
+        let e = b.elems_of(&[spec(Some("2001:db8::2"), None)]).unwrap_err();
+        assert!(e.to_string().contains("ip6 docker-bridges"), "{e}");
     }
 }

@@ -35,7 +35,9 @@
 //!   `Ipv6Addr`'s Display gives): the repair compares tokens, so `fd00:0::2` would be a
 //!   stale rule forever.
 //! - A mapping restricted to a host IPv4 address (`host_ip`) gets no IPv6 rules: the v6 DNAT
-//!   would match every host address.
+//!   would match every host address. The other way round, a host IPv6 address (family
+//!   `ipv6`; `::` when it has none, as Docker's `-p [::]:H:C`) gets IPv6 rules only, its
+//!   DNAT with `-d H6/128`.
 //! - A batch must NEVER contain a chain declaration such as `:DOCKER - [0:0]`: with
 //!   `--noflush` a declared chain that exists is *flushed*, which would wipe every rule
 //!   dockerd wrote. The chains are dockerd's; we only add and delete rules in them.
@@ -60,7 +62,7 @@
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::types::PortsError;
 
@@ -104,7 +106,11 @@ impl std::fmt::Display for Protocol {
 pub struct RuleSpec {
     pub id: String,
     pub protocol: Protocol,
-    pub host_ip: Option<Ipv4Addr>,
+    /// The host address the DNAT is restricted to, and with it the families the spec
+    /// holds: None = every address, IPv4 rules plus IPv6 rules when `container_ip6` is
+    /// set; an IPv4 address = IPv4 rules for it only; `::` = IPv6 rules only, every
+    /// address (Docker's `-p [::]:H:C`); another IPv6 address = IPv6 rules for it only.
+    pub host_ip: Option<IpAddr>,
     pub host_port: u16,
     pub container_ip: Ipv4Addr,
     /// The container's IPv6 address on the network when the mapping holds IPv6 too
@@ -115,6 +121,30 @@ pub struct RuleSpec {
 }
 
 impl RuleSpec {
+    /// The IPv4 DNAT destination: None = no IPv4 rules, Some(None) = every host address,
+    /// Some(Some(a)) = host address `a` only.
+    pub fn dst4(&self) -> Option<Option<Ipv4Addr>> {
+        match self.host_ip {
+            None => Some(None),
+            Some(IpAddr::V4(a)) if a.is_unspecified() => Some(None),
+            Some(IpAddr::V4(a)) => Some(Some(a)),
+            Some(IpAddr::V6(_)) => None,
+        }
+    }
+
+    /// The IPv6 rules: None = none (no container IPv6 address, or an IPv4 host address),
+    /// Some((container address, None)) = every host address, Some((c6, Some(h6))) = host
+    /// address `h6` only.
+    pub fn dst6(&self) -> Option<(Ipv6Addr, Option<Ipv6Addr>)> {
+        let c6 = self.container_ip6?;
+        match self.host_ip {
+            None => Some((c6, None)),
+            Some(IpAddr::V6(a)) if a.is_unspecified() => Some((c6, None)),
+            Some(IpAddr::V6(a)) => Some((c6, Some(a))),
+            Some(IpAddr::V4(_)) => None,
+        }
+    }
+
     /// Refuses a spec whose text fields could change the meaning of a rule: the bridge
     /// must be a safe interface name, the mapping id plain alphanumerics.
     pub fn check(&self) -> Result<(), PortsError> {
@@ -212,28 +242,30 @@ fn comment(owner: &str, id: &str) -> String {
 }
 
 /// The rules for this mapping, tagged with `owner` (the state id): three IPv4 rules, and
-/// the same three in IPv6 when the spec has a container IPv6 address. The caller has
-/// checked `spec` ([`RuleSpec::check`]) and `owner` ([`check_tag_part`]).
+/// the same three in IPv6 when the spec has a container IPv6 address (only the families
+/// its host address allows, see [`RuleSpec::host_ip`]). The caller has checked `spec`
+/// ([`RuleSpec::check`]) and `owner` ([`check_tag_part`]).
 pub fn rules_for(spec: &RuleSpec, owner: &str) -> Vec<Rule> {
-    let dst = spec
-        .host_ip
-        .map(|ip| format!("-d {ip}/32 "))
-        .unwrap_or_default();
-    let c = spec.container_ip;
-    let mut out = three(
-        spec,
-        owner,
-        IpFamily::V4,
-        &dst,
-        &format!("{c}/32"),
-        &format!("{c}"),
-    );
-    if let (Some(c6), None) = (spec.container_ip6, spec.host_ip) {
+    let mut out = Vec::with_capacity(6);
+    if let Some(h) = spec.dst4() {
+        let dst = h.map(|ip| format!("-d {ip}/32 ")).unwrap_or_default();
+        let c = spec.container_ip;
+        out.extend(three(
+            spec,
+            owner,
+            IpFamily::V4,
+            &dst,
+            &format!("{c}/32"),
+            &format!("{c}"),
+        ));
+    }
+    if let Some((c6, h6)) = spec.dst6() {
+        let dst = h6.map(|ip| format!("-d {ip}/128 ")).unwrap_or_default();
         out.extend(three(
             spec,
             owner,
             IpFamily::V6,
-            "",
+            &dst,
             &format!("{c6}/128"),
             &format!("[{c6}]"),
         ));
@@ -556,7 +588,7 @@ mod tests {
         RuleSpec {
             id: id.into(),
             protocol: proto,
-            host_ip,
+            host_ip: host_ip.map(IpAddr::V4),
             host_port: 8080,
             container_ip: Ipv4Addr::new(172, 17, 0, 2),
             container_ip6: None,
@@ -792,12 +824,45 @@ COMMIT\n";
     #[test]
     fn a_host_ip_keeps_a_mapping_ipv4_only() {
         let s = RuleSpec {
-            host_ip: Some(Ipv4Addr::new(10, 99, 0, 1)),
+            host_ip: Some(IpAddr::V4(Ipv4Addr::new(10, 99, 0, 1))),
             ..spec6("m7")
         };
         let rs = rules_for(&s, OWNER);
         assert_eq!(rs.len(), 3);
         assert!(rs.iter().all(|r| r.family == IpFamily::V4));
+    }
+
+    #[test]
+    fn an_ipv6_host_address_makes_ipv6_rules_only() {
+        // `::`: IPv6 only, every host address (family ipv6)
+        let any6 = RuleSpec {
+            host_ip: Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+            ..spec6("m8")
+        };
+        let b = add_batch([&any6], OWNER);
+        assert!(!b.has(IpFamily::V4) && b.has(IpFamily::V6));
+        assert_eq!(
+            b.render_family(IpFamily::V6),
+            add_batch([&spec6("m8")], OWNER).render_family(IpFamily::V6)
+        );
+        // one host IPv6 address: `-d H6/128` on the DNAT, the rest as for every address
+        let one = RuleSpec {
+            host_ip: Some("2001:db8:99::1".parse().unwrap()),
+            ..spec6("m9")
+        };
+        let rs = rules_for(&one, OWNER);
+        assert_eq!(rs.len(), 3);
+        assert!(rs.iter().all(|r| r.family == IpFamily::V6));
+        assert_eq!(
+            rs[0].body,
+            "-d 2001:db8:99::1/128 -p tcp -m tcp --dport 8080 -m comment --comment dindhelper:a1b2c3:m9 -j DNAT --to-destination [fd00:dead:beef::242:ac11:2]:80"
+        );
+        // an IPv6 host address without a container IPv6 address: no rules at all
+        let none = RuleSpec {
+            container_ip6: None,
+            ..one
+        };
+        assert!(rules_for(&none, OWNER).is_empty());
     }
 
     #[test]

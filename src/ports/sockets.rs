@@ -20,16 +20,20 @@ pub struct Bound {
 
 impl Bound {
     /// True when this socket takes traffic for `port` on `host_ip` (None: every address).
-    pub fn collides(&self, protocol: Protocol, host_ip: Option<Ipv4Addr>, port: u16) -> bool {
+    pub fn collides(&self, protocol: Protocol, host_ip: Option<IpAddr>, port: u16) -> bool {
         if self.protocol != protocol || self.port != port {
             return false;
         }
         match host_ip {
             None => true,
-            Some(ip) => {
+            Some(IpAddr::V4(ip)) => {
                 self.addr.is_unspecified()
                     || self.addr == IpAddr::V4(ip)
                     || self.addr == IpAddr::V6(ip.to_ipv6_mapped())
+            }
+            // a socket on 0.0.0.0 takes no IPv6 traffic; one on :: does
+            Some(IpAddr::V6(ip)) => {
+                self.addr == IpAddr::V6(Ipv6Addr::UNSPECIFIED) || self.addr == IpAddr::V6(ip)
             }
         }
     }
@@ -125,9 +129,17 @@ mod tests {
         assert!(b[0].addr.is_unspecified());
         assert_eq!(b[1].addr, IpAddr::V4(Ipv4Addr::LOCALHOST));
         assert!(b[0].collides(Protocol::Tcp, None, 8080));
-        assert!(b[0].collides(Protocol::Tcp, Some(Ipv4Addr::new(10, 0, 0, 1)), 8080));
+        assert!(b[0].collides(
+            Protocol::Tcp,
+            Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))),
+            8080
+        ));
         assert!(!b[0].collides(Protocol::Udp, None, 8080));
-        assert!(!b[1].collides(Protocol::Tcp, Some(Ipv4Addr::new(10, 0, 0, 1)), 53));
+        assert!(!b[1].collides(
+            Protocol::Tcp,
+            Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))),
+            53
+        ));
         assert!(b[1].collides(Protocol::Tcp, None, 53));
     }
 
@@ -137,5 +149,21 @@ mod tests {
         let b = parse_proc_net(t, Protocol::Tcp);
         assert_eq!(b[0].addr, IpAddr::V6(Ipv6Addr::LOCALHOST));
         assert_eq!(b[0].port, 8080);
+    }
+
+    #[test]
+    fn an_ipv6_host_ip_collides_with_sockets_that_take_its_traffic() {
+        let h6: IpAddr = "2001:db8:99::1".parse().unwrap();
+        let on = |addr: IpAddr| Bound {
+            protocol: Protocol::Tcp,
+            addr,
+            port: 80,
+        };
+        assert!(on(IpAddr::V6(Ipv6Addr::UNSPECIFIED)).collides(Protocol::Tcp, Some(h6), 80));
+        assert!(on(h6).collides(Protocol::Tcp, Some(h6), 80));
+        // 0.0.0.0 takes no IPv6 traffic; another IPv6 address is another address
+        assert!(!on(IpAddr::V4(Ipv4Addr::UNSPECIFIED)).collides(Protocol::Tcp, Some(h6), 80));
+        let other: IpAddr = "2001:db8:99::2".parse().unwrap();
+        assert!(!on(other).collides(Protocol::Tcp, Some(h6), 80));
     }
 }

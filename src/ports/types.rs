@@ -1,7 +1,7 @@
 //! The ports domain's data: errors, mappings (the persisted intent), publish requests,
 //! change notifications and reconcile decisions. Pure data, no I/O.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -78,15 +78,20 @@ impl Classify for PortsError {
 #[serde(rename_all = "lowercase")]
 pub enum Family {
     /// IPv4, and IPv6 too where the container has an IPv6 address on the network, Docker
-    /// publishes IPv6 (ip6tables has its DOCKER chain) and no IPv4 `host_ip` is given.
-    /// Decided again at each start of the container. The default.
+    /// publishes IPv6 (ip6tables has its DOCKER chain, or nftables' ip6 docker-bridges
+    /// table exists) and no IPv4 `host_ip` is given. Decided again at each start of the
+    /// container. The default.
     #[default]
     Auto,
     /// IPv4 only.
     Ipv4,
     /// IPv4 and IPv6, or an error (NotSupported without Docker's IPv6 publishing,
-    /// InvalidArgs without a container IPv6 address or with an IPv4 `host_ip`).
+    /// InvalidArgs without a container IPv6 address or with a `host_ip`).
     Both,
+    /// IPv6 only, or an error (as `Both`); what an IPv6 `host_ip` (also `::`) means.
+    /// The container still needs its IPv4 address on the network (IPv6-only networks are
+    /// not supported: the mapping resolves its network by that address).
+    Ipv6,
 }
 
 impl Family {
@@ -95,15 +100,17 @@ impl Family {
             Family::Auto => "auto",
             Family::Ipv4 => "ipv4",
             Family::Both => "both",
+            Family::Ipv6 => "ipv6",
         }
     }
 
-    /// `auto` (also ""), `ipv4` or `both`.
+    /// `auto` (also ""), `ipv4`, `both` or `ipv6`.
     pub fn parse(s: &str) -> Option<Family> {
         match s {
             "" | "auto" => Some(Family::Auto),
             "ipv4" => Some(Family::Ipv4),
             "both" => Some(Family::Both),
+            "ipv6" => Some(Family::Ipv6),
             _ => None,
         }
     }
@@ -138,7 +145,9 @@ pub struct Mapping {
     pub container_id: String,
     pub container_name: String,
     pub protocol: Protocol,
-    pub host_ip: Option<Ipv4Addr>,
+    /// The host address the DNAT is restricted to (None: every address). An IPv6 address
+    /// goes with family `ipv6` only, an IPv4 one never with `ipv6` or `both`.
+    pub host_ip: Option<IpAddr>,
     pub host_port: u16,
     pub container_port: u16,
     /// Docker network name the DNAT points into.
@@ -152,13 +161,18 @@ pub struct Mapping {
 }
 
 impl Mapping {
-    /// The rule parameters when active.
+    /// The rule parameters when active. Family `ipv6` without a host address is host
+    /// address `::` there (IPv6 only, every address: Docker's `-p [::]:H:C`).
     pub fn spec(&self) -> Option<RuleSpec> {
+        let host_ip = match (self.family, self.host_ip) {
+            (Family::Ipv6, None) => Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+            (_, h) => h,
+        };
         match &self.state {
             MappingState::Active { ip, bridge, ip6 } => Some(RuleSpec {
                 id: self.id.clone(),
                 protocol: self.protocol,
-                host_ip: self.host_ip,
+                host_ip,
                 host_port: self.host_port,
                 container_ip: *ip,
                 container_ip6: *ip6,
@@ -169,10 +183,39 @@ impl Mapping {
         }
     }
 
+    /// The families that have rules now: `ipv4` unless the family is `ipv6`, `ipv6` when
+    /// active with an IPv6 address; none unless active.
+    pub fn families(&self) -> Vec<&'static str> {
+        match &self.state {
+            MappingState::Active { ip6, .. } => {
+                let mut v = Vec::new();
+                if self.family != Family::Ipv6 {
+                    v.push("ipv4");
+                }
+                if ip6.is_some() {
+                    v.push("ipv6");
+                }
+                v
+            }
+            _ => vec![],
+        }
+    }
+
+    /// The container address the IPv4 rules point at (None: not active, or IPv6 only).
+    pub fn container_ip4(&self) -> Option<Ipv4Addr> {
+        match &self.state {
+            MappingState::Active { ip, .. } if self.family != Family::Ipv6 => Some(*ip),
+            _ => None,
+        }
+    }
+
+    /// Another mapping on `host_ip`:`host_port` would take this one's traffic. Kept
+    /// conservative: two mappings on every address collide even when one is IPv4 and the
+    /// other IPv6 only.
     pub(crate) fn collides(
         &self,
         protocol: Protocol,
-        host_ip: Option<Ipv4Addr>,
+        host_ip: Option<IpAddr>,
         host_port: u16,
     ) -> bool {
         self.protocol == protocol
@@ -190,13 +233,14 @@ pub struct PublishRequest {
     pub protocol: String,
     pub host_port: u32,
     pub container_port: u32,
-    /// Host IPv4 address to restrict the DNAT to ("" / None / "0.0.0.0": every address).
+    /// Host address to restrict the DNAT to ("" / None / "0.0.0.0": every address; an
+    /// IPv6 address makes the mapping IPv6 only, `::` on every IPv6 address).
     pub host_ip: Option<String>,
     /// Docker network when the container has several.
     pub network: Option<String>,
     pub owner_uid: u32,
     pub instance: Option<String>,
-    /// `auto` (None / ""), `ipv4` or `both` (see [`Family`]).
+    /// `auto` (None / ""), `ipv4`, `both` or `ipv6` (see [`Family`]).
     pub family: Option<String>,
 }
 
@@ -244,7 +288,7 @@ mod tests {
             container_id: "c1".into(),
             container_name: "web".into(),
             protocol: Protocol::Udp,
-            host_ip: Some(Ipv4Addr::new(10, 99, 0, 1)),
+            host_ip: Some(IpAddr::V4(Ipv4Addr::new(10, 99, 0, 1))),
             host_port: 53,
             container_port: 53,
             network: "bridge".into(),
@@ -285,6 +329,30 @@ mod tests {
             m6.spec().unwrap().container_ip6,
             Some("fd00::2".parse().unwrap())
         );
+        assert_eq!(m6.families(), ["ipv4", "ipv6"]);
+        // family ipv6: host address `::` in the spec (IPv6 rules only), no IPv4 address shown
+        let only6 = Mapping {
+            family: Family::Ipv6,
+            host_ip: None,
+            ..m6.clone()
+        };
+        assert_eq!(
+            only6.spec().unwrap().host_ip,
+            Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED))
+        );
+        assert_eq!(only6.families(), ["ipv6"]);
+        assert_eq!(only6.container_ip4(), None);
+        let j = serde_json::to_string(&only6).unwrap();
+        assert!(j.contains("\"family\":\"ipv6\""), "{j}");
+        let back: Mapping = serde_json::from_str(&j).unwrap();
+        assert_eq!(back, only6);
+        let h6 = Mapping {
+            host_ip: Some("2001:db8:99::1".parse().unwrap()),
+            ..only6
+        };
+        assert_eq!(h6.spec().unwrap().host_ip, h6.host_ip);
+        let back: Mapping = serde_json::from_str(&serde_json::to_string(&h6).unwrap()).unwrap();
+        assert_eq!(back, h6);
         let d = Mapping {
             state: MappingState::Disconnected,
             ..m.clone()

@@ -10,7 +10,7 @@
 //! Only names the kernel accepts as interface names and that mean one interface in a rule
 //! pass.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::rules::Protocol;
 use super::sockets;
@@ -61,11 +61,50 @@ pub(crate) struct Validated {
     pub protocol: Protocol,
     pub host_port: u16,
     pub container_port: u16,
-    pub host_ip: Option<Ipv4Addr>,
+    pub host_ip: Option<IpAddr>,
     pub network: Option<String>,
     pub owner_uid: u32,
     pub instance: Option<String>,
     pub family: Family,
+}
+
+/// The family and host address a mapping keeps: an IPv6 host address (also `::`) makes
+/// it IPv6 only (family `auto` becomes `ipv6`), `0.0.0.0` means every address; the
+/// combinations no rule set can hold are InvalidArgs.
+fn host_family(
+    family: Family,
+    host_ip: Option<IpAddr>,
+) -> Result<(Family, Option<IpAddr>), PortsError> {
+    match (family, host_ip) {
+        (f, None) => Ok((f, None)),
+        (f, Some(IpAddr::V4(a))) if a.is_unspecified() => match f {
+            Family::Ipv6 => Err(invalid(
+                "host_ip 0.0.0.0 (every IPv4 address) cannot go with family \"ipv6\": leave \
+                 host_ip empty, or give \"::\" or an IPv6 address",
+            )),
+            f => Ok((f, None)),
+        },
+        (Family::Auto | Family::Ipv4, Some(a @ IpAddr::V4(_))) => Ok((family, Some(a))),
+        (Family::Both, Some(IpAddr::V4(_))) => Err(invalid(
+            "family \"both\" cannot go with an IPv4 host_ip (the IPv6 rule would match every \
+             host address): leave host_ip empty or use family \"ipv4\"",
+        )),
+        (Family::Ipv6, Some(IpAddr::V4(_))) => Err(invalid(
+            "family \"ipv6\" cannot go with an IPv4 host_ip: give an IPv6 host_ip, or leave \
+             it empty",
+        )),
+        (Family::Auto | Family::Ipv6, Some(IpAddr::V6(a))) => {
+            Ok((Family::Ipv6, (!a.is_unspecified()).then_some(IpAddr::V6(a))))
+        }
+        (Family::Ipv4, Some(IpAddr::V6(_))) => Err(invalid(
+            "family \"ipv4\" cannot go with an IPv6 host_ip: give an IPv4 host_ip, or use \
+             family \"ipv6\"",
+        )),
+        (Family::Both, Some(IpAddr::V6(_))) => Err(invalid(
+            "family \"both\" cannot go with an IPv6 host_ip (the IPv4 rule would match every \
+             host address): leave host_ip empty or use family \"ipv6\"",
+        )),
+    }
 }
 
 pub(crate) fn validate(r: &PublishRequest) -> Result<Validated, PortsError> {
@@ -85,28 +124,35 @@ pub(crate) fn validate(r: &PublishRequest) -> Result<Validated, PortsError> {
     let container_port = port("container port", r.container_port)?;
     let host_ip = match r.host_ip.as_deref() {
         None | Some("") => None,
-        Some(s) => {
-            let ip: Ipv4Addr = s
-                .parse()
-                .map_err(|_| invalid(format!("host_ip {s:?} is not an IPv4 address")))?;
-            (!ip.is_unspecified()).then_some(ip)
-        }
+        Some(s) => Some(s.parse::<IpAddr>().map_err(|_| {
+            invalid(format!(
+                "host_ip {s:?} is not an IPv4 or IPv6 address (IPv6 without brackets)"
+            ))
+        })?),
     };
+    if let Some(IpAddr::V6(a)) = host_ip {
+        if a.is_loopback() || a.is_multicast() || (a.segments()[0] & 0xffc0) == 0xfe80 {
+            return Err(invalid(format!(
+                "host_ip {a} cannot be published: a DNAT matches packets arriving for a \
+                 global or unique-local host address (not loopback, link-local or multicast)"
+            )));
+        }
+        if a.to_ipv4_mapped().is_some() {
+            return Err(invalid(format!(
+                "host_ip {a} is an IPv4-mapped address: give the IPv4 address"
+            )));
+        }
+    }
     if r.container.is_empty() {
         return Err(invalid("container must not be empty"));
     }
-    let family = Family::parse(r.family.as_deref().unwrap_or("")).ok_or_else(|| {
+    let asked = Family::parse(r.family.as_deref().unwrap_or("")).ok_or_else(|| {
         invalid(format!(
-            "family must be \"auto\", \"ipv4\" or \"both\", not {:?}",
+            "family must be \"auto\", \"ipv4\", \"both\" or \"ipv6\", not {:?}",
             r.family.as_deref().unwrap_or("")
         ))
     })?;
-    if family == Family::Both && host_ip.is_some() {
-        return Err(invalid(
-            "family \"both\" cannot go with an IPv4 host_ip (the IPv6 rule would match every \
-             host address): leave host_ip empty or use family \"ipv4\"",
-        ));
-    }
+    let (family, host_ip) = host_family(asked, host_ip)?;
     Ok(Validated {
         container: r.container.clone(),
         protocol,
@@ -127,7 +173,7 @@ pub(crate) fn pick_ip6(
     info: &ContainerInfo,
     network: &str,
     family: Family,
-    host_ip: Option<Ipv4Addr>,
+    host_ip: Option<IpAddr>,
     docker_v6: bool,
 ) -> Result<Option<Ipv6Addr>, PortsError> {
     let ip6 = info
@@ -135,24 +181,29 @@ pub(crate) fn pick_ip6(
         .iter()
         .find(|a| a.network_name == network)
         .and_then(|a| a.ip6);
+    let name = family.as_str();
     match family {
         Family::Ipv4 => Ok(None),
         Family::Auto => Ok(ip6.filter(|_| docker_v6 && host_ip.is_none())),
-        Family::Both => {
+        Family::Both | Family::Ipv6 => {
             if !docker_v6 {
                 return Err(PortsError::NotSupported {
-                    reason: "Docker does not publish IPv6 here (ip6tables has no DOCKER chain \
-                             in its nat table: dockerd runs without ip6tables, or the host has \
-                             no IPv6): family \"both\" cannot be held; use \"auto\" or \"ipv4\""
-                        .into(),
+                    reason: format!(
+                        "Docker does not publish IPv6 here (ip6tables has no DOCKER chain \
+                         in its nat table, or with the nftables backend there is no table \
+                         ip6 docker-bridges: dockerd runs without ip6tables, or the host has \
+                         no IPv6): family \"{name}\" cannot be held; use \"auto\" or \"ipv4\""
+                    ),
                 });
             }
-            if host_ip.is_some() {
-                return Err(invalid("family \"both\" cannot go with an IPv4 host_ip"));
+            if let Some(IpAddr::V4(_)) = host_ip {
+                return Err(invalid(format!(
+                    "family \"{name}\" cannot go with an IPv4 host_ip"
+                )));
             }
             ip6.map(Some).ok_or_else(|| {
                 invalid(format!(
-                    "container {} has no IPv6 address on network {network} (family \"both\")",
+                    "container {} has no IPv6 address on network {network} (family \"{name}\")",
                     info.name
                 ))
             })
@@ -231,7 +282,7 @@ pub(crate) fn external_conflict(
     if let Some(p) = docker_ports.iter().find(|p| {
         p.protocol == m.protocol.as_str()
             && p.public_port == m.host_port
-            && match (m.host_ip, p.ip.parse::<std::net::IpAddr>()) {
+            && match (m.host_ip, p.ip.parse::<IpAddr>()) {
                 (Some(want), Ok(ip)) => ip.is_unspecified() || ip == want,
                 _ => true,
             }
@@ -312,6 +363,14 @@ mod tests {
                 ..ok.clone()
             },
             PublishRequest {
+                host_ip: Some("[2001:db8::1]".into()),
+                ..ok.clone()
+            },
+            PublishRequest {
+                host_ip: Some("10.0.0".into()),
+                ..ok.clone()
+            },
+            PublishRequest {
                 container: "".into(),
                 ..ok.clone()
             },
@@ -383,6 +442,7 @@ mod tests {
             (Some("auto"), Family::Auto),
             (Some("ipv4"), Family::Ipv4),
             (Some("both"), Family::Both),
+            (Some("ipv6"), Family::Ipv6),
         ] {
             let r = PublishRequest {
                 family: given.map(Into::into),
@@ -390,7 +450,7 @@ mod tests {
             };
             assert_eq!(validate(&r).unwrap().family, want, "{given:?}");
         }
-        for bad in ["ipv6", "IPv4", "v4", "both "] {
+        for bad in ["IPv6", "IPv4", "v4", "both ", "inet"] {
             let r = PublishRequest {
                 family: Some(bad.into()),
                 ..base.clone()
@@ -416,7 +476,7 @@ mod tests {
             "default",
             vec![att("v6net", Some([10, 1, 0, 2]), Some("br-v6"))],
         );
-        let h = Some(Ipv4Addr::new(10, 0, 0, 1));
+        let h = Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)));
         // auto: IPv6 only when everything is there
         assert_eq!(
             pick_ip6(&i6, "v6net", Family::Auto, None, true).unwrap(),
@@ -451,6 +511,98 @@ mod tests {
         let e = pick_ip6(&i4, "v6net", Family::Both, None, true).unwrap_err();
         assert_eq!(e.kind(), Kind::InvalidArgs);
         assert!(e.to_string().contains("no IPv6 address"), "{e}");
+        // ipv6: as both (IPv6 or a named error), with or without an IPv6 host address
+        let h6 = Some("2001:db8:99::1".parse().unwrap());
+        for h in [None, h6] {
+            assert_eq!(
+                pick_ip6(&i6, "v6net", Family::Ipv6, h, true).unwrap(),
+                Some(a6)
+            );
+        }
+        let e = pick_ip6(&i6, "v6net", Family::Ipv6, h6, false).unwrap_err();
+        assert_eq!(e.kind(), Kind::NotSupported);
+        assert!(e.to_string().contains("ip6 docker-bridges"), "{e}");
+        assert!(e.to_string().contains("\"ipv6\""), "{e}");
+        let e = pick_ip6(&i4, "v6net", Family::Ipv6, None, true).unwrap_err();
+        assert_eq!(e.kind(), Kind::InvalidArgs);
+        assert!(e.to_string().contains("no IPv6 address"), "{e}");
+    }
+
+    #[test]
+    fn an_ipv6_host_ip_makes_an_ipv6_only_mapping_and_impossible_pairs_are_named() {
+        let base = PublishRequest {
+            container: "web".into(),
+            protocol: "tcp".into(),
+            host_port: 8080,
+            container_port: 80,
+            ..Default::default()
+        };
+        let v = |host: &str, family: &str| {
+            validate(&PublishRequest {
+                host_ip: Some(host.into()),
+                family: Some(family.into()),
+                ..base.clone()
+            })
+        };
+        let h6: IpAddr = "2001:db8:99::1".parse().unwrap();
+        let h4: IpAddr = "10.0.0.1".parse().unwrap();
+        // an IPv6 host address: family ipv6 (auto becomes ipv6)
+        for f in ["", "auto", "ipv6"] {
+            let x = v("2001:db8:99::1", f).unwrap();
+            assert_eq!((x.family, x.host_ip), (Family::Ipv6, Some(h6)), "{f:?}");
+        }
+        // "::": IPv6 only, every address (Docker's -p [::]:H:C)
+        for f in ["", "ipv6"] {
+            let x = v("::", f).unwrap();
+            assert_eq!((x.family, x.host_ip), (Family::Ipv6, None), "{f:?}");
+        }
+        // "0.0.0.0": every address, the family as asked
+        for (f, want) in [("", Family::Auto), ("both", Family::Both)] {
+            let x = v("0.0.0.0", f).unwrap();
+            assert_eq!((x.family, x.host_ip), (want, None), "{f:?}");
+        }
+        // an IPv4 host address stays with auto / ipv4
+        let x = v("10.0.0.1", "ipv4").unwrap();
+        assert_eq!((x.family, x.host_ip), (Family::Ipv4, Some(h4)));
+        // pairs no rule set can hold: InvalidArgs naming both sides
+        for (host, family, says) in [
+            (
+                "2001:db8:99::1",
+                "ipv4",
+                "family \"ipv4\" cannot go with an IPv6 host_ip",
+            ),
+            (
+                "::",
+                "ipv4",
+                "family \"ipv4\" cannot go with an IPv6 host_ip",
+            ),
+            (
+                "2001:db8:99::1",
+                "both",
+                "family \"both\" cannot go with an IPv6 host_ip",
+            ),
+            (
+                "10.0.0.1",
+                "ipv6",
+                "family \"ipv6\" cannot go with an IPv4 host_ip",
+            ),
+            (
+                "10.0.0.1",
+                "both",
+                "family \"both\" cannot go with an IPv4 host_ip",
+            ),
+            ("0.0.0.0", "ipv6", "cannot go with family \"ipv6\""),
+            ("::1", "ipv6", "not loopback, link-local or multicast"),
+            ("fe80::1", "", "not loopback, link-local or multicast"),
+            ("ff02::1", "", "not loopback, link-local or multicast"),
+            ("::ffff:10.0.0.1", "", "IPv4-mapped"),
+        ] {
+            let e = v(host, family)
+                .err()
+                .unwrap_or_else(|| panic!("{host} {family}"));
+            assert_eq!(e.kind(), Kind::InvalidArgs, "{host} {family}: {e}");
+            assert!(e.to_string().contains(says), "{host} {family}: {e}");
+        }
     }
 
     #[test]
@@ -460,7 +612,7 @@ mod tests {
             container_id: "c".into(),
             container_name: "w".into(),
             protocol: Protocol::Tcp,
-            host_ip: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            host_ip: Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))),
             host_port: 80,
             container_port: 80,
             network: "bridge".into(),
@@ -470,8 +622,16 @@ mod tests {
             state: MappingState::Waiting,
         };
         assert!(m.collides(Protocol::Tcp, None, 80));
-        assert!(m.collides(Protocol::Tcp, Some(Ipv4Addr::new(10, 0, 0, 1)), 80));
-        assert!(!m.collides(Protocol::Tcp, Some(Ipv4Addr::new(10, 0, 0, 2)), 80));
+        assert!(m.collides(
+            Protocol::Tcp,
+            Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))),
+            80
+        ));
+        assert!(!m.collides(
+            Protocol::Tcp,
+            Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))),
+            80
+        ));
         assert!(!m.collides(Protocol::Udp, None, 80));
         assert!(!m.collides(Protocol::Tcp, None, 81));
     }

@@ -73,6 +73,10 @@ pub fn tests() -> Vec<Test> {
             ipv6_tcp_passes_over_ipv6_and_unpublish_restores_ip6tables,
         ),
         t(
+            "ports_ipv6_only_family_and_ipv6_host_ip_write_ip6tables_only",
+            ipv6_only_family_and_ipv6_host_ip_write_ip6tables_only,
+        ),
+        t(
             "ports_network_connect_disconnect_followed",
             network_connect_disconnect_followed,
         ),
@@ -1192,6 +1196,130 @@ fn ipv6_tcp_passes_over_ipv6_and_unpublish_restores_ip6tables(bed: &Bed) {
         .count();
     assert_eq!(mine6, 3, "IPv6 rules after the restart");
     env.assert_tagged(3);
+}
+
+/// Family `ipv6` and an IPv6 `host_ip` on the iptables backend (Docker 20.10 publishing
+/// IPv6): three ip6tables rules and no iptables rule per mapping, IPv6 clients pass and
+/// IPv4 ones do not, the host address restricts the DNAT (`-d H6/128`), impossible pairs
+/// are InvalidArgs, Unpublish leaves ip6tables byte-identical.
+fn ipv6_only_family_and_ipv6_host_ip_write_ip6tables_only(bed: &Bed) {
+    let env = PortsEnv::with_args(bed, Dockerd::IPV6_ARGS);
+    let d = env.d();
+    d.run_web("web6", "/www", &["--restart", "always"]);
+    let before = ip6_save(d);
+    assert!(
+        before.contains(":DOCKER "),
+        "dockerd wrote no ip6tables DOCKER chain:\n{before}"
+    );
+    let all6 = env
+        .publish(MEMBER, "web6", "tcp", 8090, 80, &["family", "s", "ipv6"])
+        .expect_ok("Publish family ipv6")
+        .json_data()[0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let one6 = env
+        .publish(
+            MEMBER,
+            "web6",
+            "tcp",
+            8091,
+            80,
+            &["host_ip", "s", "fd99::1"],
+        )
+        .expect_ok("Publish host_ip fd99::1")
+        .json_data()[0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (p, host) in [(&all6, ""), (&one6, "fd99::1")] {
+        assert_eq!(env.prop(p, "Family"), Some(serde_json::json!("ipv6")));
+        assert_eq!(env.prop(p, "Families"), Some(serde_json::json!(["ipv6"])));
+        assert_eq!(env.prop(p, "HostIp"), Some(serde_json::json!(host)));
+        assert_eq!(env.prop(p, "ContainerIp"), Some(serde_json::json!("")));
+    }
+    // no IPv4 rule at all; three IPv6 rules each, the second restricted to fd99::1
+    env.assert_tagged(0);
+    let mine6: Vec<String> = ip6_save(d)
+        .lines()
+        .filter(|l| l.contains("dindhelper:"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(mine6.len(), 6, "ip6tables rules:\n{}", mine6.join("\n"));
+    assert!(
+        mine6
+            .iter()
+            .any(|l| l.contains("-d fd99::1/128 -p tcp -m tcp --dport 8091")),
+        "{mine6:?}"
+    );
+    for port in [8090, 8091] {
+        wait_until("IPv6-only published port", Duration::from_secs(10), || {
+            d.curl6(port).as_deref() == Some("hello")
+        });
+        assert_eq!(
+            d.curl(port),
+            None,
+            "{port}: an ipv6 mapping must not forward IPv4"
+        );
+    }
+    // the host's other IPv6 address (docker0's, from the container): every address, or
+    // not the one given
+    let pid = d.docker_ok(&["inspect", "-f", "{{.State.Pid}}", "web6"]);
+    let from_ctr = |url: &str| {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net=/proc/{pid}/ns/net"))
+            .args(["curl", "-g", "-s", "--max-time", "2", url])
+            .output()
+            .expect("nsenter curl");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(from_ctr("http://[fd00:d0c::1]:8090/"), "hello");
+    assert_eq!(
+        from_ctr("http://[fd00:d0c::1]:8091/"),
+        "",
+        "host_ip fd99::1 must not match the host's other address"
+    );
+    // pairs no rule set can hold are named, and write nothing
+    let opts = |host: &str, family: &str| {
+        format!("@a{{sv}} {{'host_ip': <'{host}'>, 'family': <'{family}'>}}")
+    };
+    for (host, family) in [
+        ("10.99.0.1", "ipv6"),
+        ("fd99::1", "ipv4"),
+        ("fd99::1", "both"),
+        ("fe80::1", "auto"),
+    ] {
+        env.expect_error(
+            MEMBER,
+            "Publish",
+            &[
+                &gv_str("web6"),
+                &gv_str("tcp"),
+                &gv_q(8092),
+                &gv_q(80),
+                &opts(host, family),
+            ],
+            "InvalidArgs",
+        );
+    }
+    assert_eq!(
+        ip6_save(d)
+            .lines()
+            .filter(|l| l.contains("dindhelper:"))
+            .count(),
+        6
+    );
+    for p in [&all6, &one6] {
+        let id = p.rsplit('/').next().unwrap();
+        env.call(MEMBER, "Unpublish", "sa{sv}", &[id, "0"])
+            .expect_ok("Unpublish");
+    }
+    assert_eq!(
+        ip6_save(d),
+        before,
+        "ip6tables changed by publish + unpublish"
+    );
+    env.assert_tagged(0);
 }
 
 /// `docker network connect` / `disconnect` are followed: joining a second network keeps

@@ -155,7 +155,7 @@ pub enum LoopCmd {
 
 #[derive(Args, Clone, Default)]
 pub struct PortFlags {
-    /// Restrict the DNAT to this host IPv4 address.
+    /// Restrict the DNAT to this host address (an IPv6 one makes the mapping IPv6 only).
     #[arg(long)]
     pub host_ip: Option<String>,
     /// Docker network to point into (when the container has several).
