@@ -1125,6 +1125,23 @@ async fn ipv6_only_mappings(m: &Arc<PortsManager>, net: &Net, docker: &str) {
         ruleset,
         "a refusal wrote something"
     );
+    // the same port IPv4-only beside the IPv6-only mapping: no family in common, no
+    // conflict; `auto` may gain IPv6, so it conflicts with an IPv6 mapping of its port
+    let all4 = m
+        .publish(with(9092, None, Some("ipv4")))
+        .await
+        .expect("IPv4-only beside IPv6-only on one port");
+    assert_eq!(
+        tcp_from(&net.client(), host(9092)).as_deref(),
+        Some("tcp90")
+    );
+    assert_eq!(
+        tcp_from(&net.client(), host6(9092)).as_deref(),
+        Some("tcp90")
+    );
+    let e = m.publish(with(9093, None, None)).await.unwrap_err();
+    assert_eq!(e.kind(), Kind::Conflict, "{e}");
+    m.unpublish(&all4.id).await.expect("unpublish the IPv4 one");
     m.unpublish_many(vec![all6.id, one6.id])
         .await
         .expect("unpublish");

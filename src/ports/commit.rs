@@ -186,7 +186,7 @@ impl PortsManager {
                             table
                                 .values()
                                 .chain(claimed.iter())
-                                .find(|o| o.collides(m.protocol, m.host_ip, m.host_port))
+                                .find(|o| o.collides_with(m))
                                 .map(|o| PortsError::Conflict {
                                     reason: format!(
                                         "host port {}/{} is already published by dindhelper (mapping {} on container {})",

@@ -376,10 +376,7 @@ impl PortsManager {
         }
         // within the request
         for (i, a) in mappings.iter().enumerate() {
-            if mappings[..i]
-                .iter()
-                .any(|b| b.collides(a.protocol, a.host_ip, a.host_port))
-            {
+            if mappings[..i].iter().any(|b| b.collides_with(a)) {
                 return Err(PortsError::Conflict {
                     reason: format!(
                         "host port {}/{} appears twice in the request",

@@ -209,18 +209,30 @@ impl Mapping {
         }
     }
 
-    /// Another mapping on `host_ip`:`host_port` would take this one's traffic. Kept
-    /// conservative: two mappings on every address collide even when one is IPv4 and the
-    /// other IPv6 only.
-    pub(crate) fn collides(
-        &self,
-        protocol: Protocol,
-        host_ip: Option<IpAddr>,
-        host_port: u16,
-    ) -> bool {
-        self.protocol == protocol
-            && self.host_port == host_port
-            && (self.host_ip.is_none() || host_ip.is_none() || self.host_ip == host_ip)
+    /// The host addresses this mapping takes traffic on in one family: None = none of
+    /// that family, Some(None) = every address, Some(Some(a)) = `a` only. `auto` counts as
+    /// IPv6 too (it gains IPv6 when the container restarts with an address).
+    fn on(&self, v6: bool) -> Option<Option<IpAddr>> {
+        let wrong = if v6 { Family::Ipv4 } else { Family::Ipv6 };
+        match self.host_ip {
+            _ if self.family == wrong => None,
+            Some(a) if a.is_ipv6() != v6 => None,
+            Some(a) if a.is_unspecified() => Some(None),
+            a => Some(a),
+        }
+    }
+
+    /// `other` would take traffic this mapping takes (or the reverse): same protocol and
+    /// host port, and a host address in common in a family both use. An IPv4-only and an
+    /// IPv6-only mapping of one port do not collide.
+    pub(crate) fn collides_with(&self, other: &Mapping) -> bool {
+        let overlap = |a: Option<Option<IpAddr>>, b: Option<Option<IpAddr>>| match (a, b) {
+            (Some(x), Some(y)) => x.is_none() || y.is_none() || x == y,
+            _ => false,
+        };
+        self.protocol == other.protocol
+            && self.host_port == other.host_port
+            && (overlap(self.on(false), other.on(false)) || overlap(self.on(true), other.on(true)))
     }
 }
 

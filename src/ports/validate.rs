@@ -621,19 +621,46 @@ mod tests {
             family: Family::Auto,
             state: MappingState::Waiting,
         };
-        assert!(m.collides(Protocol::Tcp, None, 80));
-        assert!(m.collides(
+        let on = |proto: Protocol, host_ip: Option<IpAddr>, port: u16, family: Family| Mapping {
+            protocol: proto,
+            host_ip,
+            host_port: port,
+            family,
+            id: "y".into(),
+            ..m.clone()
+        };
+        let v4 = |a: u8| Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, a)));
+        let any6 = Some(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
+        let a6 = Some(IpAddr::V6("2001:db8::1".parse().unwrap()));
+        let auto = Family::Auto;
+        assert!(m.collides_with(&on(Protocol::Tcp, None, 80, auto)));
+        assert!(m.collides_with(&on(Protocol::Tcp, v4(1), 80, auto)));
+        assert!(!m.collides_with(&on(Protocol::Tcp, v4(2), 80, auto)));
+        assert!(!m.collides_with(&on(Protocol::Udp, None, 80, auto)));
+        assert!(!m.collides_with(&on(Protocol::Tcp, None, 81, auto)));
+        // families: an IPv4-only and an IPv6-only mapping of one port share nothing
+        let all4 = on(Protocol::Tcp, None, 80, Family::Ipv4);
+        let all6 = on(Protocol::Tcp, None, 80, Family::Ipv6);
+        assert!(!all4.collides_with(&all6) && !all6.collides_with(&all4));
+        assert!(!m.collides_with(&all6), "{m:?} is IPv4 (its host_ip)");
+        assert!(all6.collides_with(&on(Protocol::Tcp, any6, 80, Family::Ipv6)));
+        assert!(all6.collides_with(&on(Protocol::Tcp, a6, 80, Family::Ipv6)));
+        assert!(
+            all6.collides_with(&on(Protocol::Tcp, None, 80, auto)),
+            "auto may gain IPv6"
+        );
+        assert!(all6.collides_with(&on(Protocol::Tcp, None, 80, Family::Both)));
+        assert!(
+            !all6.collides_with(&on(Protocol::Tcp, v4(0), 80, auto)),
+            "0.0.0.0 is IPv4"
+        );
+        assert!(all4.collides_with(&on(Protocol::Tcp, v4(0), 80, auto)));
+        assert!(!on(Protocol::Tcp, a6, 80, Family::Ipv6).collides_with(&on(
             Protocol::Tcp,
-            Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))),
-            80
-        ));
-        assert!(!m.collides(
-            Protocol::Tcp,
-            Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))),
-            80
-        ));
-        assert!(!m.collides(Protocol::Udp, None, 80));
-        assert!(!m.collides(Protocol::Tcp, None, 81));
+            Some(IpAddr::V6("2001:db8::2".parse().unwrap())),
+            80,
+            Family::Ipv6
+        )));
     }
     #[test]
     fn interface_names_follow_the_kernel_and_mean_one_interface() {
