@@ -365,6 +365,8 @@ fn instances_ports_exposures_captures(bed: &Bed) {
         "80",
         "--instance",
         "ctl-lab",
+        "--family",
+        "ipv4",
     ])
     .expect_ok("port publish");
     let id = json_of(&out)["id"].as_str().expect("id").to_owned();
@@ -400,6 +402,13 @@ fn instances_ports_exposures_captures(bed: &Bed) {
         &c(&["port", "publish", "ctl-web", "sctp", "8189", "80"]),
         4,
         "protocol: InvalidArgs",
+    );
+    expect_exit(
+        &c(&[
+            "port", "publish", "ctl-web", "tcp", "8189", "80", "--family", "ipv5",
+        ]),
+        4,
+        "family: InvalidArgs",
     );
     let out = c(&[
         "--json",

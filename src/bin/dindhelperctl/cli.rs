@@ -161,6 +161,9 @@ pub struct PortFlags {
     /// Docker network to point into (when the container has several).
     #[arg(long)]
     pub network: Option<String>,
+    /// auto (default), ipv4, both or ipv6.
+    #[arg(long)]
+    pub family: Option<String>,
     /// DinD instance the mapping belongs to.
     #[arg(long)]
     pub instance: Option<String>,

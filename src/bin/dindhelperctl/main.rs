@@ -416,6 +416,9 @@ fn port_opts(c: &Client, f: PortFlags) -> Opts {
     if let Some(v) = f.network {
         o.insert("network".into(), Value::from(v));
     }
+    if let Some(v) = f.family {
+        o.insert("family".into(), Value::from(v));
+    }
     if let Some(v) = f.instance {
         o.insert("instance".into(), Value::from(v));
     }
