@@ -1146,6 +1146,19 @@ async fn ipv6_only_mappings(m: &Arc<PortsManager>, net: &Net, docker: &str) {
         .await
         .expect("unpublish");
     assert_eq!(nft_ruleset(&net.host()), docker);
+    // Docker restarted without IPv6: the next repair sees it, and the backend's reason
+    // says so (it is read at each Get of FirewallBackendReason)
+    let fw = m.firewall().await.expect("backend");
+    assert!(fw.reason.contains("IPv6 too"), "{}", fw.reason);
+    let out = in_ns(
+        &net.host(),
+        &["nft", "delete", "table", "ip6", "docker-bridges"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    m.reconcile().await.expect("reconcile");
+    assert_eq!(m.ipv6_now(), Some(false));
+    let fw = m.firewall().await.expect("backend");
+    assert!(fw.reason.contains("IPv4 only"), "{}", fw.reason);
 }
 
 #[test]

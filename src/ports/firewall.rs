@@ -72,7 +72,7 @@ pub struct Detected {
 /// A firewall that holds published ports.
 pub trait Firewall: Send + Sync + std::fmt::Debug {
     /// The choice and its reason.
-    fn detected(&self) -> &Detected;
+    fn detected(&self) -> Detected;
 
     /// True when the backend writes IPv6 rules too (Docker publishes IPv6 where it acts):
     /// specs with a `container_ip6` are accepted. Default: IPv4 only.

@@ -475,8 +475,8 @@ impl Iptables {
 }
 
 impl Firewall for Iptables {
-    fn detected(&self) -> &Detected {
-        &self.detected
+    fn detected(&self) -> Detected {
+        self.detected.clone()
     }
 
     fn ipv6(&self) -> bool {

@@ -193,7 +193,7 @@ impl PortsManager {
 
     /// The backend chosen so far (None: not detected yet), without detecting.
     pub fn detected_now(&self) -> Option<Detected> {
-        self.backend.get().map(|b| b.detected().clone())
+        self.backend.get().map(|b| b.detected())
     }
 
     /// Why the last detection failed (None: it did not, or none ran).
@@ -208,7 +208,7 @@ impl PortsManager {
 
     /// The firewall backend chosen and why, detecting it when that has not happened yet.
     pub async fn firewall(&self) -> Result<Detected, PortsError> {
-        Ok(self.backend().await?.detected().clone())
+        Ok(self.backend().await?.detected())
     }
 
     /// Mapping changes (added, state changed, removed).

@@ -364,7 +364,10 @@ pub struct Nftables {
     marks: std::sync::Mutex<Marks>,
     /// Docker's `ip6 docker-bridges` exists (at detection, then at each repair).
     ipv6: AtomicBool,
-    detected: Detected,
+    /// How elements are written ("libnftables" or "the nft program"), for the reason.
+    via: &'static str,
+    /// Sentences detection added to the reason ([`Nftables::note`]).
+    notes: Vec<String>,
     known: tokio::sync::Mutex<Option<Known>>,
     /// libnftables in process (None: the `nft` program; see [`super::libnft`]).
     lib: Option<LibNft>,
@@ -684,28 +687,10 @@ impl Nftables {
         } else {
             "the nft program"
         };
-        let v6 = if has6 {
-            format!(
-                "; IPv6 too: Docker's table ip6 {DOCKER_TABLE} exists (accept mark {mark6}); \
-                 IPv6 ports go into table ip6 {table}"
-            )
-        } else {
-            format!(
-                "; IPv4 only: no table ip6 {DOCKER_TABLE} (dockerd runs without ip6tables, \
-                 or the host has no IPv6)"
-            )
-        };
         Ok(Nftables {
             netns: netns.clone(),
-            detected: Detected {
-                name: "nftables",
-                reason: format!(
-                    "Docker's nftables table ip {DOCKER_TABLE} exists (dockerd \
-                     --firewall-backend=nftables); its \"{FWMARK_COMMENT}\" rule accepts \
-                     mark {mark} (--bridge-accept-fwmark); ports go into table ip {table} \
-                     (written through {via}){v6}"
-                ),
-            },
+            via,
+            notes: Vec::new(),
             table,
             marks: std::sync::Mutex::new(Marks {
                 v4: mark,
@@ -719,8 +704,7 @@ impl Nftables {
 
     /// Add a sentence to the detection reason.
     pub fn note(&mut self, what: &str) {
-        self.detected.reason.push_str("; ");
-        self.detected.reason.push_str(what);
+        self.notes.push(what.to_owned());
     }
 
     /// Our tables' name (`dindhelper-<state id>`, in family ip and ip6).
@@ -1073,8 +1057,34 @@ pub async fn read_docker_mark6(netns: &NetnsContext) -> Option<FwMark> {
 }
 
 impl Firewall for Nftables {
-    fn detected(&self) -> &Detected {
-        &self.detected
+    /// Built at each read from what the last repair saw: the marks and whether Docker's
+    /// ip6 table exists can change with a dockerd restart.
+    fn detected(&self) -> Detected {
+        let marks = *self.marks.lock().unwrap();
+        let table = &self.table;
+        let v6 = if self.ipv6() {
+            format!(
+                "; IPv6 too: Docker's table ip6 {DOCKER_TABLE} exists (accept mark {}); \
+                 IPv6 ports go into table ip6 {table}",
+                marks.v6
+            )
+        } else {
+            format!(
+                "; IPv4 only: no table ip6 {DOCKER_TABLE} (dockerd runs without ip6tables, \
+                 or the host has no IPv6)"
+            )
+        };
+        let notes: String = self.notes.iter().map(|n| format!("; {n}")).collect();
+        Detected {
+            name: "nftables",
+            reason: format!(
+                "Docker's nftables table ip {DOCKER_TABLE} exists (dockerd \
+                 --firewall-backend=nftables); its \"{FWMARK_COMMENT}\" rule accepts mark {} \
+                 (--bridge-accept-fwmark); ports go into table ip {table} (written through \
+                 {}){v6}{notes}",
+                marks.v4, self.via
+            ),
+        }
     }
 
     fn ipv6(&self) -> bool {
@@ -1198,10 +1208,8 @@ mod tests {
             table: "dindhelper-x".into(),
             marks: std::sync::Mutex::new(Marks { v4: m, v6: m }),
             ipv6: AtomicBool::new(true),
-            detected: Detected {
-                name: "nftables",
-                reason: String::new(),
-            },
+            via: "libnftables",
+            notes: Vec::new(),
             known: tokio::sync::Mutex::new(None),
             lib: None,
         }
