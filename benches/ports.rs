@@ -283,19 +283,7 @@ async fn bench(ns: &[usize]) {
         assert_eq!(count_rules(&d, "dindhelper:"), 3 * n);
         unpublish_all(&conn, &d).await;
 
-        let per = |x: Duration| x.as_secs_f64() * 1000.0 / n as f64;
-        println!(
-            "{:>6} | {:>10.1} ms {:>6.3} ms | {:>10.1} ms {:>6.3} ms | {:>12.1} ms {:>8.3} ms | {:>7.1}× {:>7.1}×",
-            n,
-            many.as_secs_f64() * 1000.0,
-            per(many),
-            single.as_secs_f64() * 1000.0,
-            per(single),
-            docker.as_secs_f64() * 1000.0,
-            per(docker),
-            docker.as_secs_f64() / many.as_secs_f64(),
-            docker.as_secs_f64() / single.as_secs_f64(),
-        );
+        print_row(n, &[many, single], docker);
     }
     println!("ratio 1 = docker-style / PublishMany; ratio N = docker-style / N×Publish");
     for (n, c) in cpu_single {
@@ -349,41 +337,9 @@ async fn nft_table(
     ns: &[usize],
     ip: &str,
 ) {
-    let fw: String = conn
-        .call_method(
-            Some(BUS_NAME),
-            PATH,
-            Some("org.freedesktop.DBus.Properties"),
-            "Get",
-            &(IFACE, "FirewallBackend"),
-        )
-        .await
-        .map(|r| {
-            r.body()
-                .deserialize::<zbus::zvariant::OwnedValue>()
-                .ok()
-                .and_then(|v| String::try_from(v).ok())
-                .unwrap_or_default()
-        })
-        .unwrap_or_default();
+    let fw = ports_prop(conn, "FirewallBackend").await;
     println!();
-    let reason: String = conn
-        .call_method(
-            Some(BUS_NAME),
-            PATH,
-            Some("org.freedesktop.DBus.Properties"),
-            "Get",
-            &(IFACE, "FirewallBackendReason"),
-        )
-        .await
-        .map(|r| {
-            r.body()
-                .deserialize::<zbus::zvariant::OwnedValue>()
-                .ok()
-                .and_then(|v| String::try_from(v).ok())
-                .unwrap_or_default()
-        })
-        .unwrap_or_default();
+    let reason = ports_prop(conn, "FirewallBackendReason").await;
     let via = if reason.contains("through libnftables") {
         "libnftables in process"
     } else {
@@ -497,23 +453,48 @@ async fn nft_table(
         assert_eq!(count_elems(netns).await, n);
         unpublish_all_nft(conn, netns).await;
 
-        let per = |x: Duration| x.as_secs_f64() * 1000.0 / n as f64;
-        println!(
-            "{:>6} | {:>10.1} ms {:>6.3} ms | {:>10.1} ms {:>6.3} ms | {:>10.1} ms {:>6.3} ms | {:>12.1} ms {:>8.3} ms | {:>7.1}× {:>7.1}×",
-            n,
-            many.as_secs_f64() * 1000.0,
-            per(many),
-            single.as_secs_f64() * 1000.0,
-            per(single),
-            ten.as_secs_f64() * 1000.0,
-            per(ten),
-            docker.as_secs_f64() * 1000.0,
-            per(docker),
-            docker.as_secs_f64() / many.as_secs_f64(),
-            docker.as_secs_f64() / single.as_secs_f64(),
-        );
+        print_row(n, &[many, single, ten], docker);
     }
     println!("ratio 1 = docker-style / PublishMany; ratio N = docker-style / N×Publish; goal: 1000 calls from 10 callers <= 300 ms");
+}
+
+/// One table row: N, then total and per-port time of each way, docker-style, and the
+/// ratios docker-style / PublishMany (`ways[0]`) and docker-style / N×Publish (`ways[1]`).
+fn print_row(n: usize, ways: &[Duration], docker: Duration) {
+    let ms = |x: Duration| x.as_secs_f64() * 1000.0;
+    let mut row = format!("{n:>6} |");
+    for &w in ways {
+        row += &format!(" {:>10.1} ms {:>6.3} ms |", ms(w), ms(w) / n as f64);
+    }
+    row += &format!(
+        " {:>12.1} ms {:>8.3} ms |",
+        ms(docker),
+        ms(docker) / n as f64
+    );
+    for &w in &ways[..2] {
+        row += &format!(" {:>7.1}×", docker.as_secs_f64() / w.as_secs_f64());
+    }
+    println!("{row}");
+}
+
+/// A string property of the Ports interface ("" when it cannot be read).
+async fn ports_prop(conn: &zbus::Connection, name: &str) -> String {
+    conn.call_method(
+        Some(BUS_NAME),
+        PATH,
+        Some("org.freedesktop.DBus.Properties"),
+        "Get",
+        &(IFACE, name),
+    )
+    .await
+    .map(|r| {
+        r.body()
+            .deserialize::<zbus::zvariant::OwnedValue>()
+            .ok()
+            .and_then(|v| String::try_from(v).ok())
+            .unwrap_or_default()
+    })
+    .unwrap_or_default()
 }
 
 async fn publish_one(conn: &zbus::Connection, port: u16) -> Result<(), zbus::Error> {

@@ -551,49 +551,36 @@ fn host6(port: u16) -> SocketAddr {
 
 /// Our ports answer over TCP and UDP from the client, and from the container itself.
 fn assert_ports_work(net: &Net, what: &str) {
-    assert_eq!(
-        tcp_from(&net.client(), host(TCP_HOST)).as_deref(),
-        Some("tcp90"),
-        "{what}: TCP from the client"
-    );
-    assert_eq!(
-        udp_from(&net.client(), host(UDP_HOST)).as_deref(),
-        Some("udp91"),
-        "{what}: UDP from the client"
-    );
-    assert_eq!(
-        tcp_from(&net.ctr(), host(TCP_HOST)).as_deref(),
-        Some("tcp90"),
-        "{what}: hairpin (the container to its own published port)"
-    );
-    assert_eq!(
-        udp_from(&net.ctr(), host(UDP_HOST)).as_deref(),
-        Some("udp91"),
-        "{what}: UDP hairpin"
-    );
+    assert_ports_work_at(net, what, host, "");
 }
 
 /// The same over IPv6: from the client to the host's IPv6 address, and hairpin.
 fn assert_ports_work6(net: &Net, what: &str) {
+    assert_ports_work_at(net, what, host6, " over IPv6");
+}
+
+/// TCP and UDP from the client and from the container (hairpin) to `at(port)`.
+fn assert_ports_work_at(net: &Net, what: &str, at: fn(u16) -> SocketAddr, over: &str) {
+    let hp = if over.is_empty() { "" } else { " IPv6" };
     assert_eq!(
-        tcp_from(&net.client(), host6(TCP_HOST)).as_deref(),
+        tcp_from(&net.client(), at(TCP_HOST)).as_deref(),
         Some("tcp90"),
-        "{what}: TCP over IPv6 from the client"
+        "{what}: TCP{over} from the client"
     );
     assert_eq!(
-        udp_from(&net.client(), host6(UDP_HOST)).as_deref(),
+        udp_from(&net.client(), at(UDP_HOST)).as_deref(),
         Some("udp91"),
-        "{what}: UDP over IPv6 from the client"
+        "{what}: UDP{over} from the client"
     );
     assert_eq!(
-        tcp_from(&net.ctr(), host6(TCP_HOST)).as_deref(),
+        tcp_from(&net.ctr(), at(TCP_HOST)).as_deref(),
         Some("tcp90"),
-        "{what}: IPv6 hairpin (the container to its own published port)"
+        "{what}:{hp} hairpin (the container to its own published port)"
     );
     assert_eq!(
-        udp_from(&net.ctr(), host6(UDP_HOST)).as_deref(),
+        udp_from(&net.ctr(), at(UDP_HOST)).as_deref(),
         Some("udp91"),
-        "{what}: UDP IPv6 hairpin"
+        "{what}: UDP{hp} hairpin"
     );
 }
 

@@ -204,23 +204,12 @@ fn member_and_root_may_use_every_mutating_method(bed: &Bed) {
 /// outside the group (no group, the test-rule user) do not (see visibility_tests.rs for
 /// tenants and the shipped bus policy).
 fn reads_are_the_owners_or_the_groups(bed: &Bed) {
-    let managed_objects = |bed: &Bed, user: &str| {
-        bed.busctl_as(
-            user,
-            &[
-                "call",
-                BUS_NAME,
-                MANAGER_PATH,
-                "org.freedesktop.DBus.ObjectManager",
-                "GetManagedObjects",
-            ],
-        )
-        .expect_ok(&format!("{user}: GetManagedObjects"))
-    };
     bed.create_image(MEMBER, "visible", 4 * MIB);
     let lp = DaemonLoop::attach(bed, MEMBER, "visible", &[]);
     for user in [PLAIN, OWN] {
-        let out = managed_objects(bed, user);
+        let out = bed
+            .managed_objects_at(&bed.address, user)
+            .expect_ok(&format!("{user}: GetManagedObjects"));
         assert!(
             !out.stdout.contains(&lp.object),
             "{user}: {} (another uid's) in GetManagedObjects",
@@ -239,7 +228,9 @@ fn reads_are_the_owners_or_the_groups(bed: &Bed) {
         assert!(!dev.ok(), "{user}: read another uid's Device: {dev:?}");
     }
     for user in ["root", MEMBER] {
-        let out = managed_objects(bed, user);
+        let out = bed
+            .managed_objects_at(&bed.address, user)
+            .expect_ok(&format!("{user}: GetManagedObjects"));
         assert!(
             out.stdout.contains(&lp.object),
             "{user}: {} not in GetManagedObjects",

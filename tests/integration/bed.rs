@@ -418,16 +418,40 @@ impl Bed {
     }
 
     pub fn name_has_owner(&self, name: &str) -> bool {
-        let out = self.busctl(&[
-            "call",
-            "org.freedesktop.DBus",
-            "/org/freedesktop/DBus",
-            "org.freedesktop.DBus",
-            "NameHasOwner",
-            "s",
-            name,
-        ]);
+        self.name_has_owner_at(&self.address, name)
+    }
+
+    /// Whether `name` has an owner on the bus at `addr`.
+    pub fn name_has_owner_at(&self, addr: &str, name: &str) -> bool {
+        let out = self.busctl_at(
+            addr,
+            "root",
+            &[
+                "call",
+                "org.freedesktop.DBus",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus",
+                "NameHasOwner",
+                "s",
+                name,
+            ],
+        );
         out.ok() && out.json_data() == serde_json::json!([true])
+    }
+
+    /// GetManagedObjects of the daemon as `user` on the bus at `addr`.
+    pub fn managed_objects_at(&self, addr: &str, user: &str) -> Out {
+        self.busctl_at(
+            addr,
+            user,
+            &[
+                "call",
+                BUS_NAME,
+                MANAGER_PATH,
+                "org.freedesktop.DBus.ObjectManager",
+                "GetManagedObjects",
+            ],
+        )
     }
 
     // ---- the daemon --------------------------------------------------------
@@ -565,8 +589,13 @@ impl Bed {
 
     /// `busctl` as `user` (via `runuser -u`), or as root for "root".
     pub fn busctl_as(&self, user: &str, args: &[&str]) -> Out {
+        self.busctl_at(&self.address, user, args)
+    }
+
+    /// `busctl` as `user` on the bus at `addr` (another bus than the bed's).
+    pub fn busctl_at(&self, addr: &str, user: &str, args: &[&str]) -> Out {
         let mut cmd = self.as_user(user, "busctl");
-        cmd.arg(format!("--address={}", self.address))
+        cmd.arg(format!("--address={addr}"))
             .args(["--json=short", "--timeout=30"])
             .args(args);
         run_cmd(&mut cmd)

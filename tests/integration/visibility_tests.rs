@@ -43,17 +43,6 @@ fn name(suffix: &str) -> String {
 }
 
 /// `busctl --address=ADDR --json=short ARGS` as `user`.
-fn busctl(bed: &Bed, addr: &str, user: &str, args: &[&str]) -> Out {
-    let mut v = vec![
-        format!("--address={addr}"),
-        "--json=short".into(),
-        "--timeout=30".into(),
-    ];
-    v.extend(args.iter().map(|s| s.to_string()));
-    let v: Vec<&str> = v.iter().map(String::as_str).collect();
-    bed.ctl_like(user, "busctl", &v)
-}
-
 fn manager(bed: &Bed, addr: &str, user: &str, iface: &str, method: &str, args: &[&str]) -> Out {
     bed.gdbus_raw(
         user,
@@ -128,8 +117,7 @@ impl<'b> Owned<'b> {
             .expect("device")
             .to_owned();
         let backing = ok(
-            busctl(
-                bed,
+            bed.busctl_at(
                 addr,
                 "root",
                 &[
@@ -236,7 +224,7 @@ fn assert_shown(text: &str, of: &Owned<'_>, what: &str) {
 fn reads(bed: &Bed, addr: &str, user: &str, other: &Owned<'_>) -> Vec<(String, Out)> {
     let mut v = vec![(
         "GetManagedObjects".to_owned(),
-        managed_objects(bed, addr, user),
+        bed.managed_objects_at(addr, user),
     )];
     for (obj, iface, prop) in [
         (&other.loop_obj, "org.dindhelper1.Loop", "BackingFile"),
@@ -283,22 +271,6 @@ fn reads(bed: &Bed, addr: &str, user: &str, other: &Owned<'_>) -> Vec<(String, O
     v
 }
 
-/// GetManagedObjects as `user` on the bus at `addr`.
-fn managed_objects(bed: &Bed, addr: &str, user: &str) -> Out {
-    busctl(
-        bed,
-        addr,
-        user,
-        &[
-            "call",
-            BUS_NAME,
-            MANAGER_PATH,
-            "org.freedesktop.DBus.ObjectManager",
-            "GetManagedObjects",
-        ],
-    )
-}
-
 /// The daemon's filtering on the bed's bus (its policy lets everyone through).
 fn daemon_filters_per_caller(bed: &Bed) {
     let addr = bed.address.clone();
@@ -307,7 +279,10 @@ fn daemon_filters_per_caller(bed: &Bed) {
     let uid_a = bed.uid(TENANT);
 
     // A: its own objects, nothing of B's, whatever it asks.
-    let gmo = ok(managed_objects(bed, &addr, TENANT), "A: GetManagedObjects");
+    let gmo = ok(
+        bed.managed_objects_at(&addr, TENANT),
+        "A: GetManagedObjects",
+    );
     assert_shown(&gmo.stdout, &a, "A's GetManagedObjects");
     // Every OwnerUid A is shown is A's.
     let data = gmo.json_data();
@@ -362,7 +337,7 @@ fn daemon_filters_per_caller(bed: &Bed) {
 
     // The provisioning group and root see both tenants.
     for user in [MEMBER, "root"] {
-        let gmo = ok(managed_objects(bed, &addr, user), "GetManagedObjects");
+        let gmo = ok(bed.managed_objects_at(&addr, user), "GetManagedObjects");
         assert_shown(&gmo.stdout, &a, user);
         assert_shown(&gmo.stdout, &b, user);
         let get = bed.gdbus_raw(
@@ -406,21 +381,7 @@ impl Drop for Proc {
 fn wait_owned(bed: &Bed, addr: &str, name: &str, child: &mut Child, log: &std::path::Path) {
     let t = Instant::now();
     loop {
-        let out = busctl(
-            bed,
-            addr,
-            "root",
-            &[
-                "call",
-                "org.freedesktop.DBus",
-                "/org/freedesktop/DBus",
-                "org.freedesktop.DBus",
-                "NameHasOwner",
-                "s",
-                name,
-            ],
-        );
-        if out.ok() && out.json_data() == serde_json::json!([true]) {
+        if bed.name_has_owner_at(addr, name) {
             return;
         }
         if let Ok(Some(st)) = child.try_wait() {
@@ -543,7 +504,7 @@ fn shipped_bus_policy(bed: &Bed) {
     let a = Owned::make(bed, &addr, TENANT, "pa");
     let b = Owned::make(bed, &addr, TENANT2, "pb");
     // A busctl monitor as A: refused by the bus (BecomeMonitor is root's).
-    let bm = busctl(bed, &addr, TENANT, &["monitor", "--timeout=1"]);
+    let bm = bed.busctl_at(&addr, TENANT, &["monitor", "--timeout=1"]);
     std::thread::sleep(Duration::from_millis(500));
     drop(mon_a);
     drop(mon_m);
@@ -589,7 +550,7 @@ fn shipped_bus_policy(bed: &Bed) {
             "A introspects {path}: {out:?}"
         );
     }
-    let tree = busctl(bed, &addr, TENANT, &["tree", BUS_NAME]);
+    let tree = bed.busctl_at(&addr, TENANT, &["tree", BUS_NAME]);
     assert_hidden(&tree.stdout, &b, "A's busctl tree");
 
     // A user in no group: Peer only.
@@ -638,8 +599,7 @@ fn shipped_bus_policy(bed: &Bed) {
 
     // The provisioning group reads everything, introspection included.
     let sub = ok(
-        busctl(
-            bed,
+        bed.busctl_at(
             &addr,
             MEMBER,
             &[
@@ -665,7 +625,11 @@ fn shipped_bus_policy(bed: &Bed) {
     );
     assert!(get.stdout.contains(&b.backing), "member reads B's: {get:?}");
     assert_shown(
-        &ok(managed_objects(bed, &addr, TENANT), "A: GetManagedObjects").stdout,
+        &ok(
+            bed.managed_objects_at(&addr, TENANT),
+            "A: GetManagedObjects",
+        )
+        .stdout,
         &a,
         "A's GetManagedObjects (shipped policy)",
     );
